@@ -1,0 +1,1 @@
+"""DICOM Application Entity (C-ECHO, C-STORE): built by the DICOM node issue."""

@@ -1,0 +1,40 @@
+"""Settings from flags and environment, in one place (pydantic-settings)."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Server configuration; every field can be set as `FHIR_<NAME>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="FHIR_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("./data")
+    # Unset: an embedded MongoDB-wire server (SecantusDB) is started with its files under data_dir.
+    mongodb_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("MONGODB_URI", "FHIR_MONGODB_URI")
+    )
+    mongodb_db: str = "fhir"
+    # Write concern: "majority" (default) or a number of nodes; journaled unless turned off.
+    write_concern_w: str = "majority"
+    write_journal: bool = True
+    embedded_cache_size: str = "256M"
+    # Public base URL for Location headers and links; derived from the request when unset.
+    base_url: str | None = None
+    default_page_size: int = 50
+    max_page_size: int = 1000
+    max_body_bytes: int = 32 * 1024 * 1024
+    log_level: str = "INFO"
+    # Reserved for the DICOM node.
+    dicom_port: int = 11112
+    dicom_aet: str = "FHIRSERVER"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,150 @@
+"""FHIR errors and the one place that turns them (and anything else) into an OperationOutcome.
+
+Any layer raises a `FhirError` subclass; the handlers installed by `install_error_handlers`
+send it. Nothing else in the code base builds an OperationOutcome.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+LOGGER = logging.getLogger(__name__)
+FHIR_JSON = "application/fhir+json; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One OperationOutcome.issue."""
+
+    diagnostics: str
+    code: str = "invalid"
+    severity: str = "error"
+    expression: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        issue: dict[str, Any] = {
+            "severity": self.severity,
+            "code": self.code,
+            "diagnostics": self.diagnostics,
+        }
+        if self.expression:
+            issue["expression"] = [self.expression]
+        return issue
+
+
+def operation_outcome(issues: list[Issue]) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome", "issue": [i.to_json() for i in issues]}
+
+
+def outcome_response(
+    status: int, issues: list[Issue], headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        orjson.dumps(operation_outcome(issues)), status, headers=headers, media_type=FHIR_JSON
+    )
+
+
+class FhirError(Exception):
+    """An error a client should see: HTTP status + OperationOutcome issue code."""
+
+    status = 500
+    code = "exception"
+
+    def __init__(
+        self,
+        diagnostics: str,
+        *,
+        expression: str | None = None,
+        issues: list[Issue] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(diagnostics)
+        self.issues = issues or [Issue(diagnostics, self.code, expression=expression)]
+        self.headers = headers
+
+
+class BadRequest(FhirError):
+    status, code = 400, "invalid"
+
+
+class NotFound(FhirError):
+    status, code = 404, "not-found"
+
+
+class MethodNotAllowed(FhirError):
+    status, code = 405, "not-supported"
+
+
+class NotAcceptable(FhirError):
+    status, code = 406, "not-supported"
+
+
+class Conflict(FhirError):
+    status, code = 409, "conflict"
+
+
+class Gone(FhirError):
+    status, code = 410, "deleted"
+
+
+class PreconditionFailed(FhirError):
+    status, code = 412, "conflict"
+
+
+class PayloadTooLarge(FhirError):
+    status, code = 413, "too-costly"
+
+
+class UnsupportedMediaType(FhirError):
+    status, code = 415, "not-supported"
+
+
+class Unprocessable(FhirError):
+    status, code = 422, "processing"
+
+
+class ServiceUnavailable(FhirError):
+    status, code = 503, "transient"
+
+
+_HTTP_CODES = {404: "not-found", 405: "not-supported", 413: "too-costly", 415: "not-supported"}
+
+
+async def _fhir_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FhirError)
+    if exc.status >= 500:
+        LOGGER.error("server error: %s", exc)
+    return outcome_response(exc.status, exc.issues, exc.headers)
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "processing")
+    return outcome_response(exc.status_code, [Issue(str(exc.detail), code)], exc.headers)
+
+
+async def _request_validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    issues = [
+        Issue(f"{e.get('msg')}", "invalid", expression=".".join(str(p) for p in e.get("loc", ())))
+        for e in exc.errors()
+    ]
+    return outcome_response(400, issues)
+
+
+async def _unexpected(_: Request, exc: Exception) -> Response:
+    LOGGER.exception("unhandled error", exc_info=exc)
+    return outcome_response(500, [Issue("Internal server error", "exception")])
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(FhirError, _fhir_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _request_validation_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,55 @@
+"""The FastAPI application: routers, error handlers, and the database lifespan."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from fhir_server import __version__
+from fhir_server.config import Settings, get_settings
+from fhir_server.errors import install_error_handlers
+from fhir_server.logs import AccessLogMiddleware
+from fhir_server.routes import resources, system
+from fhir_server.services.history import HistoryService
+from fhir_server.services.resources import ResourceService
+from fhir_server.storage.client import open_database
+from fhir_server.storage.repository import ResourceRepository
+from fhir_server.validation.resource_types import supported_types
+
+LOGGER = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        supported_types()  # load the model table before the first request
+        database = await open_database(settings)
+        repository = ResourceRepository(database.db)
+        await repository.ensure_indexes()
+        app.state.database = database
+        app.state.resources = ResourceService(repository, database.db)
+        app.state.history = HistoryService(
+            repository, settings.default_page_size, settings.max_page_size
+        )
+        LOGGER.info("FHIR server ready", extra={"database": settings.mongodb_db})
+        try:
+            yield
+        finally:
+            await database.close()
+
+    app = FastAPI(
+        title="FHIR server",
+        version=__version__,
+        description="FHIR R4 REST API on MongoDB. FHIR base: /fhir",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(AccessLogMiddleware)
+    app.include_router(system.probes)
+    app.include_router(system.router)
+    app.include_router(resources.router)
+    return app

@@ -1,0 +1,113 @@
+"""Request parsing and response building shared by the FHIR routes."""
+
+from email.utils import format_datetime, parsedate_to_datetime
+from typing import Any
+
+import orjson
+from fastapi import Request
+from starlette.responses import Response
+
+from fhir_server.context import RequestContext
+from fhir_server.errors import (
+    BadRequest,
+    Issue,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    operation_outcome,
+)
+from fhir_server.services.resources import Result
+from fhir_server.storage.repository import Version
+
+FHIR_BODY_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
+JSON_PATCH = "application/json-patch+json"
+
+
+async def json_body(request: Request, allowed: frozenset[str] = FHIR_BODY_TYPES) -> Any:
+    """The request body as JSON, after checking its media type and size."""
+    content_type = request.headers.get("content-type", "")
+    kind = content_type.split(";")[0].strip().lower()
+    if kind and kind not in allowed:
+        raise UnsupportedMediaType(
+            f"Content-Type '{content_type}' is not supported here; send {', '.join(sorted(allowed))}"
+        )
+    limit = request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The body is larger than {limit} bytes")
+    raw = await request.body()
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"The body is larger than {limit} bytes")
+    if not raw:
+        raise BadRequest("The request has no body")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The body is not valid JSON: {exc}") from exc
+
+
+def version_tag(header: str | None, name: str = "If-Match") -> int | None:
+    """`W/"3"`, `"3"` or `3` → 3."""
+    if header is None:
+        return None
+    value = header.strip().removeprefix("W/").strip('"')
+    if not value.isdigit():
+        raise BadRequest(f"{name} must be a version ETag such as W/\"3\", not '{header}'", expression=name)
+    return int(value)
+
+
+def not_modified(request: Request, version: Version) -> bool:
+    """If-None-Match / If-Modified-Since on a read."""
+    none_match = request.headers.get("if-none-match")
+    if none_match is not None:
+        tags = {t.strip().removeprefix("W/").strip('"') for t in none_match.split(",")}
+        return "*" in tags or str(version.vid) in tags
+    since = request.headers.get("if-modified-since")
+    if since:
+        try:
+            return version.ts.replace(microsecond=0) <= parsedate_to_datetime(since)
+        except (TypeError, ValueError):
+            return False  # an unparseable date is ignored, as HTTP says
+    return False
+
+
+def dump(ctx: RequestContext, body: dict[str, Any]) -> bytes:
+    return orjson.dumps(body, option=orjson.OPT_INDENT_2 if ctx.pretty else 0)
+
+
+def fhir_response(
+    ctx: RequestContext, body: dict[str, Any] | None, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    content = b"" if body is None else dump(ctx, body)
+    return Response(content, status, headers=headers, media_type=f"{ctx.media_type}; charset=utf-8")
+
+
+def version_headers(ctx: RequestContext, version: Version) -> dict[str, str]:
+    return {
+        "ETag": f'W/"{version.vid}"',
+        "Last-Modified": format_datetime(version.ts, usegmt=True),
+    }
+
+
+def read_response(ctx: RequestContext, request: Request, version: Version) -> Response:
+    headers = version_headers(ctx, version)
+    if not_modified(request, version):
+        return Response(status_code=304, headers=headers)
+    return fhir_response(ctx, version.resource, 200, headers)
+
+
+def write_response(ctx: RequestContext, result: Result) -> Response:
+    """The answer to create, update, patch and delete, shaped by `Prefer: return=`."""
+    version = result.version
+    headers: dict[str, str] = {}
+    if version is not None:
+        headers = version_headers(ctx, version)
+        if not version.deleted:
+            location = f"{ctx.base_url}/{version.type}/{version.id}/_history/{version.vid}"
+            headers["Location" if result.status == 201 else "Content-Location"] = location
+    is_delete = version is None or version.deleted
+    if ctx.prefer_return == "minimal":
+        return fhir_response(ctx, None, 204 if is_delete else result.status, headers)
+    if ctx.prefer_return == "OperationOutcome" or is_delete:
+        outcome = operation_outcome([Issue(result.message, "informational", "information")])
+        return fhir_response(ctx, outcome, result.status, headers)
+    return fhir_response(ctx, version.resource, result.status, headers)

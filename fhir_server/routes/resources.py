@@ -1,0 +1,152 @@
+"""FHIR type- and instance-level interactions: create, read, vread, update, patch, delete,
+conditional variants, and type search."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request
+from starlette.responses import Response
+
+from fhir_server.context import RequestContext, request_context
+from fhir_server.routes.deps import history_service, resource_service
+from fhir_server.routes.http import (
+    JSON_PATCH,
+    fhir_response,
+    json_body,
+    read_response,
+    version_tag,
+    write_response,
+)
+from fhir_server.search.criteria import parse_criteria
+from fhir_server.services.bundles import page_url, searchset_bundle
+from fhir_server.services.history import HistoryService, page_size
+from fhir_server.services.resources import ResourceService
+
+router = APIRouter(prefix="/fhir", dependencies=[Depends(request_context)], tags=["resources"])
+Ctx = Annotated[RequestContext, Depends(request_context)]
+Resources = Annotated[ResourceService, Depends(resource_service)]
+History = Annotated[HistoryService, Depends(history_service)]
+
+
+def _conditional_query(request: Request) -> str:
+    return request.url.query
+
+
+@router.get("/{resource_type}/_history", summary="History of every resource of a type")
+async def type_history(resource_type: str, request: Request, ctx: Ctx, history: History) -> Response:
+    params = list(request.query_params.multi_items())
+    return fhir_response(ctx, await history.history(ctx.base_url, params, resource_type))
+
+
+@router.get("/{resource_type}/{resource_id}/_history", summary="History of one resource")
+async def instance_history(
+    resource_type: str, resource_id: str, request: Request, ctx: Ctx, history: History
+) -> Response:
+    params = list(request.query_params.multi_items())
+    bundle = await history.history(ctx.base_url, params, resource_type, resource_id)
+    return fhir_response(ctx, bundle)
+
+
+@router.get("/{resource_type}/{resource_id}/_history/{vid}", summary="vread: one version")
+async def vread(
+    resource_type: str, resource_id: str, vid: str, request: Request, ctx: Ctx, resources: Resources
+) -> Response:
+    version = await resources.vread(resource_type, resource_id, vid)
+    return read_response(ctx, request, version)
+
+
+@router.get("/{resource_type}/{resource_id}", summary="read")
+async def read(
+    resource_type: str, resource_id: str, request: Request, ctx: Ctx, resources: Resources
+) -> Response:
+    return read_response(ctx, request, await resources.read(resource_type, resource_id))
+
+
+@router.get("/{resource_type}", summary="search (so far: _id and identifier)")
+async def search(resource_type: str, request: Request, ctx: Ctx, resources: Resources) -> Response:
+    params = list(request.query_params.multi_items())
+    settings = request.app.state.settings
+    count = page_size(request.query_params.get("_count"), settings.default_page_size, settings.max_page_size)
+    raw_offset = request.query_params.get("_offset", "0")
+    offset = int(raw_offset) if raw_offset.isdigit() else 0
+    criteria = parse_criteria(params, strict=False)
+    found, total = await resources.search(resource_type, criteria, count=count, offset=offset)
+    self_url = page_url(ctx.base_url, resource_type, params)
+    next_url = None
+    if offset + count < total:
+        next_url = page_url(ctx.base_url, resource_type, params, _offset=str(offset + count), _count=str(count))
+    return fhir_response(ctx, searchset_bundle(ctx.base_url, found, total, self_url, next_url))
+
+
+@router.post("/{resource_type}", status_code=201, summary="create (If-None-Exist: conditional)")
+async def create(
+    resource_type: str,
+    request: Request,
+    ctx: Ctx,
+    resources: Resources,
+    if_none_exist: Annotated[str | None, Header()] = None,
+) -> Response:
+    body = await json_body(request)
+    return write_response(ctx, await resources.create(resource_type, body, if_none_exist))
+
+
+@router.put("/{resource_type}/{resource_id}", summary="update (If-Match: versioned)")
+async def update(
+    resource_type: str,
+    resource_id: str,
+    request: Request,
+    ctx: Ctx,
+    resources: Resources,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    body = await json_body(request)
+    result = await resources.update(resource_type, resource_id, body, version_tag(if_match))
+    return write_response(ctx, result)
+
+
+@router.put("/{resource_type}", summary="conditional update")
+async def conditional_update(
+    resource_type: str,
+    request: Request,
+    ctx: Ctx,
+    resources: Resources,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    body = await json_body(request)
+    result = await resources.conditional_update(
+        resource_type, _conditional_query(request), body, version_tag(if_match)
+    )
+    return write_response(ctx, result)
+
+
+@router.patch("/{resource_type}/{resource_id}", summary="patch (JSON Patch)")
+async def patch(
+    resource_type: str,
+    resource_id: str,
+    request: Request,
+    ctx: Ctx,
+    resources: Resources,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    operations = await json_body(request, frozenset({JSON_PATCH}))
+    result = await resources.patch(resource_type, resource_id, operations, version_tag(if_match))
+    return write_response(ctx, result)
+
+
+@router.delete("/{resource_type}/{resource_id}", summary="delete")
+async def delete(
+    resource_type: str,
+    resource_id: str,
+    ctx: Ctx,
+    resources: Resources,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    result = await resources.delete(resource_type, resource_id, version_tag(if_match))
+    return write_response(ctx, result)
+
+
+@router.delete("/{resource_type}", summary="conditional delete")
+async def conditional_delete(
+    resource_type: str, request: Request, ctx: Ctx, resources: Resources
+) -> Response:
+    result = await resources.conditional_delete(resource_type, _conditional_query(request))
+    return write_response(ctx, result)

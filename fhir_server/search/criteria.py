@@ -1,0 +1,81 @@
+"""Parse search criteria from a query string into plain data.
+
+Only `_id` and `identifier` exist so far; they serve conditional create, update and delete and
+the type-level search. Criteria a conditional interaction cannot honour are refused, never
+ignored: ignoring one would widen a conditional update or delete.
+"""
+
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from fhir_server.errors import BadRequest
+
+SUPPORTED_PARAMETERS = ("_id", "identifier")
+# Result-shaping parameters: not criteria.
+CONTROL_PARAMETERS = frozenset(
+    {"_count", "_format", "_pretty", "_summary", "_elements", "_sort", "_total", "_offset"}
+)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One parameter occurrence: its values are OR-ed; several criteria are AND-ed."""
+
+    name: str
+    values: tuple[str, ...]
+
+
+def parse_criteria(pairs: list[tuple[str, str]], *, strict: bool = True) -> list[Criterion]:
+    """Turn `(name, value)` pairs into criteria; unknown parameters raise when `strict`."""
+    criteria = []
+    for name, raw in pairs:
+        if name in CONTROL_PARAMETERS:
+            continue
+        if name not in SUPPORTED_PARAMETERS:
+            if strict:
+                raise BadRequest(
+                    f"Unsupported search parameter '{name}' (supported: {', '.join(SUPPORTED_PARAMETERS)})",
+                    expression=name,
+                )
+            continue
+        values = tuple(v for v in (_unescape(part) for part in _split_commas(raw)) if v)
+        if not values:
+            raise BadRequest(f"Search parameter '{name}' has no value", expression=name)
+        criteria.append(Criterion(name, values))
+    return criteria
+
+
+def parse_query_string(query: str) -> list[Criterion]:
+    """Criteria of a conditional URL or an If-None-Exist header (`identifier=a|b&_id=x`)."""
+    query = query.split("?", 1)[1] if "?" in query else query
+    criteria = parse_criteria(parse_qsl(query, keep_blank_values=True))
+    if not criteria:
+        raise BadRequest("Conditional interaction without search criteria")
+    return criteria
+
+
+def canonical(resource_type: str, criteria: list[Criterion]) -> str:
+    """A stable text for the same criteria in any order (used as a lock key)."""
+    parts = sorted(f"{c.name}={','.join(sorted(c.values))}" for c in criteria)
+    return f"{resource_type}?{'&'.join(parts)}"
+
+
+def _split_commas(raw: str) -> list[str]:
+    parts, current, escaped = [], "", False
+    for char in raw:
+        if escaped:
+            current += "\\" + char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ",":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current + ("\\" if escaped else ""))
+    return parts
+
+
+def _unescape(value: str) -> str:
+    return value.replace("\\,", ",").replace("\\$", "$").replace("\\\\", "\\")

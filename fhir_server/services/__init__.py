@@ -1,0 +1,1 @@
+"""FHIR semantics over storage: validation, versioning, conditional logic, Bundles."""

@@ -1,0 +1,235 @@
+"""The FHIR interactions on resources: validation and versioning rules over the repository.
+
+Knows FHIR semantics (preconditions, conditional interactions, what status each outcome has);
+knows nothing of HTTP requests or MongoDB queries.
+"""
+
+import copy
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import jsonpatch
+from pymongo.asynchronous.database import AsyncDatabase
+
+from fhir_server.errors import (
+    BadRequest,
+    Gone,
+    NotFound,
+    PreconditionFailed,
+    Unprocessable,
+)
+from fhir_server.search.criteria import Criterion, canonical, parse_query_string
+from fhir_server.search.to_mongo import to_filter
+from fhir_server.storage import locks
+from fhir_server.storage.repository import Change, ResourceRepository, Version
+from fhir_server.validation.resource import check_id, check_type, validate_resource
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of a write: HTTP status, the version concerned, and a message when useful."""
+
+    status: int
+    version: Version | None
+    message: str = ""
+
+
+def _gone(version: Version) -> Gone:
+    return Gone(
+        f"{version.type}/{version.id} was deleted (version {version.vid})",
+        headers={"ETag": f'W/"{version.vid}"'},
+    )
+
+
+def _check_precondition(current: Version | None, if_match: int | None) -> None:
+    if if_match is None:
+        return
+    if current is None or current.deleted:
+        raise PreconditionFailed(f"If-Match version {if_match} given, but the resource does not exist")
+    if current.vid != if_match:
+        raise PreconditionFailed(
+            f"Version conflict: If-Match is {if_match}, the current version is {current.vid}"
+        )
+
+
+class ResourceService:
+    def __init__(self, repository: ResourceRepository, db: AsyncDatabase) -> None:
+        self.repository = repository
+        self.db = db
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def read(self, resource_type: str, resource_id: str) -> Version:
+        check_type(resource_type)
+        check_id(resource_id)
+        version = await self.repository.read(resource_type, resource_id)
+        if version is None:
+            raise NotFound(f"{resource_type}/{resource_id} is not known")
+        if version.deleted:
+            raise _gone(version)
+        return version
+
+    async def vread(self, resource_type: str, resource_id: str, vid: str) -> Version:
+        check_type(resource_type)
+        check_id(resource_id)
+        if not vid.isdigit() or int(vid) < 1:
+            raise NotFound(f"{resource_type}/{resource_id} has no version '{vid}'")
+        version = await self.repository.read_version(resource_type, resource_id, int(vid))
+        if version is None:
+            raise NotFound(f"{resource_type}/{resource_id} has no version {vid}")
+        if version.deleted:
+            raise _gone(version)
+        return version
+
+    async def search(
+        self, resource_type: str, criteria: list[Criterion], *, count: int, offset: int
+    ) -> tuple[list[Version], int]:
+        check_type(resource_type)
+        query = to_filter(criteria)
+        found = await self.repository.find(resource_type, query, limit=count, skip=offset)
+        return found, await self.repository.count(resource_type, query)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def create(
+        self, resource_type: str, body: Any, if_none_exist: str | None = None
+    ) -> Result:
+        """201 with the new version; with If-None-Exist, 200 with the one existing match."""
+        check_type(resource_type)
+        resource = validate_resource(body, resource_type)
+        if not if_none_exist:
+            return await self._create(resource_type, resource)
+        criteria = parse_query_string(if_none_exist)
+        async with self._lock(resource_type, criteria):
+            matches = await self._matches(resource_type, criteria)
+            if len(matches) > 1:
+                raise PreconditionFailed(
+                    f"If-None-Exist '{if_none_exist}' matches {len(matches)} resources"
+                )
+            if matches:
+                return Result(200, matches[0], "A matching resource exists; nothing was created")
+            return await self._create(resource_type, resource)
+
+    async def _create(self, resource_type: str, resource: dict[str, Any]) -> Result:
+        new_id = str(uuid.uuid4())
+
+        def decide(current: Version | None) -> Change:
+            return Change(resource, "POST")
+
+        version, _ = await self.repository.write(resource_type, new_id, decide)
+        assert version is not None
+        return Result(201, version, "Created")
+
+    async def update(
+        self, resource_type: str, resource_id: str, body: Any, if_match: int | None = None
+    ) -> Result:
+        """200 for a new version of an existing resource, 201 when this creates it."""
+        check_type(resource_type)
+        check_id(resource_id)
+        resource = validate_resource(body, resource_type, url_id=resource_id)
+        return await self._update(resource_type, resource_id, resource, if_match)
+
+    async def _update(
+        self, resource_type: str, resource_id: str, resource: dict[str, Any], if_match: int | None
+    ) -> Result:
+        def decide(current: Version | None) -> Change:
+            _check_precondition(current, if_match)
+            return Change(resource, "PUT")
+
+        version, previous = await self.repository.write(resource_type, resource_id, decide)
+        assert version is not None
+        created = previous is None or previous.deleted
+        return Result(201 if created else 200, version, "Created" if created else "Updated")
+
+    async def conditional_update(
+        self, resource_type: str, query: str, body: Any, if_match: int | None = None
+    ) -> Result:
+        """Update the one match; create when none matches; 412 when several do."""
+        check_type(resource_type)
+        criteria = parse_query_string(query)
+        resource = validate_resource(body, resource_type)
+        async with self._lock(resource_type, criteria):
+            matches = await self._matches(resource_type, criteria)
+            if len(matches) > 1:
+                raise PreconditionFailed(f"'{query}' matches {len(matches)} resources")
+            body_id = resource.get("id")
+            if matches:
+                found = matches[0]
+                if body_id is not None and body_id != found.id:
+                    raise BadRequest(
+                        f"The id '{body_id}' in the body is not the id '{found.id}' of the match",
+                        expression=f"{resource_type}.id",
+                    )
+                return await self._update(resource_type, found.id, resource, if_match)
+            if body_id is not None:
+                return await self._update(resource_type, body_id, resource, if_match)
+            return await self._create(resource_type, resource)
+
+    async def patch(
+        self, resource_type: str, resource_id: str, operations: Any, if_match: int | None = None
+    ) -> Result:
+        """Apply a JSON Patch to the current version; the result is validated like an update."""
+        check_type(resource_type)
+        check_id(resource_id)
+        try:
+            patch = jsonpatch.JsonPatch(operations)
+        except (jsonpatch.InvalidJsonPatch, TypeError, AttributeError) as exc:
+            raise BadRequest(f"Invalid JSON Patch document: {exc}") from exc
+
+        def decide(current: Version | None) -> Change:
+            if current is None:
+                raise NotFound(f"{resource_type}/{resource_id} is not known")
+            if current.deleted:
+                raise _gone(current)
+            _check_precondition(current, if_match)
+            assert current.resource is not None
+            try:
+                patched = patch.apply(copy.deepcopy(current.resource))
+            except jsonpatch.JsonPatchTestFailed as exc:
+                raise Unprocessable(f"JSON Patch test failed: {exc}") from exc
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+                raise Unprocessable(f"JSON Patch cannot be applied: {exc}") from exc
+            return Change(validate_resource(patched, resource_type, url_id=resource_id), "PATCH")
+
+        version, _ = await self.repository.write(resource_type, resource_id, decide)
+        assert version is not None
+        return Result(200, version, "Patched")
+
+    async def delete(
+        self, resource_type: str, resource_id: str, if_match: int | None = None
+    ) -> Result:
+        """A logical delete: a new version marks the resource deleted; history keeps the rest."""
+        check_type(resource_type)
+        check_id(resource_id)
+
+        def decide(current: Version | None) -> Change | None:
+            _check_precondition(current, if_match)
+            if current is None or current.deleted:
+                return None
+            return Change(None, "DELETE")
+
+        version, previous = await self.repository.write(resource_type, resource_id, decide)
+        if version is None:
+            message = "already deleted" if previous else "does not exist"
+            return Result(200, previous, f"{resource_type}/{resource_id} {message}; nothing to delete")
+        return Result(200, version, f"Deleted {resource_type}/{resource_id} (version {version.vid})")
+
+    async def conditional_delete(self, resource_type: str, query: str) -> Result:
+        """Delete the one match; nothing to do when none matches; 412 when several do."""
+        check_type(resource_type)
+        criteria = parse_query_string(query)
+        matches = await self._matches(resource_type, criteria)
+        if len(matches) > 1:
+            raise PreconditionFailed(f"'{query}' matches {len(matches)} resources")
+        if not matches:
+            return Result(200, None, f"No {resource_type} matches '{query}'; nothing to delete")
+        return await self.delete(resource_type, matches[0].id)
+
+    async def _matches(self, resource_type: str, criteria: list[Criterion]) -> list[Version]:
+        return await self.repository.find(resource_type, to_filter(criteria), limit=2)
+
+    def _lock(self, resource_type: str, criteria: list[Criterion]) -> Any:
+        digest = hashlib.sha256(canonical(resource_type, criteria).encode()).hexdigest()
+        return locks.hold(self.db, f"conditional:{resource_type}:{digest}")

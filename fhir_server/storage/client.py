@@ -1,0 +1,50 @@
+"""Database connection lifecycle: the MongoDB client, its write concern, and the embedded fallback."""
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from pymongo import AsyncMongoClient, WriteConcern
+from pymongo.asynchronous.database import AsyncDatabase
+
+from fhir_server.config import Settings
+from fhir_server.storage.embedded import EmbeddedDatabase
+
+LOGGER = logging.getLogger(__name__)
+
+
+def write_concern(settings: Settings) -> WriteConcern:
+    w: int | str = int(settings.write_concern_w) if settings.write_concern_w.isdigit() else settings.write_concern_w
+    return WriteConcern(w=w, j=settings.write_journal)
+
+
+@dataclass
+class Database:
+    client: AsyncMongoClient
+    db: AsyncDatabase
+    embedded: EmbeddedDatabase | None = None
+
+    async def ping(self) -> bool:
+        try:
+            await self.client.admin.command("ping")
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not reachable" for a probe
+            return False
+
+    async def close(self) -> None:
+        await self.client.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+
+async def open_database(settings: Settings) -> Database:
+    """Connect to MONGODB_URI, or start the embedded database under the data folder."""
+    embedded = None
+    uri = settings.mongodb_uri
+    if not uri:
+        embedded = EmbeddedDatabase(settings.data_dir / "db", settings.embedded_cache_size)
+        await asyncio.to_thread(embedded.start)
+        uri = embedded.uri
+    client: AsyncMongoClient = AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=10_000)
+    db = client.get_database(settings.mongodb_db, write_concern=write_concern(settings))
+    return Database(client, db, embedded)

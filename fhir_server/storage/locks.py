@@ -1,0 +1,44 @@
+"""Short-lived named locks kept in MongoDB, so that every server process sees them.
+
+Used to serialise conditional creates and updates of the same criteria: without one, two
+simultaneous `If-None-Exist` creates both find nothing and both create.
+"""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from fhir_server.errors import Conflict
+
+LOCKS = "locks"
+
+
+@asynccontextmanager
+async def hold(
+    db: AsyncDatabase, key: str, *, lease_s: float = 30.0, wait_s: float = 20.0
+) -> AsyncIterator[None]:
+    """Hold lock `key` for the block. A holder that died loses it when its lease ends."""
+    locks = db[LOCKS]
+    owner = uuid.uuid4().hex
+    deadline = asyncio.get_running_loop().time() + wait_s
+    delay = 0.002
+    while True:
+        now = datetime.now(UTC)
+        try:
+            await locks.insert_one({"_id": key, "owner": owner, "expires": now + timedelta(seconds=lease_s)})
+            break
+        except DuplicateKeyError:
+            await locks.delete_one({"_id": key, "expires": {"$lt": now}})  # a dead holder's lease
+        if asyncio.get_running_loop().time() > deadline:
+            raise Conflict(f"Timed out waiting for a concurrent request on '{key[:200]}'")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    try:
+        yield
+    finally:
+        await locks.delete_one({"_id": key, "owner": owner})

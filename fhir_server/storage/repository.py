@@ -1,0 +1,298 @@
+"""Resources on MongoDB: current versions (one collection per type) and one history collection.
+
+Write protocol, safe without multi-document transactions and with any number of server processes:
+
+1. read the current version `n` (or none);
+2. insert history entry `n+1`; its `_id` (`Type/id/n+1`) is unique, so exactly one writer claims
+   version `n+1` and the others get a duplicate-key error and start again;
+3. replace the current document only if it is still at `n`.
+
+A version thus never reaches the current collection without its history entry. A crash between
+steps 2 and 3 leaves a history entry ahead of the current document; the next writer that collides
+with it, or the next read that finds no current document, rolls it forward (step 3 again, which
+is idempotent). Every write uses the database's write concern (journaled by default).
+"""
+
+import asyncio
+import base64
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from fhir_server.errors import BadRequest, Conflict
+from fhir_server.search.indexer import index_values
+from fhir_server.search.to_mongo import INDEX_FIELD, index_keys
+
+LOGGER = logging.getLogger(__name__)
+HISTORY = "history"
+MAX_ATTEMPTS = 200
+
+
+@dataclass(frozen=True)
+class Version:
+    """One stored version of a resource; `resource` is None for a deletion."""
+
+    type: str
+    id: str
+    vid: int
+    ts: datetime
+    method: str
+    resource: dict[str, Any] | None
+
+    @property
+    def deleted(self) -> bool:
+        return self.resource is None
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a writer wants stored next: a resource body, or None to delete."""
+
+    resource: dict[str, Any] | None
+    method: str
+
+
+# Given the current version (or None), return the change to store, None for "nothing to write",
+# or raise a FhirError (e.g. a failed precondition). Called again on each retry.
+Decide = Callable[[Version | None], Change | None]
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    versions: list[Version]
+    next_cursor: str | None
+    total: int | None
+
+
+def instant(ts: datetime) -> str:
+    """FHIR instant with millisecond precision, as stored (MongoDB dates hold milliseconds)."""
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _now() -> datetime:
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def _history_id(resource_type: str, resource_id: str, vid: int) -> str:
+    # Zero-padded so that ties on `ts` still sort by version.
+    return f"{resource_type}/{resource_id}/{vid:010d}"
+
+
+def _stamp(resource: dict[str, Any], resource_id: str, vid: int, ts: datetime) -> dict[str, Any]:
+    """Server-owned id and meta first, whatever the client sent for them."""
+    meta = dict(resource.get("meta") or {})
+    meta["versionId"] = str(vid)
+    meta["lastUpdated"] = instant(ts)
+    body = {k: v for k, v in resource.items() if k not in ("resourceType", "id", "meta")}
+    return {"resourceType": resource["resourceType"], "id": resource_id, "meta": meta, **body}
+
+
+def _version(doc: dict[str, Any], resource_type: str | None = None) -> Version:
+    ts = doc["ts"].astimezone(UTC)
+    if "t" in doc:  # history entry
+        return Version(doc["t"], doc["i"], doc["v"], ts, doc["m"], doc.get("res"))
+    assert resource_type is not None
+    return Version(resource_type, doc["_id"], doc["v"], ts, doc.get("m", "PUT"), doc.get("res"))
+
+
+def encode_cursor(ts: datetime, key: str) -> str:
+    raw = f"{int(ts.timestamp() * 1000)}:{key}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        millis, key = raw.split(":", 1)
+        return datetime.fromtimestamp(int(millis) / 1000, UTC), key
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest("Invalid paging cursor", expression="_cursor") from exc
+
+
+class ResourceRepository:
+    """Versioned storage of FHIR resources. Knows MongoDB; knows no HTTP."""
+
+    def __init__(self, db: AsyncDatabase) -> None:
+        self.db = db
+        self.history = db[HISTORY]
+        self._indexed: set[str] = set()
+
+    async def ensure_indexes(self) -> None:
+        await self.history.create_index(
+            [("t", ASCENDING), ("i", ASCENDING), ("ts", DESCENDING), ("_id", DESCENDING)]
+        )
+        await self.history.create_index([("t", ASCENDING), ("ts", DESCENDING), ("_id", DESCENDING)])
+        await self.history.create_index([("ts", DESCENDING), ("_id", DESCENDING)])
+
+    async def _collection(self, resource_type: str) -> AsyncCollection:
+        collection = self.db[resource_type]
+        if resource_type not in self._indexed:  # a per-process cache: creating is idempotent
+            for key in index_keys():
+                await collection.create_index(key)
+            await collection.create_index("ts")
+            self._indexed.add(resource_type)
+        return collection
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def read(self, resource_type: str, resource_id: str) -> Version | None:
+        """The current version (possibly a deletion), or None if the resource never existed."""
+        doc = await self.db[resource_type].find_one({"_id": resource_id}, {INDEX_FIELD: 0})
+        if doc is not None:
+            return _version(doc, resource_type)
+        # Repair: a history entry whose current write was interrupted.
+        latest = await self.history.find_one(
+            {"t": resource_type, "i": resource_id}, sort=[("ts", DESCENDING), ("_id", DESCENDING)]
+        )
+        if latest is None:
+            return None
+        await self._apply(resource_type, latest)
+        return _version(latest)
+
+    async def read_version(self, resource_type: str, resource_id: str, vid: int) -> Version | None:
+        doc = await self.history.find_one({"_id": _history_id(resource_type, resource_id, vid)})
+        return None if doc is None else _version(doc)
+
+    async def find(
+        self, resource_type: str, query: dict[str, Any], *, limit: int, skip: int = 0
+    ) -> list[Version]:
+        cursor = self.db[resource_type].find(query, {INDEX_FIELD: 0}).sort("_id", ASCENDING)
+        return [_version(doc, resource_type) async for doc in cursor.skip(skip).limit(limit)]
+
+    async def count(self, resource_type: str, query: dict[str, Any]) -> int:
+        return await self.db[resource_type].count_documents(query)
+
+    async def history_page(
+        self,
+        *,
+        resource_type: str | None = None,
+        resource_id: str | None = None,
+        since: datetime | None = None,
+        at: tuple[datetime, datetime] | None = None,
+        count: int,
+        cursor: str | None = None,
+    ) -> HistoryPage:
+        """Versions newest first, `count` at a time; `cursor` continues after a previous page.
+
+        `at=(low, high)` keeps the versions that were current at some moment of that period.
+        """
+        query: dict[str, Any] = {}
+        if resource_type:
+            query["t"] = resource_type
+        if resource_id:
+            query["i"] = resource_id
+        ts_range: dict[str, datetime] = {}
+        if since:
+            ts_range["$gte"] = since
+        if at:
+            ts_range["$lte"] = at[1]
+        if ts_range:
+            query["ts"] = ts_range
+        total = None if at or cursor else await self.history.count_documents(query)
+        if cursor:
+            ts, key = decode_cursor(cursor)
+            query = {"$and": [query, {"$or": [{"ts": {"$lt": ts}}, {"ts": ts, "_id": {"$lt": key}}]}]}
+        found = self.history.find(query).sort([("ts", DESCENDING), ("_id", DESCENDING)])
+        if not at:
+            found = found.limit(count + 1)
+        versions: list[tuple[Version, str]] = []
+        batch: list[dict[str, Any]] = []
+        async for doc in found.batch_size(count + 1):
+            batch.append(doc)
+            if len(batch) > count or not at:
+                versions.extend(await self._current_during(batch, at))
+                batch = []
+            if len(versions) > count:
+                break
+        versions.extend(await self._current_during(batch, at))
+        next_cursor = None
+        if len(versions) > count:
+            last_version, last_key = versions[count - 1]
+            next_cursor = encode_cursor(last_version.ts, last_key)
+        return HistoryPage([v for v, _ in versions[:count]], next_cursor, total)
+
+    async def _current_during(
+        self, docs: list[dict[str, Any]], at: tuple[datetime, datetime] | None
+    ) -> list[tuple[Version, str]]:
+        """Keep the versions not yet replaced when the period starts (all of them without `at`)."""
+        if not at or not docs:
+            return [(_version(d), d["_id"]) for d in docs]
+        low = at[0]
+        older = [d for d in docs if d["ts"] < low]
+        successors = {
+            _history_id(d["t"], d["i"], d["v"] + 1): d for d in older
+        }
+        replaced_before_low = set()
+        async for nxt in self.history.find({"_id": {"$in": list(successors)}}, {"ts": 1}):
+            if nxt["ts"] <= low:
+                replaced_before_low.add(successors[nxt["_id"]]["_id"])
+        return [(_version(d), d["_id"]) for d in docs if d["_id"] not in replaced_before_low]
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def write(
+        self, resource_type: str, resource_id: str, decide: Decide
+    ) -> tuple[Version | None, Version | None]:
+        """Store the next version chosen by `decide`; returns (new version or None, previous)."""
+        collection = await self._collection(resource_type)
+        for attempt in range(MAX_ATTEMPTS):
+            doc = await collection.find_one({"_id": resource_id}, {INDEX_FIELD: 0})
+            current = None if doc is None else _version(doc, resource_type)
+            change = decide(current)
+            if change is None:
+                return None, current
+            vid = (current.vid if current else 0) + 1
+            ts = _now() if current is None else max(_now(), current.ts)
+            entry: dict[str, Any] = {
+                "_id": _history_id(resource_type, resource_id, vid),
+                "t": resource_type,
+                "i": resource_id,
+                "v": vid,
+                "ts": ts,
+                "m": change.method,
+            }
+            if change.resource is not None:
+                entry["res"] = _stamp(change.resource, resource_id, vid, ts)
+            try:
+                await self.history.insert_one(entry)
+            except DuplicateKeyError:
+                # Another writer claimed this version: make sure it is applied, then start again.
+                claimed = await self.history.find_one({"_id": entry["_id"]})
+                if claimed is not None:
+                    await self._apply(resource_type, claimed)
+                await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))
+                continue
+            await self._apply(resource_type, entry)
+            return _version(entry), current
+        raise Conflict(f"{resource_type}/{resource_id} is being changed by too many writers; try again")
+
+    async def _apply(self, resource_type: str, entry: dict[str, Any]) -> None:
+        """Make history `entry` the current version, if the current one is its predecessor."""
+        collection = await self._collection(resource_type)
+        resource = entry.get("res")
+        doc: dict[str, Any] = {
+            "_id": entry["i"],
+            "v": entry["v"],
+            "ts": entry["ts"],
+            "m": entry["m"],
+            "del": resource is None,
+        }
+        if resource is not None:
+            doc["res"] = resource
+            doc[INDEX_FIELD] = index_values(resource)
+        if entry["v"] == 1:
+            try:
+                await collection.insert_one(doc)
+            except DuplicateKeyError:
+                pass  # already applied
+        else:
+            await collection.replace_one({"_id": entry["i"], "v": entry["v"] - 1}, doc)

@@ -1,0 +1,162 @@
+"""Validate an incoming resource: FHIR JSON rules, the R4B model, and what the models leave out.
+
+The model checks structure, cardinality and primitive formats. This module adds the checks the
+models skip: `resourceType` and `id` against the URL, the id syntax, FHIR's ban on empty and null
+values, and the resource's required code bindings (the models carry their codes but do not enforce
+them: `gender: "robot"` passes the model).
+"""
+
+import re
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from fhir_server.errors import BadRequest, Issue, NotFound
+from fhir_server.validation.resource_types import model_class, supported_types
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+MAX_ISSUES = 50
+
+
+def check_type(resource_type: str) -> None:
+    """404 for a type this server does not serve (unknown, or without an R4B model)."""
+    if resource_type not in supported_types():
+        raise NotFound(f"Unknown resource type '{resource_type}'")
+
+
+def check_id(resource_id: str, expression: str = "id") -> None:
+    if not ID_PATTERN.fullmatch(resource_id):
+        raise BadRequest(
+            f"Invalid id '{resource_id[:80]}': ids are 1-64 characters of A-Z a-z 0-9 - .",
+            expression=expression,
+        )
+
+
+def validate_resource(
+    body: Any, resource_type: str, *, url_id: str | None = None, require_id: bool = False
+) -> dict[str, Any]:
+    """Check `body` as a `resource_type` resource and return it; raise BadRequest listing problems.
+
+    `url_id` is the id from the URL of an update: the body must carry the same id.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest("The body must be a JSON object holding a FHIR resource")
+    found_type = body.get("resourceType")
+    if found_type != resource_type:
+        raise BadRequest(
+            f"resourceType '{found_type}' does not match the type '{resource_type}' in the URL",
+            expression="resourceType",
+        )
+    body_id = body.get("id")
+    if require_id or url_id is not None:
+        if body_id is None:
+            raise BadRequest("An update must carry the resource's id", expression=f"{resource_type}.id")
+        if body_id != url_id:
+            raise BadRequest(
+                f"The id '{body_id}' in the body does not match the id '{url_id}' in the URL",
+                expression=f"{resource_type}.id",
+            )
+    if body_id is not None:
+        if not isinstance(body_id, str):
+            raise BadRequest("id must be a string", expression=f"{resource_type}.id")
+        check_id(body_id, f"{resource_type}.id")
+
+    issues: list[Issue] = []
+    _check_json(body, resource_type, issues)
+    cls = model_class(resource_type)
+    assert cls is not None
+    try:
+        model = cls.model_validate(body)
+    except ValidationError as exc:
+        issues.extend(_model_issues(exc, resource_type))
+    else:
+        _check_bindings(model, resource_type, issues)
+    if issues:
+        raise BadRequest(issues[0].diagnostics, issues=issues[:MAX_ISSUES])
+    return body
+
+
+def _check_json(value: Any, path: str, issues: list[Issue]) -> None:
+    """FHIR JSON: no empty strings, objects or arrays; null only inside arrays (primitive extensions)."""
+    if isinstance(value, dict):
+        if not value:
+            issues.append(Issue("Empty objects are not allowed in FHIR JSON", expression=path))
+        for key, item in value.items():
+            if item is None:
+                issues.append(Issue(f"'{key}' is null: leave the element out instead", expression=f"{path}.{key}"))
+            else:
+                _check_json(item, f"{path}.{key}", issues)
+    elif isinstance(value, list):
+        if not value:
+            issues.append(Issue("Empty arrays are not allowed in FHIR JSON", expression=path))
+        elif all(item is None for item in value):
+            issues.append(Issue("An array of only nulls is not allowed", expression=path))
+        for index, item in enumerate(value):
+            if item is not None:
+                _check_json(item, f"{path}[{index}]", issues)
+    elif isinstance(value, str) and not value.strip():
+        issues.append(Issue("Empty or blank strings are not allowed in FHIR JSON", expression=path))
+
+
+def _expression(resource_type: str, loc: tuple[int | str, ...]) -> str:
+    path = resource_type
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _model_issues(exc: ValidationError, resource_type: str) -> list[Issue]:
+    issues = []
+    for error in exc.errors(include_url=False):
+        loc = error.get("loc", ())
+        expression = _expression(resource_type, loc)
+        kind = error.get("type", "")
+        if kind == "extra_forbidden":
+            message = f"Unknown element '{loc[-1] if loc else '?'}'"
+            code = "structure"
+        elif kind == "missing":
+            message = f"Missing required element '{loc[-1] if loc else '?'}'"
+            code = "required"
+        else:
+            message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+            code = "value"
+        issues.append(Issue(f"{expression}: {message}", code, expression=expression))
+    return issues
+
+
+@cache
+def _coded_fields(cls: type[BaseModel]) -> tuple[tuple[str, str, frozenset[str] | None], ...]:
+    """(attribute, JSON name, required codes or None) for each field of a model class."""
+    fields = []
+    for attr, info in cls.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        codes = extra.get("enum_values")
+        fields.append((attr, info.alias or attr, frozenset(codes) if codes else None))
+    return tuple(fields)
+
+
+def _check_bindings(model: BaseModel, path: str, issues: list[Issue]) -> None:
+    fields_set = model.model_fields_set
+    for attr, name, codes in _coded_fields(type(model)):
+        if attr not in fields_set:
+            continue
+        value = getattr(model, attr)
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                _check_value(item, codes, f"{path}.{name}[{index}]", issues)
+        else:
+            _check_value(value, codes, f"{path}.{name}", issues)
+
+
+def _check_value(value: Any, codes: frozenset[str] | None, path: str, issues: list[Issue]) -> None:
+    if isinstance(value, BaseModel):
+        _check_bindings(value, path, issues)
+    elif codes is not None and isinstance(value, str) and value not in codes:
+        issues.append(
+            Issue(
+                f"{path}: '{value}' is not one of the required codes ({', '.join(sorted(codes))})",
+                "code-invalid",
+                expression=path,
+            )
+        )

@@ -1,0 +1,1 @@
+"""Pure functions from outside records (DICOM headers, source systems) to FHIR resources."""
