@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     default_page_size: int = 50
     max_page_size: int = 1000
     max_body_bytes: int = 32 * 1024 * 1024
+    # How long a conditional create/update waits for a concurrent one on the same criteria.
+    conditional_wait_s: float = 20.0
     log_level: str = "INFO"
     # Reserved for the DICOM node.
     dicom_port: int = 11112

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pymongo.errors import ConnectionFailure
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -138,6 +139,12 @@ async def _request_validation_error(_: Request, exc: Exception) -> Response:
     return outcome_response(400, issues)
 
 
+async def _database_unreachable(_: Request, exc: Exception) -> Response:
+    LOGGER.error("database unreachable: %s", exc)
+    issue = Issue("The database is unreachable; try again shortly", "transient")
+    return outcome_response(503, [issue], {"Retry-After": "5"})
+
+
 async def _unexpected(_: Request, exc: Exception) -> Response:
     LOGGER.exception("unhandled error", exc_info=exc)
     return outcome_response(500, [Issue("Internal server error", "exception")])
@@ -147,4 +154,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(FhirError, _fhir_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _request_validation_error)
+    app.add_exception_handler(ConnectionFailure, _database_unreachable)
     app.add_exception_handler(Exception, _unexpected)

@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         repository = ResourceRepository(database.db)
         await repository.ensure_indexes()
         app.state.database = database
-        app.state.resources = ResourceService(repository, database.db)
+        app.state.resources = ResourceService(repository, database.db, settings.conditional_wait_s)
         app.state.history = HistoryService(
             repository, settings.default_page_size, settings.max_page_size
         )

@@ -55,9 +55,12 @@ def _check_precondition(current: Version | None, if_match: int | None) -> None:
 
 
 class ResourceService:
-    def __init__(self, repository: ResourceRepository, db: AsyncDatabase) -> None:
+    def __init__(
+        self, repository: ResourceRepository, db: AsyncDatabase, conditional_wait_s: float = 20.0
+    ) -> None:
         self.repository = repository
         self.db = db
+        self.conditional_wait_s = conditional_wait_s
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -232,4 +235,5 @@ class ResourceService:
 
     def _lock(self, resource_type: str, criteria: list[Criterion]) -> Any:
         digest = hashlib.sha256(canonical(resource_type, criteria).encode()).hexdigest()
-        return locks.hold(self.db, f"conditional:{resource_type}:{digest}")
+        key = f"conditional:{resource_type}:{digest}"
+        return locks.hold(self.db, key, wait_s=self.conditional_wait_s)

@@ -1,0 +1,139 @@
+"""Test fixtures: the real embedded database and the real server, spoken to over loopback HTTP."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pymongo
+import pytest
+
+from fhir_server.storage.embedded import EmbeddedDatabase
+
+FHIR_JSON = "application/fhir+json"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """`fhir-server serve` in a child process, as a user would run it."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.env = {**os.environ, **(env or {})}
+        if not (env or {}).get("MONGODB_URI"):
+            self.env.pop("MONGODB_URI", None)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir / f"server-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90.0) -> "ServerProcess":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "fhir_server", "serve", "--port", str(self.port),
+                 "--data-dir", str(self.data_dir)],
+                env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not start:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedDatabase]:
+    db = EmbeddedDatabase(tmp_path_factory.mktemp("db"))
+    db.start()
+    yield db
+    db.stop()
+
+
+@pytest.fixture(scope="session")
+def server(database: EmbeddedDatabase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    env = {
+        "MONGODB_URI": database.uri,
+        "FHIR_MONGODB_DB": "fhir_tests",
+        "FHIR_CONDITIONAL_WAIT_S": "2",
+    }
+    proc = ServerProcess(tmp_path_factory.mktemp("server"), env).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"{server.url}/fhir", timeout=60) as c:
+        yield c
+
+
+@pytest.fixture
+def mongo(database: EmbeddedDatabase) -> Iterator[pymongo.database.Database]:
+    """Direct access to the server's database, for set-up a client could not do and for checks."""
+    with pymongo.MongoClient(database.uri) as c:
+        yield c["fhir_tests"]
+
+
+def unique() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def patient(**fields: object) -> dict[str, object]:
+    return {"resourceType": "Patient", **fields}
+
+
+def post(client: httpx.Client, resource: dict[str, object], **headers: str) -> httpx.Response:
+    return client.post(f"/{resource['resourceType']}", json=resource,
+                       headers={"Content-Type": FHIR_JSON, **headers})
+
+
+def put(client: httpx.Client, resource: dict[str, object], **headers: str) -> httpx.Response:
+    return client.put(f"/{resource['resourceType']}/{resource['id']}", json=resource,
+                      headers={"Content-Type": FHIR_JSON, **headers})
+
+
+def assert_outcome(response: httpx.Response, status: int, text: str | None = None) -> dict:
+    """The response is an OperationOutcome with `status` (and `text` in a diagnostics)."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome", body
+    assert body["issue"], body
+    if text is not None:
+        assert any(text in i.get("diagnostics", "") for i in body["issue"]), body
+    assert "Traceback" not in response.text
+    return body
