@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from pymongo.errors import ConnectionFailure
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LOGGER = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -145,14 +146,37 @@ async def _database_unreachable(_: Request, exc: Exception) -> Response:
     return outcome_response(503, [issue], {"Retry-After": "5"})
 
 
-async def _unexpected(_: Request, exc: Exception) -> Response:
-    LOGGER.exception("unhandled error", exc_info=exc)
-    return outcome_response(500, [Issue("Internal server error", "exception")])
+class ErrorBoundaryMiddleware:
+    """Anything no handler caught: log the stack trace, send the client a plain 500 outcome.
+
+    Starlette's own 500 handler re-raises after answering, which makes the server drop the
+    connection; this boundary answers and stops there.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            LOGGER.exception("unhandled error", exc_info=exc)
+            if started or scope["type"] != "http":
+                raise
+            await outcome_response(500, [Issue("Internal server error", "exception")])(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers; call before adding outer middleware (the access log)."""
     app.add_exception_handler(FhirError, _fhir_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _request_validation_error)
     app.add_exception_handler(ConnectionFailure, _database_unreachable)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(ErrorBoundaryMiddleware)

@@ -19,7 +19,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
@@ -127,11 +127,15 @@ class ResourceRepository:
         self._indexed: set[str] = set()
 
     async def ensure_indexes(self) -> None:
+        # Ascending keys, scanned backwards for newest-first. Time ranges are half-open
+        # (`$gte low`, `$lt high + 1 ms`): the embedded server drops the boundary of an inclusive
+        # date bound on the index direction's far side, and with millisecond times both forms
+        # select the same versions.
         await self.history.create_index(
-            [("t", ASCENDING), ("i", ASCENDING), ("ts", DESCENDING), ("_id", DESCENDING)]
+            [("t", ASCENDING), ("i", ASCENDING), ("ts", ASCENDING), ("_id", ASCENDING)]
         )
-        await self.history.create_index([("t", ASCENDING), ("ts", DESCENDING), ("_id", DESCENDING)])
-        await self.history.create_index([("ts", DESCENDING), ("_id", DESCENDING)])
+        await self.history.create_index([("t", ASCENDING), ("ts", ASCENDING), ("_id", ASCENDING)])
+        await self.history.create_index([("ts", ASCENDING), ("_id", ASCENDING)])
 
     async def _collection(self, resource_type: str) -> AsyncCollection:
         collection = self.db[resource_type]
@@ -194,7 +198,7 @@ class ResourceRepository:
         if since:
             ts_range["$gte"] = since
         if at:
-            ts_range["$lte"] = at[1]
+            ts_range["$lt"] = at[1] + timedelta(milliseconds=1)
         if ts_range:
             query["ts"] = ts_range
         total = None if at or cursor else await self.history.count_documents(query)

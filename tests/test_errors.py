@@ -1,0 +1,105 @@
+"""Bad input never crashes the server: every error is an OperationOutcome with the right status."""
+
+import httpx
+import pymongo.database
+
+from conftest import FHIR_JSON, assert_outcome, patient, post, put, unique
+
+
+def _issue_expressions(body: dict) -> list[str]:
+    return [e for issue in body["issue"] for e in issue.get("expression", [])]
+
+
+def test_invalid_resources_name_the_element(client: httpx.Client) -> None:
+    body = assert_outcome(post(client, patient(birthDate="1999-13-45")), 400)
+    assert "Patient.birthDate" in _issue_expressions(body)
+    body = assert_outcome(post(client, patient(gender="robot")), 400, "robot")
+    assert "Patient.gender" in _issue_expressions(body)
+    body = assert_outcome(post(client, patient(colour="blue")), 400, "Unknown element")
+    assert "Patient.colour" in _issue_expressions(body)
+    body = assert_outcome(post(client, patient(contact=[{"gender": "robot"}])), 400)
+    assert "Patient.contact[0].gender" in _issue_expressions(body)
+    body = assert_outcome(post(client, {"resourceType": "Observation", "code": {"text": "x"}}), 400)
+    assert "Observation.status" in _issue_expressions(body)
+    body = assert_outcome(post(client, {"resourceType": "Observation", "status": "guess", "code": {"text": "x"}}), 400)
+    assert "Observation.status" in _issue_expressions(body)
+    body = assert_outcome(post(client, patient(name=[{"given": ["Ann", ""]}])), 400)
+    assert "Patient.name[0].given[1]" in _issue_expressions(body)
+    body = assert_outcome(post(client, patient(gender=None)), 400, "null")
+    assert_outcome(post(client, patient(name=[])), 400, "Empty")
+
+
+def test_resource_type_and_id_must_match_the_url(client: httpx.Client) -> None:
+    wrong_type = client.post("/Patient", json={"resourceType": "Observation"}, headers={"Content-Type": FHIR_JSON})
+    assert_outcome(wrong_type, 400, "does not match")
+    assert_outcome(client.post("/Patient", json=["not", "an", "object"], headers={"Content-Type": FHIR_JSON}), 400)
+    rid = f"a-{unique()}"
+    mismatch = client.put(f"/Patient/{rid}", json=patient(id="other"), headers={"Content-Type": FHIR_JSON})
+    assert_outcome(mismatch, 400, "does not match")
+    no_id = client.put(f"/Patient/{rid}", json=patient(), headers={"Content-Type": FHIR_JSON})
+    assert_outcome(no_id, 400, "id")
+    assert_outcome(put(client, patient(id="bad_id!")), 400, "Invalid id")
+    assert_outcome(put(client, patient(id="x" * 65)), 400, "Invalid id")
+    assert_outcome(client.get("/Patient/bad_id!"), 400, "Invalid id")
+
+
+def test_body_problems(client: httpx.Client) -> None:
+    assert_outcome(client.post("/Patient", content=b"{not json", headers={"Content-Type": FHIR_JSON}), 400, "JSON")
+    assert_outcome(client.post("/Patient", content=b"", headers={"Content-Type": FHIR_JSON}), 400)
+    xml = b'<Patient xmlns="http://hl7.org/fhir"/>'
+    assert_outcome(client.post("/Patient", content=xml, headers={"Content-Type": "application/fhir+xml"}), 415)
+    form = client.post("/Patient", content=b"a=b", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert_outcome(form, 415)
+
+
+def test_unknown_things(client: httpx.Client) -> None:
+    assert_outcome(client.get("/NotAType/1"), 404, "Unknown resource type")
+    assert_outcome(client.post("/NotAType", json={"resourceType": "NotAType"}, headers={"Content-Type": FHIR_JSON}), 404)
+    assert_outcome(client.get("/MedicinalProduct/1"), 404)  # R4 type without an R4B model
+    assert_outcome(client.get(f"/Patient/missing-{unique()}"), 404, "not known")
+    assert_outcome(client.get(f"/Patient/x/_history", params={"_since": "yesterday"}), 400)
+    assert_outcome(client.get("/Patient/_history", params={"_count": "-1"}), 400)
+
+
+def test_method_not_allowed(client: httpx.Client) -> None:
+    assert_outcome(client.post("/Patient/123", json=patient(), headers={"Content-Type": FHIR_JSON}), 405)
+    assert_outcome(client.patch("/Patient", json=[]), 405)
+
+
+def test_not_acceptable(client: httpx.Client) -> None:
+    assert_outcome(client.get("/metadata", params={"_format": "xml"}), 406)
+    assert_outcome(client.get("/metadata", headers={"Accept": "application/fhir+xml"}), 406)
+
+
+def test_conflict_when_a_conditional_create_cannot_get_its_turn(
+    client: httpx.Client, mongo: pymongo.database.Database
+) -> None:
+    """A concurrent conditional request on the same criteria that never finishes → 409, not a hang."""
+    import hashlib
+
+    from fhir_server.search.criteria import canonical, parse_query_string
+
+    value = unique()
+    query = f"identifier=urn:test|{value}"
+    digest = hashlib.sha256(canonical("Patient", parse_query_string(query)).encode()).hexdigest()
+    from datetime import UTC, datetime, timedelta
+
+    mongo["locks"].insert_one(
+        {"_id": f"conditional:Patient:{digest}", "owner": "someone", "expires": datetime.now(UTC) + timedelta(minutes=5)}
+    )
+    try:
+        response = post(client, patient(identifier=[{"system": "urn:test", "value": value}]), **{"If-None-Exist": query})
+        assert_outcome(response, 409)
+    finally:
+        mongo["locks"].delete_many({"owner": "someone"})
+    assert post(client, patient(), **{"If-None-Exist": query}).status_code == 201
+
+
+def test_broken_stored_data_gives_500_without_a_stack_trace(
+    client: httpx.Client, mongo: pymongo.database.Database
+) -> None:
+    rid = f"broken-{unique()}"
+    mongo["Patient"].insert_one({"_id": rid, "v": 1, "del": False})  # no timestamp: unreadable
+    body = assert_outcome(client.get(f"/Patient/{rid}"), 500)
+    assert body["issue"][0]["code"] == "exception"
+    assert client.get("/metadata").status_code == 200  # still serving
