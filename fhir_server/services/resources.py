@@ -121,7 +121,7 @@ class ResourceService:
         def decide(current: Version | None) -> Change:
             return Change(resource, "POST")
 
-        version, _ = await self.repository.write(resource_type, new_id, decide)
+        version, _ = await self.repository.write(resource_type, new_id, decide, new_id=True)
         assert version is not None
         return Result(201, version, "Created")
 

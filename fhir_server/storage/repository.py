@@ -87,6 +87,12 @@ def _history_id(resource_type: str, resource_id: str, vid: int) -> str:
     return f"{resource_type}/{resource_id}/{vid:010d}"
 
 
+def _versions_of(resource_type: str, resource_id: str) -> dict[str, Any]:
+    """The history entries of one resource: an `_id` range."""
+    prefix = f"{resource_type}/{resource_id}/"
+    return {"_id": {"$gt": prefix, "$lt": prefix + "~"}}
+
+
 def _stamp(resource: dict[str, Any], resource_id: str, vid: int, ts: datetime) -> dict[str, Any]:
     """Server-owned id and meta first, whatever the client sent for them."""
     meta = dict(resource.get("meta") or {})
@@ -131,9 +137,7 @@ class ResourceRepository:
         # (`$gte low`, `$lt high + 1 ms`): the embedded server drops the boundary of an inclusive
         # date bound on the index direction's far side, and with millisecond times both forms
         # select the same versions.
-        await self.history.create_index(
-            [("t", ASCENDING), ("i", ASCENDING), ("ts", ASCENDING), ("_id", ASCENDING)]
-        )
+        # One resource's versions are the `_id` range `Type/id/…` and need no index of their own.
         await self.history.create_index([("t", ASCENDING), ("ts", ASCENDING), ("_id", ASCENDING)])
         await self.history.create_index([("ts", ASCENDING), ("_id", ASCENDING)])
 
@@ -142,7 +146,6 @@ class ResourceRepository:
         if resource_type not in self._indexed:  # a per-process cache: creating is idempotent
             for key in index_keys():
                 await collection.create_index(key)
-            await collection.create_index("ts")
             self._indexed.add(resource_type)
         return collection
 
@@ -155,7 +158,7 @@ class ResourceRepository:
             return _version(doc, resource_type)
         # Repair: a history entry whose current write was interrupted.
         latest = await self.history.find_one(
-            {"t": resource_type, "i": resource_id}, sort=[("ts", DESCENDING), ("_id", DESCENDING)]
+            _versions_of(resource_type, resource_id), sort=[("_id", DESCENDING)]
         )
         if latest is None:
             return None
@@ -190,10 +193,10 @@ class ResourceRepository:
         `at=(low, high)` keeps the versions that were current at some moment of that period.
         """
         query: dict[str, Any] = {}
-        if resource_type:
+        if resource_type and resource_id:
+            query = _versions_of(resource_type, resource_id)
+        elif resource_type:
             query["t"] = resource_type
-        if resource_id:
-            query["i"] = resource_id
         ts_range: dict[str, datetime] = {}
         if since:
             ts_range["$gte"] = since
@@ -244,12 +247,18 @@ class ResourceRepository:
     # -- writes ------------------------------------------------------------------------------
 
     async def write(
-        self, resource_type: str, resource_id: str, decide: Decide
+        self, resource_type: str, resource_id: str, decide: Decide, *, new_id: bool = False
     ) -> tuple[Version | None, Version | None]:
-        """Store the next version chosen by `decide`; returns (new version or None, previous)."""
+        """Store the next version chosen by `decide`; returns (new version or None, previous).
+
+        `new_id`: the id was just minted by the server, so the first attempt need not look for a
+        current version.
+        """
         collection = await self._collection(resource_type)
         for attempt in range(MAX_ATTEMPTS):
-            doc = await collection.find_one({"_id": resource_id}, {INDEX_FIELD: 0})
+            doc = None
+            if attempt or not new_id:
+                doc = await collection.find_one({"_id": resource_id}, {INDEX_FIELD: 0})
             current = None if doc is None else _version(doc, resource_type)
             change = decide(current)
             if change is None:

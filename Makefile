@@ -1,0 +1,24 @@
+# Two commands for a fresh machine with Python 3.11+: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[embedded,test]'
+	touch $@
+
+run: $(BIN)/.installed  ## FHIR API on :8080, embedded database under ./data
+	$(BIN)/fhir-server serve
+
+test: $(BIN)/.installed  ## the test suite (starts its own database and servers)
+	$(BIN)/python -m pytest
+
+bench: $(BIN)/.installed  ## bench/crud.py: server vs. raw driver (needs wrk: apt-get install wrk)
+	$(BIN)/python bench/crud.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

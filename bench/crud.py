@@ -1,0 +1,197 @@
+"""Patient create and read through the server (HTTP, wrk) next to the raw driver (pymongo).
+
+Both run in the same process tree against the same embedded database, with the same write
+concern (journaled) and 8 concurrent clients, so the ratio is the server's own overhead:
+HTTP, validation, versioning (history entry + current document), JSON.
+
+    python bench/crud.py [--n 2000] [--clients 8]
+
+Needs `wrk` (apt-get install wrk).
+"""
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from pymongo import AsyncMongoClient, WriteConcern
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from fhir_server.storage.embedded import EmbeddedDatabase  # noqa: E402
+
+PATIENT = (
+    '{"resourceType":"Patient","identifier":[{"system":"urn:bench","value":"1"}],'
+    '"name":[{"family":"Chalmers","given":["Peter","James"]}],"gender":"male",'
+    '"birthDate":"1974-12-25","address":[{"line":["534 Erewhon St"],"city":"PleasantVille","postalCode":"3999"}],'
+    '"telecom":[{"system":"phone","value":"(03) 5555 6473","use":"work"}]}'
+)
+
+WRK_SCRIPT = """
+local n_per_thread = {per_thread}
+local ids = {{{ids}}}
+local counter = 0
+local done_count = 0
+local threads = {{}}
+function setup(thread)
+  thread:set("offset", #threads)
+  table.insert(threads, thread)
+end
+function init(args)
+  counter = 0
+end
+function request()
+  counter = counter + 1
+  if {is_create} then
+    return wrk.format("POST", "/fhir/Patient", {{["Content-Type"] = "application/fhir+json"}}, [[{body}]])
+  end
+  local id = ids[((counter + offset * n_per_thread) % #ids) + 1]
+  return wrk.format("GET", "/fhir/Patient/" .. id)
+end
+function response(status, headers, body)
+  if status >= 300 then io.stderr:write("unexpected status " .. status .. "\\n") end
+  done_count = done_count + 1
+  if done_count == n_per_thread then
+    io.write("THREAD_DONE\\n")
+    io.flush()
+    wrk.thread:stop()
+  end
+end
+function done(summary, latency, requests)
+  io.write(string.format("RESULT %d %.3f %d %d %d\\n", summary.requests, summary.duration / 1e6,
+    latency:percentile(50), latency:percentile(95), summary.errors.status))
+end
+"""
+
+
+def _pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
+
+
+async def driver_baseline(uri: str, n: int, clients: int) -> dict[str, tuple[float, float, float]]:
+    """The same operations straight through pymongo: insert_one with j=true, find_one by _id."""
+    import orjson
+
+    client: AsyncMongoClient = AsyncMongoClient(uri, tz_aware=True)
+    db = client.get_database("bench_driver", write_concern=WriteConcern(w="majority", j=True))
+    await db.patients.drop()
+    doc = orjson.loads(PATIENT)
+    results = {}
+    for name in ("create", "read"):
+        latencies: list[float] = []
+        per_client = n // clients
+
+        async def worker(k: int) -> None:
+            for i in range(per_client):
+                key = f"{k}-{i}"
+                started = time.perf_counter()
+                if name == "create":
+                    await db.patients.insert_one({"_id": key, **doc})
+                else:
+                    await db.patients.find_one({"_id": key})
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+        elapsed = time.perf_counter() - started
+        results[name] = (len(latencies) / elapsed, _pct(latencies, 50) * 1000, _pct(latencies, 95) * 1000)
+    await client.close()
+    return results
+
+
+def run_wrk(url: str, n: int, clients: int, is_create: bool, ids: list[str], work: Path) -> tuple[float, float, float]:
+    threads = 2
+    script = work / ("create.lua" if is_create else "read.lua")
+    script.write_text(
+        WRK_SCRIPT.format(
+            per_thread=n // threads,
+            ids=",".join(f'"{i}"' for i in ids) if ids else "",
+            is_create="true" if is_create else "false",
+            body=PATIENT,
+        )
+    )
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    # wrk sleeps for all of -d even when every thread has stopped: interrupt it (SIGINT makes it
+    # report at once, with the real elapsed time) when each thread has done its share.
+    wrk = subprocess.Popen(
+        ["wrk", f"-t{threads}", f"-c{clients}", "-d300s", "--timeout", "30s", "-s", str(script), url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    assert wrk.stdout is not None
+    finished = 0
+    result = ""
+    for line in wrk.stdout:
+        if line.startswith("THREAD_DONE"):
+            finished += 1
+            if finished == threads:
+                wrk.send_signal(signal.SIGINT)
+        elif line.startswith("RESULT"):
+            result = line
+    stderr = wrk.stderr.read() if wrk.stderr else ""
+    wrk.wait()
+    if not result:
+        raise SystemExit(f"wrk gave no result:\n{stderr[-2000:]}")
+    _, requests, seconds, p50, p95, bad = result.split()
+    if int(bad):
+        raise SystemExit(f"wrk saw {bad} non-2xx responses:\n{stderr[-2000:]}")
+    return int(requests) / float(seconds), int(p50) / 1000, int(p95) / 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=8)
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed: apt-get install wrk")
+
+    work = Path(tempfile.mkdtemp(prefix="fhir-bench-"))
+    database = EmbeddedDatabase(work / "db").start()
+    port = 18080
+    env = {**os.environ, "MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "bench_server", "FHIR_LOG_LEVEL": "WARNING"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fhir_server", "serve", "--port", str(port), "--data-dir", str(work / "server")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        baseline = asyncio.run(driver_baseline(database.uri, args.n, args.clients))
+        server_create = run_wrk(url, args.n, args.clients, True, [], work)
+
+        async def ids() -> list[str]:
+            client: AsyncMongoClient = AsyncMongoClient(database.uri)
+            found = [d["_id"] async for d in client.bench_server.Patient.find({}, {"_id": 1})]
+            await client.close()
+            return found
+
+        server_read = run_wrk(url, args.n, args.clients, False, asyncio.run(ids()), work)
+    finally:
+        server.terminate()
+        server.wait(30)
+        database.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"N={args.n} Patients, {args.clients} concurrent clients, write concern w=majority j=true, embedded database")
+    print(f"{'operation':<10}{'path':<22}{'res/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'ratio':>8}")
+    for name, measured in (("create", server_create), ("read", server_read)):
+        raw = baseline[name]
+        print(f"{name:<10}{'server (HTTP, wrk)':<22}{measured[0]:>9.0f}{measured[1]:>9.1f}{measured[2]:>9.1f}{measured[0] / raw[0]:>8.2f}")
+        print(f"{'':<10}{'pymongo direct':<22}{raw[0]:>9.0f}{raw[1]:>9.1f}{raw[2]:>9.1f}{1:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
