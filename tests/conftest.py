@@ -89,6 +89,7 @@ def server(database: EmbeddedDatabase, tmp_path_factory: pytest.TempPathFactory)
         "MONGODB_URI": database.uri,
         "FHIR_MONGODB_DB": "fhir_tests",
         "FHIR_CONDITIONAL_WAIT_S": "2",
+        "FHIR_MAX_BODY_BYTES": "1000000",
     }
     proc = ServerProcess(tmp_path_factory.mktemp("server"), env).start()
     yield proc

@@ -52,6 +52,14 @@ def test_body_problems(client: httpx.Client) -> None:
     assert_outcome(form, 415)
 
 
+def test_body_too_large(client: httpx.Client) -> None:
+    big = patient(name=[{"family": "x" * 1_100_000}])
+    assert_outcome(post(client, big), 413)
+    chunks = iter([b'{"resourceType":"Patient","name":[{"family":"', b"y" * 1_100_000, b'"}]}'])
+    streamed = client.post("/Patient", content=chunks, headers={"Content-Type": FHIR_JSON})
+    assert_outcome(streamed, 413)  # no Content-Length: the limit still holds
+
+
 def test_unknown_things(client: httpx.Client) -> None:
     assert_outcome(client.get("/NotAType/1"), 404, "Unknown resource type")
     assert_outcome(client.post("/NotAType", json={"resourceType": "NotAType"}, headers={"Content-Type": FHIR_JSON}), 404)
