@@ -29,6 +29,21 @@ def test_invalid_resources_name_the_element(client: httpx.Client) -> None:
     assert_outcome(post(client, patient(name=[])), 400, "Empty")
 
 
+def test_hostile_json_is_refused_not_crashed_on(client: httpx.Client) -> None:
+    nested: dict = {"url": "urn:x", "valueString": "v"}
+    for _ in range(400):
+        nested = {"url": "urn:x", "extension": [nested]}
+    assert_outcome(post(client, patient(extension=[nested])), 400, "Nested more than")
+    lists = b'{"resourceType":"Patient","extension":' + b"[" * 900 + b"]" * 900 + b"}"
+    assert_outcome(client.post("/Patient", content=lists, headers={"Content-Type": FHIR_JSON}), 400)
+    body = assert_outcome(post(client, patient(identifier=[{"value": "a\u0000b"}])), 400, "Control characters")
+    assert "Patient.identifier[0].value" in _issue_expressions(body)
+    assert_outcome(post(client, patient(**{"$where": "1"})), 400, "Unknown element")
+    multiline = {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">a\nb\tc</div>'}
+    assert post(client, patient(text=multiline)).status_code == 201
+    assert client.get("/metadata").status_code == 200
+
+
 def test_resource_type_and_id_must_match_the_url(client: httpx.Client) -> None:
     wrong_type = client.post("/Patient", json={"resourceType": "Observation"}, headers={"Content-Type": FHIR_JSON})
     assert_outcome(wrong_type, 400, "does not match")

@@ -16,6 +16,11 @@ from fhir_server.errors import BadRequest, Issue, NotFound
 from fhir_server.validation.resource_types import model_class, supported_types
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+# FHIR strings exclude control characters other than tab, carriage return and line feed.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# Far deeper than any real resource (nested Questionnaire items, extensions), shallow enough that
+# validating it cannot exhaust the interpreter's stack.
+MAX_DEPTH = 128
 MAX_ISSUES = 50
 
 
@@ -63,7 +68,9 @@ def validate_resource(
         check_id(body_id, f"{resource_type}.id")
 
     issues: list[Issue] = []
-    _check_json(body, resource_type, issues)
+    _check_json(body, resource_type, issues, 0)
+    if any(issue.code == "too-costly" for issue in issues):
+        raise BadRequest(issues[0].diagnostics, issues=issues[:1])
     cls = model_class(resource_type)
     assert cls is not None
     try:
@@ -77,8 +84,13 @@ def validate_resource(
     return body
 
 
-def _check_json(value: Any, path: str, issues: list[Issue]) -> None:
-    """FHIR JSON: no empty strings, objects or arrays; null only inside arrays (primitive extensions)."""
+def _check_json(value: Any, path: str, issues: list[Issue], depth: int) -> None:
+    """FHIR JSON: no empty strings, objects or arrays; null only inside arrays (primitive
+    extensions); no control characters in strings; a bounded depth."""
+    if depth > MAX_DEPTH:
+        if not any(issue.code == "too-costly" for issue in issues):
+            issues.append(Issue(f"Nested more than {MAX_DEPTH} levels deep", "too-costly", expression=path[:200]))
+        return
     if isinstance(value, dict):
         if not value:
             issues.append(Issue("Empty objects are not allowed in FHIR JSON", expression=path))
@@ -86,7 +98,7 @@ def _check_json(value: Any, path: str, issues: list[Issue]) -> None:
             if item is None:
                 issues.append(Issue(f"'{key}' is null: leave the element out instead", expression=f"{path}.{key}"))
             else:
-                _check_json(item, f"{path}.{key}", issues)
+                _check_json(item, f"{path}.{key}", issues, depth + 1)
     elif isinstance(value, list):
         if not value:
             issues.append(Issue("Empty arrays are not allowed in FHIR JSON", expression=path))
@@ -94,9 +106,12 @@ def _check_json(value: Any, path: str, issues: list[Issue]) -> None:
             issues.append(Issue("An array of only nulls is not allowed", expression=path))
         for index, item in enumerate(value):
             if item is not None:
-                _check_json(item, f"{path}[{index}]", issues)
-    elif isinstance(value, str) and not value.strip():
-        issues.append(Issue("Empty or blank strings are not allowed in FHIR JSON", expression=path))
+                _check_json(item, f"{path}[{index}]", issues, depth + 1)
+    elif isinstance(value, str):
+        if not value.strip():
+            issues.append(Issue("Empty or blank strings are not allowed in FHIR JSON", expression=path))
+        elif CONTROL_CHARACTERS.search(value):
+            issues.append(Issue("Control characters are not allowed in FHIR strings", expression=path))
 
 
 def _expression(resource_type: str, loc: tuple[int | str, ...]) -> str:
