@@ -1,4 +1,7 @@
-"""Services as FastAPI dependencies (created once in the app's lifespan)."""
+"""Services as FastAPI dependencies (created once in the app's lifespan).
+
+`async` on purpose: FastAPI runs plain functions in a thread pool, a thread hop per request.
+"""
 
 from fastapi import Request
 
@@ -6,9 +9,9 @@ from fhir_server.services.history import HistoryService
 from fhir_server.services.resources import ResourceService
 
 
-def resource_service(request: Request) -> ResourceService:
+async def resource_service(request: Request) -> ResourceService:
     return request.app.state.resources
 
 
-def history_service(request: Request) -> HistoryService:
+async def history_service(request: Request) -> HistoryService:
     return request.app.state.history
