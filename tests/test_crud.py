@@ -157,6 +157,17 @@ def test_other_resource_types(client: httpx.Client) -> None:
     assert binary.status_code == 201, binary.text
 
 
+def test_every_code_of_a_required_value_set_is_accepted(client: httpx.Client) -> None:
+    """The models list only some codes (`registered | preliminary | final | amended +`): the
+    server checks against the whole R4 value set."""
+    for status in ("registered", "cancelled", "entered-in-error", "corrected", "unknown"):
+        body = {"resourceType": "Observation", "status": status, "code": {"text": "x"}}
+        assert post(client, body).status_code == 201, status
+    encounter = {"resourceType": "Encounter", "status": "entered-in-error", "class": {"code": "AMB"}}
+    assert post(client, encounter).status_code == 201
+    assert post(client, {"resourceType": "Task", "status": "on-hold", "intent": "order"}).status_code == 201
+
+
 def test_formats(client: httpx.Client) -> None:
     rid = post(client, patient(gender="male")).json()["id"]
     pretty = client.get(f"/Patient/{rid}", params={"_pretty": "true"})

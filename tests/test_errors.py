@@ -23,6 +23,10 @@ def test_invalid_resources_name_the_element(client: httpx.Client) -> None:
     assert "Observation.status" in _issue_expressions(body)
     body = assert_outcome(post(client, {"resourceType": "Observation", "status": "guess", "code": {"text": "x"}}), 400)
     assert "Observation.status" in _issue_expressions(body)
+    odd_comparator = {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                      "valueQuantity": {"value": 1, "comparator": "~"}}
+    body = assert_outcome(post(client, odd_comparator), 400)
+    assert "Observation.valueQuantity.comparator" in _issue_expressions(body)
     body = assert_outcome(post(client, patient(name=[{"given": ["Ann", ""]}])), 400)
     assert "Patient.name[0].given[1]" in _issue_expressions(body)
     body = assert_outcome(post(client, patient(gender=None)), 400, "null")

@@ -2,12 +2,15 @@
 
 The model checks structure, cardinality and primitive formats. This module adds the checks the
 models skip: `resourceType` and `id` against the URL, the id syntax, FHIR's ban on empty and null
-values, and the resource's required code bindings (the models carry their codes but do not enforce
-them: `gender: "robot"` passes the model).
+values and control characters, and the closed code lists of coded elements (`gender: "robot"`
+passes the model). Those lists are `data/required_codes.json`, built from the R4 value sets by
+`build_required_codes`.
 """
 
+import json
 import re
 from functools import cache
+from importlib import resources
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -141,14 +144,19 @@ def _model_issues(exc: ValidationError, resource_type: str) -> list[Issue]:
 
 
 @cache
+def _required_codes() -> dict[str, frozenset[str]]:
+    text = resources.files("fhir_server").joinpath("data/required_codes.json").read_text()
+    return {element: frozenset(codes) for element, codes in json.loads(text).items()}
+
+
+@cache
 def _coded_fields(cls: type[BaseModel]) -> tuple[tuple[str, str, frozenset[str] | None], ...]:
     """(attribute, JSON name, required codes or None) for each field of a model class."""
-    fields = []
-    for attr, info in cls.model_fields.items():
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        codes = extra.get("enum_values")
-        fields.append((attr, info.alias or attr, frozenset(codes) if codes else None))
-    return tuple(fields)
+    table = _required_codes()
+    return tuple(
+        (attr, info.alias or attr, table.get(f"{cls.__name__}.{info.alias or attr}"))
+        for attr, info in cls.model_fields.items()
+    )
 
 
 def _check_bindings(model: BaseModel, path: str, issues: list[Issue]) -> None:
