@@ -168,6 +168,26 @@ def test_every_code_of_a_required_value_set_is_accepted(client: httpx.Client) ->
     assert post(client, {"resourceType": "Task", "status": "on-hold", "intent": "order"}).status_code == 201
 
 
+def test_decimals_keep_their_precision(client: httpx.Client) -> None:
+    raw = (b'{"resourceType":"Observation","status":"final","code":{"text":"x"},'
+           b'"valueQuantity":{"value":1.50,"unit":"mg"},"referenceRange":[{"low":{"value":0.000100},'
+           b'"high":{"value":123456789012345678901234567890}}],"component":[{"code":{"text":"e"},"valueQuantity":{"value":1.0E+3}}]}')
+    created = client.post("/Observation", content=raw, headers={"Content-Type": FHIR_JSON})
+    assert created.status_code == 201, created.text
+    for response in (created, client.get(f"/Observation/{created.json()['id']}"),
+                     client.get(f"/Observation/{created.json()['id']}/_history")):
+        assert b'"value":1.50,' in response.content
+        assert b'"value":0.000100}' in response.content
+        assert b'"value":123456789012345678901234567890}' in response.content
+        assert b'"value":1.0E+3}' in response.content
+    too_precise = raw.replace(b"1.50", b"1.0000000000000000000000000000000000001")
+    assert_outcome(client.post("/Observation", content=too_precise, headers={"Content-Type": FHIR_JSON}), 400, "34 significant")
+    huge_int = b'{"resourceType":"Patient","multipleBirthInteger":123456789012345678901234567890}'
+    assert_outcome(client.post("/Patient", content=huge_int, headers={"Content-Type": FHIR_JSON}), 400)
+    not_a_number = raw.replace(b"1.50", b"NaN")
+    assert_outcome(client.post("/Observation", content=not_a_number, headers={"Content-Type": FHIR_JSON}), 400, "JSON")
+
+
 def test_formats(client: httpx.Client) -> None:
     rid = post(client, patient(gender="male")).json()["id"]
     pretty = client.get(f"/Patient/{rid}", params={"_pretty": "true"})

@@ -3,10 +3,10 @@
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
 
-import orjson
 from fastapi import Request
 from starlette.responses import Response
 
+from fhir_server import fhir_json
 from fhir_server.context import RequestContext
 from fhir_server.errors import (
     BadRequest,
@@ -40,8 +40,8 @@ async def json_body(request: Request, allowed: frozenset[str] = FHIR_BODY_TYPES)
     if not raw:
         raise BadRequest("The request has no body")
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        return fhir_json.loads(raw)
+    except (ValueError, RecursionError) as exc:
         raise BadRequest(f"The body is not valid JSON: {exc}") from exc
 
 
@@ -70,14 +70,10 @@ def not_modified(request: Request, version: Version) -> bool:
     return False
 
 
-def dump(ctx: RequestContext, body: dict[str, Any]) -> bytes:
-    return orjson.dumps(body, option=orjson.OPT_INDENT_2 if ctx.pretty else 0)
-
-
 def fhir_response(
     ctx: RequestContext, body: dict[str, Any] | None, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    content = b"" if body is None else dump(ctx, body)
+    content = b"" if body is None else fhir_json.dumps(body, pretty=ctx.pretty)
     return Response(content, status, headers=headers, media_type=f"{ctx.media_type}; charset=utf-8")
 
 

@@ -4,6 +4,10 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from decimal import Decimal
+
+from bson.codec_options import CodecOptions, TypeCodec, TypeRegistry
+from bson.decimal128 import Decimal128
 from pymongo import AsyncMongoClient, WriteConcern
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -11,6 +15,22 @@ from fhir_server.config import Settings
 from fhir_server.storage.embedded import EmbeddedDatabase
 
 LOGGER = logging.getLogger(__name__)
+
+
+class DecimalCodec(TypeCodec):
+    """FHIR decimals as BSON Decimal128, so that their precision survives storage."""
+
+    python_type = Decimal
+    bson_type = Decimal128
+
+    def transform_python(self, value: Decimal) -> Decimal128:
+        return Decimal128(value)
+
+    def transform_bson(self, value: Decimal128) -> Decimal:
+        return value.to_decimal()
+
+
+CODEC_OPTIONS: CodecOptions = CodecOptions(tz_aware=True, type_registry=TypeRegistry([DecimalCodec()]))
 
 
 def write_concern(settings: Settings) -> WriteConcern:
@@ -46,5 +66,7 @@ async def open_database(settings: Settings) -> Database:
         await asyncio.to_thread(embedded.start)
         uri = embedded.uri
     client: AsyncMongoClient = AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=10_000)
-    db = client.get_database(settings.mongodb_db, write_concern=write_concern(settings))
+    db = client.get_database(
+        settings.mongodb_db, codec_options=CODEC_OPTIONS, write_concern=write_concern(settings)
+    )
     return Database(client, db, embedded)

@@ -9,10 +9,12 @@ passes the model). Those lists are `data/required_codes.json`, built from the R4
 
 import json
 import re
+from decimal import Decimal
 from functools import cache
 from importlib import resources
 from typing import Any
 
+from bson.decimal128 import Decimal128
 from pydantic import BaseModel, ValidationError
 
 from fhir_server.errors import BadRequest, Issue, NotFound
@@ -110,6 +112,11 @@ def _check_json(value: Any, path: str, issues: list[Issue], depth: int) -> None:
         for index, item in enumerate(value):
             if item is not None:
                 _check_json(item, f"{path}[{index}]", issues, depth + 1)
+    elif isinstance(value, Decimal):
+        try:
+            Decimal128(value)
+        except (ArithmeticError, ValueError):
+            issues.append(Issue("A number with more than 34 significant digits, or out of range", expression=path))
     elif isinstance(value, str):
         if not value.strip():
             issues.append(Issue("Empty or blank strings are not allowed in FHIR JSON", expression=path))
