@@ -38,6 +38,20 @@ def test_conditional_create(client: httpx.Client) -> None:
     assert_outcome(post(client, patient(), **{"If-None-Exist": "name=x"}), 400, "Unsupported search parameter")
 
 
+def test_conditional_create_with_criteria_in_the_query_string(client: httpx.Client) -> None:
+    """fhirpy sends a conditional create as POST /Patient?identifier=…: never ignore criteria."""
+    value = unique()
+    body = _with_identifier(value)
+    first = client.post("/Patient", params={"identifier": f"urn:mrn|{value}"}, json=body, headers={"Content-Type": FHIR_JSON})
+    again = client.post("/Patient", params={"identifier": f"urn:mrn|{value}"}, json=body, headers={"Content-Type": FHIR_JSON})
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json()["id"] == first.json()["id"]
+    pretty_only = client.post("/Patient", params={"_pretty": "true"}, json=body, headers={"Content-Type": FHIR_JSON})
+    assert pretty_only.status_code == 201  # not a condition
+    unknown = client.post("/Patient", params={"name": "x"}, json=body, headers={"Content-Type": FHIR_JSON})
+    assert_outcome(unknown, 400, "Unsupported search parameter")
+
+
 def test_conditional_update(client: httpx.Client) -> None:
     value = unique()
     url = f"/Patient?identifier=urn:mrn|{value}"

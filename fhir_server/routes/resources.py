@@ -16,7 +16,7 @@ from fhir_server.routes.http import (
     version_tag,
     write_response,
 )
-from fhir_server.search.criteria import parse_criteria
+from fhir_server.search.criteria import CONTROL_PARAMETERS, parse_criteria
 from fhir_server.services.bundles import page_url, searchset_bundle
 from fhir_server.services.history import HistoryService, page_size
 from fhir_server.services.resources import ResourceService
@@ -29,6 +29,12 @@ History = Annotated[HistoryService, Depends(history_service)]
 
 def _conditional_query(request: Request) -> str:
     return request.url.query
+
+
+def _criteria_in_query(request: Request) -> str | None:
+    """Search criteria in a POST's query string (as fhirpy sends a conditional create), if any."""
+    has_criteria = any(name not in CONTROL_PARAMETERS for name in request.query_params)
+    return request.url.query if has_criteria else None
 
 
 @router.get("/{resource_type}/_history", summary="History of every resource of a type")
@@ -77,7 +83,11 @@ async def search(resource_type: str, request: Request, ctx: Ctx, resources: Reso
     return fhir_response(ctx, searchset_bundle(ctx.base_url, found, total, self_url, next_url))
 
 
-@router.post("/{resource_type}", status_code=201, summary="create (If-None-Exist: conditional)")
+@router.post(
+    "/{resource_type}",
+    status_code=201,
+    summary="create (conditional with If-None-Exist, or with criteria in the query string)",
+)
 async def create(
     resource_type: str,
     request: Request,
@@ -86,7 +96,8 @@ async def create(
     if_none_exist: Annotated[str | None, Header()] = None,
 ) -> Response:
     body = await json_body(request)
-    return write_response(ctx, await resources.create(resource_type, body, if_none_exist))
+    condition = if_none_exist or _criteria_in_query(request)
+    return write_response(ctx, await resources.create(resource_type, body, condition))
 
 
 @router.put("/{resource_type}/{resource_id}", summary="update (If-Match: versioned)")
