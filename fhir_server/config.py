@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     base_url: str | None = None
     default_page_size: int = 50
     max_page_size: int = 1000
-    max_body_bytes: int = 32 * 1024 * 1024
+    # MongoDB stores at most 16 MiB per document: larger resources could not be stored.
+    max_body_bytes: int = 15 * 1024 * 1024
     # How long a conditional create/update waits for a concurrent one on the same criteria.
     conditional_wait_s: float = 20.0
     log_level: str = "INFO"

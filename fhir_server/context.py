@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from fhir_server.errors import BadRequest, NotAcceptable
+from fhir_server.errors import NotAcceptable
 
 JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir", "json"})
 XML_TYPES = frozenset({"application/fhir+xml", "application/xml", "text/xml", "xml", "application/xml+fhir"})
@@ -25,6 +25,7 @@ class RequestContext:
     pretty: bool
     media_type: str  # of the response body
     prefer_return: str
+    strict: bool  # Prefer: handling=strict: unknown search parameters are errors
 
 
 def _response_media_type(request: Request) -> str:
@@ -48,15 +49,14 @@ def _response_media_type(request: Request) -> str:
     raise NotAcceptable(f"Cannot answer in '{accept}': this server speaks JSON (application/fhir+json)")
 
 
-def _prefer_return(request: Request) -> str:
-    for part in request.headers.get("prefer", "").split(";"):
-        name, _, value = part.strip().partition("=")
-        if name.strip().lower() == "return":
-            value = value.strip().strip('"')
-            if value not in PREFER_RETURN:
-                raise BadRequest(f"Unknown Prefer return '{value}'", expression="Prefer")
-            return value
-    return "representation"
+def _preferences(request: Request) -> dict[str, str]:
+    """The Prefer header(s) (RFC 7240: comma-separated preferences, each with `;` parameters)."""
+    found: dict[str, str] = {}
+    for header in request.headers.getlist("prefer"):
+        for preference in header.split(","):
+            name, _, value = preference.split(";")[0].strip().partition("=")
+            found.setdefault(name.strip().lower(), value.strip().strip('"'))
+    return found
 
 
 def base_url(request: Request) -> str:
@@ -67,6 +67,8 @@ def base_url(request: Request) -> str:
 
 
 async def request_context(request: Request) -> RequestContext:
+    preferences = _preferences(request)
+    prefer_return = preferences.get("return", "representation")
     return RequestContext(
         request_id=getattr(request.state, "request_id", "-"),
         base_url=base_url(request),
@@ -74,5 +76,7 @@ async def request_context(request: Request) -> RequestContext:
         scopes=frozenset({"system/*.*"}),
         pretty=request.query_params.get("_pretty", "false").lower() == "true",
         media_type=_response_media_type(request),
-        prefer_return=_prefer_return(request),
+        # A preference the server does not know is ignored (RFC 7240).
+        prefer_return=prefer_return if prefer_return in PREFER_RETURN else "representation",
+        strict=preferences.get("handling") == "strict",
     )

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pymongo.errors import ConnectionFailure
+from pymongo.errors import ConnectionFailure, DocumentTooLarge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -146,6 +146,11 @@ async def _database_unreachable(_: Request, exc: Exception) -> Response:
     return outcome_response(503, [issue], {"Retry-After": "5"})
 
 
+async def _too_large(_: Request, exc: Exception) -> Response:
+    issue = Issue("The resource is too large to store (MongoDB holds at most 16 MiB per document)", "too-costly")
+    return outcome_response(413, [issue])
+
+
 class ErrorBoundaryMiddleware:
     """Anything no handler caught: log the stack trace, send the client a plain 500 outcome.
 
@@ -170,7 +175,9 @@ class ErrorBoundaryMiddleware:
             LOGGER.exception("unhandled error", exc_info=exc)
             if started or scope["type"] != "http":
                 raise
-            await outcome_response(500, [Issue("Internal server error", "exception")])(scope, receive, send)
+            request_id = scope.get("state", {}).get("request_id", "-")
+            issue = Issue(f"Internal server error (request id {request_id}: see the server log)", "exception")
+            await outcome_response(500, [issue])(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -179,4 +186,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _request_validation_error)
     app.add_exception_handler(ConnectionFailure, _database_unreachable)
+    app.add_exception_handler(DocumentTooLarge, _too_large)
     app.add_middleware(ErrorBoundaryMiddleware)

@@ -13,6 +13,7 @@ from fhir_server.logs import AccessLogMiddleware
 from fhir_server.routes import resources, system
 from fhir_server.services.history import HistoryService
 from fhir_server.services.resources import ResourceService
+from fhir_server.services.search import SearchService
 from fhir_server.storage.client import open_database
 from fhir_server.storage.repository import ResourceRepository
 from fhir_server.validation.resource_types import supported_types
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.history = HistoryService(
             repository, settings.default_page_size, settings.max_page_size
         )
+        app.state.search = SearchService(repository, settings.default_page_size, settings.max_page_size)
         LOGGER.info("FHIR server ready", extra={"database": settings.mongodb_db})
         try:
             yield

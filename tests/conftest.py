@@ -88,7 +88,7 @@ def server(database: EmbeddedDatabase, tmp_path_factory: pytest.TempPathFactory)
     env = {
         "MONGODB_URI": database.uri,
         "FHIR_MONGODB_DB": "fhir_tests",
-        "FHIR_CONDITIONAL_WAIT_S": "2",
+        "FHIR_CONDITIONAL_WAIT_S": "5",
         "FHIR_MAX_BODY_BYTES": "1000000",
     }
     proc = ServerProcess(tmp_path_factory.mktemp("server"), env).start()

@@ -48,6 +48,20 @@ def test_simultaneous_updates_with_if_match_have_one_winner(client: httpx.Client
     assert client.get(f"/Patient/{rid}").json()["meta"]["versionId"] == "2"
 
 
+def test_racing_conditional_creates_written_differently_create_once(client: httpx.Client, server: ServerProcess) -> None:
+    """`identifier=v` and `identifier=system|v` can match the same patient: they serialise too."""
+    value = unique()
+    body = patient(identifier=[{"system": "urn:race", "value": value}])
+    forms = [f"identifier=urn:race|{value}", f"identifier={value}"]
+    racers = [
+        (lambda form: lambda c: c.post("/Patient", json=body, headers={"Content-Type": FHIR_JSON, "If-None-Exist": form}))(forms[n % 2])
+        for n in range(10)
+    ]
+    responses = asyncio.run(_gather(server, racers))
+    assert sorted(r.status_code for r in responses) == [200] * 9 + [201]
+    assert client.get("/Patient", params={"identifier": value}).json()["total"] == 1
+
+
 def test_racing_conditional_creates_create_once(client: httpx.Client, server: ServerProcess) -> None:
     value = unique()
     body = patient(identifier=[{"system": "urn:race", "value": value}])

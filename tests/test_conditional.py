@@ -14,12 +14,14 @@ def test_search_by_identifier_and_id(client: httpx.Client) -> None:
     created = post(client, _with_identifier(value)).json()
     post(client, _with_identifier(value, system="urn:other"))
     for query, expected in [
-        (f"urn:mrn|{value}", 1), (value, 2), (f"|{value}", 0), ("urn:other|", None), (f"urn:mrn|{value},urn:other|{value}", 2),
+        (f"urn:mrn|{value}", 1), (value, 2), (f"|{value}", 0), (f"urn:mrn|{value},urn:other|{value}", 2),
     ]:
         bundle = client.get("/Patient", params={"identifier": query}).json()
         assert bundle["type"] == "searchset"
-        if expected is not None:
-            assert bundle["total"] == expected, query
+        assert bundle["total"] == expected, query
+    system_only = client.get("/Patient", params={"identifier": "urn:other|", "_count": 1000}).json()
+    assert system_only["total"] >= 1
+    assert all(any(i["system"] == "urn:other" for i in e["resource"]["identifier"]) for e in system_only["entry"])
     bundle = client.get("/Patient", params={"_id": created["id"]}).json()
     assert [e["resource"]["id"] for e in bundle["entry"]] == [created["id"]]
 
@@ -66,6 +68,38 @@ def test_conditional_update(client: httpx.Client) -> None:
     post(client, _with_identifier(value))
     assert_outcome(client.put(url, json=_with_identifier(value), headers={"Content-Type": FHIR_JSON}), 412)
     assert_outcome(client.put("/Patient", json=patient(), headers={"Content-Type": FHIR_JSON}), 400)
+
+
+def test_search_paging_count_zero_and_unknown_parameters(client: httpx.Client) -> None:
+    value = unique()
+    ids = {post(client, _with_identifier(value)).json()["id"] for _ in range(5)}
+    page = client.get("/Patient", params={"identifier": value, "_count": 2}).json()
+    seen = set()
+    while True:
+        seen |= {e["resource"]["id"] for e in page["entry"]}
+        nxt = [link["url"] for link in page["link"] if link["relation"] == "next"]
+        if not nxt:
+            break
+        page = client.get(nxt[0].split("/fhir", 1)[1]).json()
+    assert seen == ids
+    only_total = client.get("/Patient", params={"identifier": value, "_count": 0}).json()
+    assert only_total["total"] == 5 and "entry" not in only_total
+    nothing = client.get("/Patient", params={"identifier": unique()}).json()
+    assert nothing["total"] == 0 and "entry" not in nothing  # no empty arrays in FHIR JSON
+    lenient = client.get("/Patient", params={"identifier": value, "colour": "blue"}).json()
+    assert lenient["total"] == 5
+    assert "colour" not in lenient["link"][0]["url"] and "identifier" in lenient["link"][0]["url"]
+    strict = client.get("/Patient", params={"identifier": value, "colour": "blue"}, headers={"Prefer": "handling=strict"})
+    assert_outcome(strict, 400, "colour")
+
+
+def test_conditional_update_will_not_take_over_an_unrelated_id(client: httpx.Client) -> None:
+    other = post(client, patient(gender="male")).json()
+    body = {**_with_identifier(unique()), "id": other["id"]}
+    response = client.put(f"/Patient?identifier=urn:mrn|{body['identifier'][0]['value']}", json=body,
+                          headers={"Content-Type": FHIR_JSON})
+    assert_outcome(response, 409, "does not match")
+    assert client.get(f"/Patient/{other['id']}").json()["gender"] == "male"
 
 
 def test_conditional_delete(client: httpx.Client) -> None:

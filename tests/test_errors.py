@@ -1,9 +1,13 @@
 """Bad input never crashes the server: every error is an OperationOutcome with the right status."""
 
+import hashlib
+from datetime import UTC, datetime, timedelta
+
 import httpx
 import pymongo.database
 
 from conftest import FHIR_JSON, assert_outcome, patient, post, put, unique
+from fhir_server.search.criteria import lock_key, parse_query_string
 
 
 def _issue_expressions(body: dict) -> list[str]:
@@ -31,6 +35,30 @@ def test_invalid_resources_name_the_element(client: httpx.Client) -> None:
     assert "Patient.name[0].given[1]" in _issue_expressions(body)
     body = assert_outcome(post(client, patient(gender=None)), 400, "null")
     assert_outcome(post(client, patient(name=[])), 400, "Empty")
+
+
+def test_json_types_are_checked_not_coerced(client: httpx.Client) -> None:
+    for fields, expression in [
+        ({"active": "true"}, "Patient.active"),
+        ({"active": 1}, "Patient.active"),
+        ({"multipleBirthInteger": "2"}, "Patient.multipleBirthInteger"),
+        ({"name": [{"family": "x"}], "deceasedBoolean": "false"}, "Patient.deceasedBoolean"),
+    ]:
+        body = assert_outcome(post(client, patient(**fields)), 400, "must be a JSON")
+        assert expression in _issue_expressions(body)
+    decimal_as_string = {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                         "valueQuantity": {"value": "1.5"}}
+    assert_outcome(post(client, decimal_as_string), 400, "must be a JSON number")
+    whole_decimal = client.post("/Patient", content=b'{"resourceType":"Patient","multipleBirthInteger":2.0}',
+                                headers={"Content-Type": FHIR_JSON})
+    assert_outcome(whole_decimal, 400, "must be a JSON integer")
+
+
+def test_nested_resources_of_unknown_type(client: httpx.Client) -> None:
+    for nested in ({"resourceType": "NotAType"}, {"resourceType": "MedicinalProduct"}, {"resourceType": ["x"]}):
+        assert_outcome(post(client, patient(contained=[nested])), 400, "resource type")
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "NotAType"}}]}
+    assert_outcome(post(client, bundle), 400)
 
 
 def test_hostile_json_is_refused_not_crashed_on(client: httpx.Client) -> None:
@@ -86,6 +114,14 @@ def test_unknown_things(client: httpx.Client) -> None:
     assert_outcome(client.get(f"/Patient/missing-{unique()}"), 404, "not known")
     assert_outcome(client.get(f"/Patient/x/_history", params={"_since": "yesterday"}), 400)
     assert_outcome(client.get("/Patient/_history", params={"_count": "-1"}), 400)
+    assert_outcome(client.get("/Patient/_history", params={"_count": "\u00b2"}), 400)
+    assert_outcome(client.get("/Patient/_history", params={"_since": "9999-12-31T23:59:59Z"}), 400)
+    assert_outcome(client.get("/Patient/_history", params={"_at": "9999-12-31"}), 400)
+    assert_outcome(client.get("/Patient/_history", params={"_since": "0000-01-01"}), 400)
+    assert_outcome(client.get("/Patient/_history", params={"_cursor": "OTk5OTk5OTk5OTk5OTk5OTk5OTo"}), 400)
+    assert_outcome(client.get("/Patient/x/_history/\u00b2"), 404)
+    assert_outcome(client.get("/Patient", params={"_offset": "-3"}), 400)
+    assert_outcome(client.put("/Patient/x", json=patient(id="x"), headers={"Content-Type": FHIR_JSON, "If-Match": 'W/"\u00b2"'.encode()}), 400)
 
 
 def test_method_not_allowed(client: httpx.Client) -> None:
@@ -102,15 +138,9 @@ def test_conflict_when_a_conditional_create_cannot_get_its_turn(
     client: httpx.Client, mongo: pymongo.database.Database
 ) -> None:
     """A concurrent conditional request on the same criteria that never finishes → 409, not a hang."""
-    import hashlib
-
-    from fhir_server.search.criteria import canonical, parse_query_string
-
     value = unique()
     query = f"identifier=urn:test|{value}"
-    digest = hashlib.sha256(canonical("Patient", parse_query_string(query)).encode()).hexdigest()
-    from datetime import UTC, datetime, timedelta
-
+    digest = hashlib.sha256(lock_key("Patient", parse_query_string(query)).encode()).hexdigest()
     mongo["locks"].insert_one(
         {"_id": f"conditional:Patient:{digest}", "owner": "someone", "expires": datetime.now(UTC) + timedelta(minutes=5)}
     )

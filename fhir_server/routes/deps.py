@@ -7,6 +7,7 @@ from fastapi import Request
 
 from fhir_server.services.history import HistoryService
 from fhir_server.services.resources import ResourceService
+from fhir_server.services.search import SearchService
 
 
 async def resource_service(request: Request) -> ResourceService:
@@ -15,3 +16,7 @@ async def resource_service(request: Request) -> ResourceService:
 
 async def history_service(request: Request) -> HistoryService:
     return request.app.state.history
+
+
+async def search_service(request: Request) -> SearchService:
+    return request.app.state.search

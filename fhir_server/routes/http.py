@@ -1,5 +1,6 @@
 """Request parsing and response building shared by the FHIR routes."""
 
+import re
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ from fhir_server.storage.repository import Version
 
 FHIR_BODY_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
 JSON_PATCH = "application/json-patch+json"
+VERSION_DIGITS = re.compile(r"[0-9]{1,12}")
 
 
 async def json_body(request: Request, allowed: frozenset[str] = FHIR_BODY_TYPES) -> Any:
@@ -34,9 +36,13 @@ async def json_body(request: Request, allowed: frozenset[str] = FHIR_BODY_TYPES)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The body is larger than {limit} bytes")
-    raw = await request.body()
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"The body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # stop reading as soon as the limit is passed
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The body is larger than {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw:
         raise BadRequest("The request has no body")
     try:
@@ -50,7 +56,7 @@ def version_tag(header: str | None, name: str = "If-Match") -> int | None:
     if header is None:
         return None
     value = header.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
+    if not VERSION_DIGITS.fullmatch(value):
         raise BadRequest(f"{name} must be a version ETag such as W/\"3\", not '{header}'", expression=name)
     return int(value)
 

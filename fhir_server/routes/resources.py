@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from starlette.responses import Response
 
 from fhir_server.context import RequestContext, request_context
-from fhir_server.routes.deps import history_service, resource_service
+from fhir_server.routes.deps import history_service, resource_service, search_service
 from fhir_server.routes.http import (
     JSON_PATCH,
     fhir_response,
@@ -16,15 +16,16 @@ from fhir_server.routes.http import (
     version_tag,
     write_response,
 )
-from fhir_server.search.criteria import CONTROL_PARAMETERS, parse_criteria
-from fhir_server.services.bundles import page_url, searchset_bundle
-from fhir_server.services.history import HistoryService, page_size
+from fhir_server.search.criteria import CONTROL_PARAMETERS
+from fhir_server.services.history import HistoryService
 from fhir_server.services.resources import ResourceService
+from fhir_server.services.search import SearchService
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(request_context)], tags=["resources"])
 Ctx = Annotated[RequestContext, Depends(request_context)]
 Resources = Annotated[ResourceService, Depends(resource_service)]
 History = Annotated[HistoryService, Depends(history_service)]
+Searches = Annotated[SearchService, Depends(search_service)]
 
 
 def _conditional_query(request: Request) -> str:
@@ -68,19 +69,9 @@ async def read(
 
 
 @router.get("/{resource_type}", summary="search (so far: _id and identifier)")
-async def search(resource_type: str, request: Request, ctx: Ctx, resources: Resources) -> Response:
+async def search(resource_type: str, request: Request, ctx: Ctx, searches: Searches) -> Response:
     params = list(request.query_params.multi_items())
-    settings = request.app.state.settings
-    count = page_size(request.query_params.get("_count"), settings.default_page_size, settings.max_page_size)
-    raw_offset = request.query_params.get("_offset", "0")
-    offset = int(raw_offset) if raw_offset.isdigit() else 0
-    criteria = parse_criteria(params, strict=False)
-    found, total = await resources.search(resource_type, criteria, count=count, offset=offset)
-    self_url = page_url(ctx.base_url, resource_type, params)
-    next_url = None
-    if offset + count < total:
-        next_url = page_url(ctx.base_url, resource_type, params, _offset=str(offset + count), _count=str(count))
-    return fhir_response(ctx, searchset_bundle(ctx.base_url, found, total, self_url, next_url))
+    return fhir_response(ctx, await searches.search(ctx.base_url, resource_type, params, strict=ctx.strict))
 
 
 @router.post(

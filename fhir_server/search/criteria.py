@@ -54,8 +54,17 @@ def parse_query_string(query: str) -> list[Criterion]:
     return criteria
 
 
-def canonical(resource_type: str, criteria: list[Criterion]) -> str:
-    """A stable text for the same criteria in any order (used as a lock key)."""
+def lock_key(resource_type: str, criteria: list[Criterion]) -> str:
+    """What concurrent conditional requests that could match the same resource have in common.
+
+    Keyed on the identifier values without their systems (so `identifier=123` and
+    `identifier=urn:mrn|123` take the same lock), else on the ids, else on all criteria.
+    """
+    for name in ("identifier", "_id"):
+        for criterion in criteria:
+            if criterion.name == name:
+                values = sorted({v.rsplit("|", 1)[-1] or v for v in criterion.values})
+                return f"{resource_type}:{name}:{','.join(values)}"
     parts = sorted(f"{c.name}={','.join(sorted(c.values))}" for c in criteria)
     return f"{resource_type}?{'&'.join(parts)}"
 

@@ -17,6 +17,8 @@ def date_range(value: str, name: str = "date") -> tuple[datetime, datetime]:
     value = value.strip().replace(" ", "+")  # an unescaped "+" in a query string arrives as a space
     try:
         match = _DATE.fullmatch(value)
+        if match and int(match.group(1)) < 1:
+            raise ValueError("year 0")
         if match:
             year, month, day = (int(g) if g else None for g in match.groups())
             assert year is not None
@@ -30,11 +32,11 @@ def date_range(value: str, name: str = "date") -> tuple[datetime, datetime]:
                 high = low + timedelta(days=1)
             return low, high - _MS
         parsed = isoparse(value)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        parsed = parsed.astimezone(UTC)
     except (ValueError, OverflowError, AssertionError) as exc:
         raise BadRequest(f"Invalid date '{value}' for {name}", expression=name) from exc
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    parsed = parsed.astimezone(UTC)
     time_part = value.split("T", 1)[1] if "T" in value else ""
     digits = re.match(r"[\d:.]*", time_part)
     clock = digits.group(0) if digits else ""
@@ -47,4 +49,7 @@ def date_range(value: str, name: str = "date") -> tuple[datetime, datetime]:
     else:
         step = timedelta(hours=1)
     low = parsed.replace(microsecond=parsed.microsecond // 1000 * 1000)
-    return low, low + step - _MS
+    try:
+        return low, low + step - _MS
+    except OverflowError as exc:
+        raise BadRequest(f"Date '{value}' for {name} is out of range", expression=name) from exc

@@ -5,9 +5,6 @@ from urllib.parse import urlencode
 
 from fhir_server.storage.repository import Version, instant
 
-_STATUS = {"POST": "201 Created", "DELETE": "200 OK"}
-
-
 def page_url(base: str, path: str, params: list[tuple[str, str]], **override: str | None) -> str:
     """`base/path?params` with some parameters replaced (a None value removes one)."""
     kept = [(k, v) for k, v in params if k not in override]
@@ -36,7 +33,7 @@ def history_bundle(
             "url": v.type if v.method == "POST" else f"{v.type}/{v.id}",
         }
         entry["response"] = {
-            "status": _STATUS.get(v.method, "201 Created" if v.vid == 1 else "200 OK"),
+            "status": "201 Created" if v.created else "200 OK",
             "etag": f'W/"{v.vid}"',
             "lastModified": instant(v.ts),
         }
@@ -45,20 +42,23 @@ def history_bundle(
     if total is not None:
         bundle["total"] = total
     bundle["link"] = _links(self_url, next_url)
-    bundle["entry"] = entries
+    if entries:  # FHIR JSON has no empty arrays
+        bundle["entry"] = entries
     return bundle
 
 
 def searchset_bundle(
     base: str, versions: list[Version], total: int, self_url: str, next_url: str | None
 ) -> dict[str, Any]:
-    return {
+    bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "searchset",
         "total": total,
         "link": _links(self_url, next_url),
-        "entry": [
+    }
+    if versions:
+        bundle["entry"] = [
             {"fullUrl": f"{base}/{v.type}/{v.id}", "resource": v.resource, "search": {"mode": "match"}}
             for v in versions
-        ],
-    }
+        ]
+    return bundle

@@ -6,6 +6,7 @@ knows nothing of HTTP requests or MongoDB queries.
 
 import copy
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +16,13 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from fhir_server.errors import (
     BadRequest,
+    Conflict,
     Gone,
     NotFound,
     PreconditionFailed,
     Unprocessable,
 )
-from fhir_server.search.criteria import Criterion, canonical, parse_query_string
+from fhir_server.search.criteria import Criterion, lock_key, parse_query_string
 from fhir_server.search.to_mongo import to_filter
 from fhir_server.storage import locks
 from fhir_server.storage.repository import Change, ResourceRepository, Version
@@ -77,7 +79,7 @@ class ResourceService:
     async def vread(self, resource_type: str, resource_id: str, vid: str) -> Version:
         check_type(resource_type)
         check_id(resource_id)
-        if not vid.isdigit() or int(vid) < 1:
+        if not re.fullmatch(r"[0-9]{1,12}", vid) or int(vid) < 1:
             raise NotFound(f"{resource_type}/{resource_id} has no version '{vid}'")
         version = await self.repository.read_version(resource_type, resource_id, int(vid))
         if version is None:
@@ -86,14 +88,6 @@ class ResourceService:
             raise _gone(version)
         return version
 
-    async def search(
-        self, resource_type: str, criteria: list[Criterion], *, count: int, offset: int
-    ) -> tuple[list[Version], int]:
-        check_type(resource_type)
-        query = to_filter(criteria)
-        found = await self.repository.find(resource_type, query, limit=count, skip=offset)
-        return found, await self.repository.count(resource_type, query)
-
     # -- writes ------------------------------------------------------------------------------
 
     async def create(
@@ -101,7 +95,7 @@ class ResourceService:
     ) -> Result:
         """201 with the new version; with If-None-Exist, 200 with the one existing match."""
         check_type(resource_type)
-        resource = validate_resource(body, resource_type)
+        resource = validate_resource(body, resource_type, ignore_id=True)
         if not if_none_exist:
             return await self._create(resource_type, resource)
         criteria = parse_query_string(if_none_exist)
@@ -141,10 +135,9 @@ class ResourceService:
             _check_precondition(current, if_match)
             return Change(resource, "PUT")
 
-        version, previous = await self.repository.write(resource_type, resource_id, decide)
+        version, _ = await self.repository.write(resource_type, resource_id, decide)
         assert version is not None
-        created = previous is None or previous.deleted
-        return Result(201 if created else 200, version, "Created" if created else "Updated")
+        return Result(201 if version.created else 200, version, "Created" if version.created else "Updated")
 
     async def conditional_update(
         self, resource_type: str, query: str, body: Any, if_match: int | None = None
@@ -167,6 +160,12 @@ class ResourceService:
                     )
                 return await self._update(resource_type, found.id, resource, if_match)
             if body_id is not None:
+                existing = await self.repository.read(resource_type, body_id)
+                if existing is not None and not existing.deleted:
+                    raise Conflict(
+                        f"{resource_type}/{body_id} exists but does not match '{query}'",
+                        expression=f"{resource_type}.id",
+                    )
                 return await self._update(resource_type, body_id, resource, if_match)
             return await self._create(resource_type, resource)
 
@@ -223,17 +222,20 @@ class ResourceService:
         """Delete the one match; nothing to do when none matches; 412 when several do."""
         check_type(resource_type)
         criteria = parse_query_string(query)
-        matches = await self._matches(resource_type, criteria)
-        if len(matches) > 1:
-            raise PreconditionFailed(f"'{query}' matches {len(matches)} resources")
-        if not matches:
-            return Result(200, None, f"No {resource_type} matches '{query}'; nothing to delete")
-        return await self.delete(resource_type, matches[0].id)
+        async with self._lock(resource_type, criteria):
+            matches = await self._matches(resource_type, criteria)
+            if len(matches) > 1:
+                raise PreconditionFailed(f"'{query}' matches {len(matches)} resources")
+            if not matches:
+                return Result(200, None, f"No {resource_type} matches '{query}'; nothing to delete")
+            # Only the version that matched: an update in between makes this a 412, not a
+            # deletion of something that may no longer match.
+            return await self.delete(resource_type, matches[0].id, if_match=matches[0].vid)
 
     async def _matches(self, resource_type: str, criteria: list[Criterion]) -> list[Version]:
         return await self.repository.find(resource_type, to_filter(criteria), limit=2)
 
     def _lock(self, resource_type: str, criteria: list[Criterion]) -> Any:
-        digest = hashlib.sha256(canonical(resource_type, criteria).encode()).hexdigest()
+        digest = hashlib.sha256(lock_key(resource_type, criteria).encode()).hexdigest()
         key = f"conditional:{resource_type}:{digest}"
         return locks.hold(self.db, key, wait_s=self.conditional_wait_s)

@@ -44,9 +44,9 @@ class Database:
     db: AsyncDatabase
     embedded: EmbeddedDatabase | None = None
 
-    async def ping(self) -> bool:
+    async def ping(self, timeout_s: float = 2.0) -> bool:
         try:
-            await self.client.admin.command("ping")
+            await asyncio.wait_for(self.client.admin.command("ping"), timeout_s)
             return True
         except Exception:  # noqa: BLE001 - any failure means "not reachable" for a probe
             return False

@@ -46,6 +46,7 @@ class Version:
     ts: datetime
     method: str
     resource: dict[str, Any] | None
+    created: bool = False  # this version (re)created the resource: answered 201
 
     @property
     def deleted(self) -> bool:
@@ -105,9 +106,16 @@ def _stamp(resource: dict[str, Any], resource_id: str, vid: int, ts: datetime) -
 def _version(doc: dict[str, Any], resource_type: str | None = None) -> Version:
     ts = doc["ts"].astimezone(UTC)
     if "t" in doc:  # history entry
-        return Version(doc["t"], doc["i"], doc["v"], ts, doc["m"], doc.get("res"))
+        return Version(doc["t"], doc["i"], doc["v"], ts, doc["m"], doc.get("res"), doc.get("c", False))
     assert resource_type is not None
     return Version(resource_type, doc["_id"], doc["v"], ts, doc.get("m", "PUT"), doc.get("res"))
+
+
+def _just_after(ts: datetime) -> datetime:
+    try:
+        return ts + timedelta(milliseconds=1)
+    except OverflowError:
+        return ts
 
 
 def encode_cursor(ts: datetime, key: str) -> str:
@@ -120,7 +128,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         millis, key = raw.split(":", 1)
         return datetime.fromtimestamp(int(millis) / 1000, UTC), key
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, OverflowError, OSError) as exc:
         raise BadRequest("Invalid paging cursor", expression="_cursor") from exc
 
 
@@ -201,10 +209,12 @@ class ResourceRepository:
         if since:
             ts_range["$gte"] = since
         if at:
-            ts_range["$lt"] = at[1] + timedelta(milliseconds=1)
+            ts_range["$lt"] = _just_after(at[1])
         if ts_range:
             query["ts"] = ts_range
         total = None if at or cursor else await self.history.count_documents(query)
+        if count == 0:
+            return HistoryPage([], None, total)
         if cursor:
             ts, key = decode_cursor(cursor)
             query = {"$and": [query, {"$or": [{"ts": {"$lt": ts}}, {"ts": ts, "_id": {"$lt": key}}]}]}
@@ -273,6 +283,8 @@ class ResourceRepository:
                 "ts": ts,
                 "m": change.method,
             }
+            if change.resource is not None and (current is None or current.deleted):
+                entry["c"] = True
             if change.resource is not None:
                 entry["res"] = _stamp(change.resource, resource_id, vid, ts)
             try:

@@ -7,8 +7,11 @@ passes the model). Those lists are `data/required_codes.json`, built from the R4
 `build_required_codes`.
 """
 
+import datetime
 import json
 import re
+import types
+import typing
 from decimal import Decimal
 from functools import cache
 from importlib import resources
@@ -23,9 +26,10 @@ from fhir_server.validation.resource_types import model_class, supported_types
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # FHIR strings exclude control characters other than tab, carriage return and line feed.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
-# Far deeper than any real resource (nested Questionnaire items, extensions), shallow enough that
-# validating it cannot exhaust the interpreter's stack.
-MAX_DEPTH = 128
+# Far deeper than real resources need (nested Questionnaire items, extensions), within MongoDB's
+# 100 levels for the stored document (which wraps the resource), and shallow enough that validating
+# it cannot exhaust the interpreter's stack.
+MAX_DEPTH = 90
 MAX_ISSUES = 50
 
 
@@ -44,11 +48,17 @@ def check_id(resource_id: str, expression: str = "id") -> None:
 
 
 def validate_resource(
-    body: Any, resource_type: str, *, url_id: str | None = None, require_id: bool = False
+    body: Any,
+    resource_type: str,
+    *,
+    url_id: str | None = None,
+    require_id: bool = False,
+    ignore_id: bool = False,
 ) -> dict[str, Any]:
     """Check `body` as a `resource_type` resource and return it; raise BadRequest listing problems.
 
-    `url_id` is the id from the URL of an update: the body must carry the same id.
+    `url_id` is the id from the URL of an update: the body must carry the same id. `ignore_id`
+    (create): the body's id is dropped unchecked, as the specification says.
     """
     if not isinstance(body, dict):
         raise BadRequest("The body must be a JSON object holding a FHIR resource")
@@ -67,10 +77,12 @@ def validate_resource(
                 f"The id '{body_id}' in the body does not match the id '{url_id}' in the URL",
                 expression=f"{resource_type}.id",
             )
-    if body_id is not None:
+    if body_id is not None and not ignore_id:
         if not isinstance(body_id, str):
             raise BadRequest("id must be a string", expression=f"{resource_type}.id")
         check_id(body_id, f"{resource_type}.id")
+    elif ignore_id:
+        body = {k: v for k, v in body.items() if k != "id"}
 
     issues: list[Issue] = []
     _check_json(body, resource_type, issues, 0)
@@ -82,8 +94,12 @@ def validate_resource(
         model = cls.model_validate(body)
     except ValidationError as exc:
         issues.extend(_model_issues(exc, resource_type))
+    except (LookupError, TypeError, ValueError, AttributeError) as exc:
+        # The models resolve nested resources (contained, Bundle.entry.resource) by name and
+        # raise plain errors for names they do not know.
+        issues.append(Issue(f"Invalid content: {type(exc).__name__}: {exc}"[:300], "structure", expression=resource_type))
     else:
-        _check_bindings(model, resource_type, issues)
+        _check_elements(model, body, resource_type, issues)
     if issues:
         raise BadRequest(issues[0].diagnostics, issues=issues[:MAX_ISSUES])
     return body
@@ -99,6 +115,9 @@ def _check_json(value: Any, path: str, issues: list[Issue], depth: int) -> None:
     if isinstance(value, dict):
         if not value:
             issues.append(Issue("Empty objects are not allowed in FHIR JSON", expression=path))
+        nested_type = value.get("resourceType") if depth else None
+        if nested_type is not None and (not isinstance(nested_type, str) or nested_type not in supported_types()):
+            issues.append(Issue(f"Unknown or unsupported resource type {str(nested_type)[:64]!r}", expression=f"{path}.resourceType"))
         for key, item in value.items():
             if item is None:
                 issues.append(Issue(f"'{key}' is null: leave the element out instead", expression=f"{path}.{key}"))
@@ -157,35 +176,77 @@ def _required_codes() -> dict[str, frozenset[str]]:
 
 
 @cache
-def _coded_fields(cls: type[BaseModel]) -> tuple[tuple[str, str, frozenset[str] | None], ...]:
-    """(attribute, JSON name, required codes or None) for each field of a model class."""
+def _fields(cls: type[BaseModel]) -> tuple[tuple[str, str, frozenset[str] | None, tuple[type, ...] | None], ...]:
+    """(attribute, JSON name, closed codes or None, JSON types a primitive takes or None)."""
     table = _required_codes()
     return tuple(
-        (attr, info.alias or attr, table.get(f"{cls.__name__}.{info.alias or attr}"))
+        (attr, info.alias or attr, table.get(f"{cls.__name__}.{info.alias or attr}"), _json_types(info.annotation))
         for attr, info in cls.model_fields.items()
     )
 
 
-def _check_bindings(model: BaseModel, path: str, issues: list[Issue]) -> None:
+def _json_types(annotation: Any) -> tuple[type, ...] | None:
+    """The JSON value types of a primitive field (unwrapping Optional, List, Annotated)."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return None
+            annotation = args[0]
+        elif origin in (list, typing.Annotated):
+            annotation = typing.get_args(annotation)[0]
+        else:
+            break
+    if annotation is bool:
+        return (bool,)
+    if annotation is int:
+        return (int,)
+    if annotation is Decimal:
+        return (int, Decimal)
+    if annotation in (str, bytes, datetime.date, datetime.datetime, datetime.time):
+        return (str,)
+    return None
+
+
+_JSON_NAMES = {bool: "a JSON boolean", int: "a JSON integer", Decimal: "a JSON number", str: "a JSON string"}
+
+
+def _check_elements(model: BaseModel, raw: dict[str, Any], path: str, issues: list[Issue]) -> None:
+    """Walk the validated model beside the JSON it came from: the models coerce `"true"` to true
+    and `"5"` to 5, but FHIR JSON wants the real types; and closed code lists."""
     fields_set = model.model_fields_set
-    for attr, name, codes in _coded_fields(type(model)):
+    for attr, name, codes, json_types in _fields(type(model)):
         if attr not in fields_set:
             continue
-        value = getattr(model, attr)
-        if isinstance(value, list):
-            for index, item in enumerate(value):
-                _check_value(item, codes, f"{path}.{name}[{index}]", issues)
+        value, raw_value = getattr(model, attr), raw.get(name)
+        if isinstance(value, list) and isinstance(raw_value, list):
+            for index, (item, raw_item) in enumerate(zip(value, raw_value)):
+                _check_element(item, raw_item, codes, json_types, f"{path}.{name}[{index}]", issues)
         else:
-            _check_value(value, codes, f"{path}.{name}", issues)
+            _check_element(value, raw_value, codes, json_types, f"{path}.{name}", issues)
 
 
-def _check_value(value: Any, codes: frozenset[str] | None, path: str, issues: list[Issue]) -> None:
+def _check_element(
+    value: Any,
+    raw: Any,
+    codes: frozenset[str] | None,
+    json_types: tuple[type, ...] | None,
+    path: str,
+    issues: list[Issue],
+) -> None:
     if isinstance(value, BaseModel):
-        _check_bindings(value, path, issues)
-    elif codes is not None and isinstance(value, str) and value not in codes:
+        if isinstance(raw, dict):
+            _check_elements(value, raw, path, issues)
+        return
+    if raw is None:
+        return
+    if json_types is not None and (type(raw) not in json_types):
+        issues.append(Issue(f"{path}: must be {_JSON_NAMES[json_types[-1]]}", "value", expression=path))
+    elif codes is not None and isinstance(raw, str) and raw not in codes:
         issues.append(
             Issue(
-                f"{path}: '{value}' is not one of the required codes ({', '.join(sorted(codes))})",
+                f"{path}: '{raw}' is not one of the required codes ({', '.join(sorted(codes))})",
                 "code-invalid",
                 expression=path,
             )
