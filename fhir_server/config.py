@@ -2,6 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +24,9 @@ class Settings(BaseSettings):
     # Write concern: "majority" (default) or a number of nodes; journaled unless turned off.
     write_concern_w: str = "majority"
     write_journal: bool = True
+    # Writes in multi-document transactions: auto (MongoDB replica sets and sharded clusters),
+    # on, or off (ordered writes, repaired on read).
+    write_transactions: Literal["auto", "on", "off"] = "auto"
     embedded_cache_size: str = "256M"
     # Public base URL for Location headers and links; derived from the request when unset.
     base_url: str | None = None

@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         supported_types()  # load the model table before the first request
         database = await open_database(settings)
         repository = ResourceRepository(database.db)
-        await repository.ensure_indexes()
+        await repository.prepare(settings.write_transactions)
         app.state.database = database
         app.state.resources = ResourceService(repository, database.db, settings.conditional_wait_s)
         app.state.history = HistoryService(

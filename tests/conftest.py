@@ -96,6 +96,22 @@ def server(database: EmbeddedDatabase, tmp_path_factory: pytest.TempPathFactory)
     proc.stop()
 
 
+@pytest.fixture(scope="session")
+def server_in_transactions(database: EmbeddedDatabase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A second server writing in multi-document transactions (the default on MongoDB replica
+    sets), on the same embedded database, whose transactions are atomic but not crash-durable."""
+    env = {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "fhir_tests_tx", "FHIR_WRITE_TRANSACTIONS": "on"}
+    proc = ServerProcess(tmp_path_factory.mktemp("server_tx"), env).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(params=["ordered", "transactions"])
+def writer(request: pytest.FixtureRequest) -> ServerProcess:
+    """Each write mode's server in turn."""
+    return request.getfixturevalue("server" if request.param == "ordered" else "server_in_transactions")
+
+
 @pytest.fixture
 def client(server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=f"{server.url}/fhir", timeout=60) as c:

@@ -1,4 +1,5 @@
-"""Concurrent writers never lose an update, and racing conditional creates never both create."""
+"""Concurrent writers never lose an update, and racing conditional creates never both create:
+with ordered writes (the embedded database's mode) and in transactions (MongoDB's)."""
 
 import asyncio
 
@@ -15,7 +16,12 @@ async def _gather(server: ServerProcess, requests: list) -> list[httpx.Response]
         return await asyncio.gather(*(request(client) for request in requests))
 
 
-def test_simultaneous_updates_give_consecutive_versions(client: httpx.Client, server: ServerProcess) -> None:
+def _client(server: ServerProcess) -> httpx.Client:
+    return httpx.Client(base_url=f"{server.url}/fhir", timeout=60)
+
+
+def test_simultaneous_updates_give_consecutive_versions(writer: ServerProcess) -> None:
+    server, client = writer, _client(writer)
     rid = post(client, patient()).json()["id"]
 
     def update(n: int):
@@ -34,7 +40,8 @@ def test_simultaneous_updates_give_consecutive_versions(client: httpx.Client, se
     assert current["meta"]["versionId"] == str(WRITERS + 1)
 
 
-def test_simultaneous_updates_with_if_match_have_one_winner(client: httpx.Client, server: ServerProcess) -> None:
+def test_simultaneous_updates_with_if_match_have_one_winner(writer: ServerProcess) -> None:
+    server, client = writer, _client(writer)
     rid = post(client, patient()).json()["id"]
 
     def update(n: int):
@@ -48,8 +55,9 @@ def test_simultaneous_updates_with_if_match_have_one_winner(client: httpx.Client
     assert client.get(f"/Patient/{rid}").json()["meta"]["versionId"] == "2"
 
 
-def test_racing_conditional_creates_written_differently_create_once(client: httpx.Client, server: ServerProcess) -> None:
+def test_racing_conditional_creates_written_differently_create_once(writer: ServerProcess) -> None:
     """`identifier=v` and `identifier=system|v` can match the same patient: they serialise too."""
+    server, client = writer, _client(writer)
     value = unique()
     body = patient(identifier=[{"system": "urn:race", "value": value}])
     forms = [f"identifier=urn:race|{value}", f"identifier={value}"]
@@ -62,7 +70,8 @@ def test_racing_conditional_creates_written_differently_create_once(client: http
     assert client.get("/Patient", params={"identifier": value}).json()["total"] == 1
 
 
-def test_racing_conditional_creates_create_once(client: httpx.Client, server: ServerProcess) -> None:
+def test_racing_conditional_creates_create_once(writer: ServerProcess) -> None:
+    server, client = writer, _client(writer)
     value = unique()
     body = patient(identifier=[{"system": "urn:race", "value": value}])
     headers = {"Content-Type": FHIR_JSON, "If-None-Exist": f"identifier=urn:race|{value}"}
@@ -73,3 +82,23 @@ def test_racing_conditional_creates_create_once(client: httpx.Client, server: Se
     assert len({r.json()["id"] for r in responses}) == 1
     found = client.get("/Patient", params={"identifier": f"urn:race|{value}"}).json()
     assert found["total"] == 1
+
+
+def test_interactions_in_transaction_mode(server_in_transactions: ServerProcess) -> None:
+    client = _client(server_in_transactions)
+    created = post(client, patient(gender="female")).json()
+    rid = created["id"]
+    assert client.put(f"/Patient/{rid}", json=patient(id=rid, gender="male"), headers={"Content-Type": FHIR_JSON}).status_code == 200
+    patched = client.patch(f"/Patient/{rid}", json=[{"op": "add", "path": "/active", "value": True}],
+                           headers={"Content-Type": "application/json-patch+json"})
+    assert patched.json()["meta"]["versionId"] == "3"
+    assert client.put(f"/Patient/{rid}", json=patient(id=rid), headers={"Content-Type": FHIR_JSON, "If-Match": 'W/"1"'}).status_code == 412
+    assert client.delete(f"/Patient/{rid}").status_code == 200
+    assert client.get(f"/Patient/{rid}").status_code == 410
+    revived = client.put(f"/Patient/{rid}", json=patient(id=rid), headers={"Content-Type": FHIR_JSON})
+    assert revived.status_code == 201 and revived.json()["meta"]["versionId"] == "5"
+    history = client.get(f"/Patient/{rid}/_history").json()
+    assert [e["request"]["method"] for e in history["entry"]] == ["PUT", "DELETE", "PATCH", "PUT", "POST"]
+    assert [e["response"]["status"][:3] for e in history["entry"]] == ["201", "200", "200", "200", "201"]
+    client_id = f"tx-{unique()}"
+    assert client.put(f"/Patient/{client_id}", json=patient(id=client_id), headers={"Content-Type": FHIR_JSON}).status_code == 201
