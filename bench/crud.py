@@ -4,7 +4,10 @@ Both run in the same process tree against the same embedded database, with the s
 concern (journaled) and 8 concurrent clients, so the ratio is the server's own overhead:
 HTTP, validation, versioning (history entry + current document), JSON.
 
-    python bench/crud.py [--n 2000] [--clients 8]
+    python bench/crud.py [--n 2000] [--clients 8] [--transactions auto|on|off]
+
+`--transactions on` measures the write path used on MongoDB replica sets (the embedded database
+defaults to ordered writes with a repair check on read).
 
 Needs `wrk` (apt-get install wrk).
 """
@@ -149,6 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--transactions", choices=("auto", "on", "off"), default="auto")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
@@ -156,7 +160,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fhir-bench-"))
     database = EmbeddedDatabase(work / "db").start()
     port = 18080
-    env = {**os.environ, "MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "bench_server", "FHIR_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "bench_server", "FHIR_LOG_LEVEL": "WARNING",
+           "FHIR_WRITE_TRANSACTIONS": args.transactions}
     server = subprocess.Popen(
         [sys.executable, "-m", "fhir_server", "serve", "--port", str(port), "--data-dir", str(work / "server")],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -185,7 +190,8 @@ def main() -> None:
         database.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"N={args.n} Patients, {args.clients} concurrent clients, write concern w=majority j=true, embedded database")
+    print(f"N={args.n} Patients, {args.clients} concurrent clients, write concern w=majority j=true, "
+          f"embedded database, transactions={args.transactions}")
     print(f"{'operation':<10}{'path':<22}{'res/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'ratio':>8}")
     for name, measured in (("create", server_create), ("read", server_read)):
         raw = baseline[name]

@@ -93,6 +93,35 @@ def test_conditional_read(client: httpx.Client) -> None:
     assert client.get(url, headers={"If-Modified-Since": earlier}).status_code == 200
 
 
+def test_conditional_vread(client: httpx.Client) -> None:
+    rid = post(client, patient()).json()["id"]
+    url = f"/Patient/{rid}/_history/1"
+    assert client.get(url, headers={"If-None-Match": 'W/"1"'}).status_code == 304
+    assert client.get(url, headers={"If-None-Match": 'W/"2"'}).status_code == 200
+
+
+def test_prefer_on_update_patch_and_delete(client: httpx.Client) -> None:
+    rid = post(client, patient()).json()["id"]
+    minimal = put(client, patient(id=rid, active=True), Prefer="return=minimal")
+    assert minimal.status_code == 200 and minimal.content == b"" and minimal.headers["ETag"] == 'W/"2"'
+    outcome = put(client, patient(id=rid, active=False), Prefer="return=OperationOutcome")
+    assert outcome.json()["resourceType"] == "OperationOutcome"
+    patched = client.patch(f"/Patient/{rid}", json=[{"op": "remove", "path": "/active"}],
+                           headers={"Content-Type": "application/json-patch+json", "Prefer": "return=minimal"})
+    assert patched.status_code == 200 and patched.content == b""
+    # RFC 7240: several preferences in one header; unknown ones are ignored, never an error.
+    combined = put(client, patient(id=rid), Prefer="respond-async, return=minimal; x=y, handling=lenient")
+    assert combined.status_code == 200 and combined.content == b""
+    assert put(client, patient(id=rid), Prefer="return=sometimes").json()["resourceType"] == "Patient"
+    assert client.delete(f"/Patient/{rid}", headers={"Prefer": "return=minimal"}).status_code == 204
+
+
+def test_create_ignores_the_id_in_the_body(client: httpx.Client) -> None:
+    for sent in ("bad id!", 5):
+        response = post(client, patient(id=sent))
+        assert response.status_code == 201 and response.json()["id"] != sent
+
+
 def test_patch_applies_json_patch_and_validates(client: httpx.Client) -> None:
     rid = post(client, patient(gender="female", name=[{"family": "Old"}])).json()["id"]
     patch = [{"op": "replace", "path": "/name/0/family", "value": "New"}, {"op": "add", "path": "/active", "value": True}]
