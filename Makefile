@@ -14,7 +14,8 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed  ## FHIR API on :8080, embedded database under ./data
 	$(BIN)/fhir-server serve
 
-test: $(BIN)/.installed  ## the test suite (starts its own database and servers)
+test: $(BIN)/.installed  ## lint, then the test suite (starts its own database and servers)
+	$(BIN)/ruff check fhir_server dicom_node mappings tests bench
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/.installed  ## bench/crud.py: server vs. raw driver (needs wrk: apt-get install wrk)

@@ -92,7 +92,7 @@ async def driver_baseline(uri: str, n: int, clients: int) -> dict[str, tuple[flo
         latencies: list[float] = []
         per_client = n // clients
 
-        async def worker(k: int) -> None:
+        async def worker(k: int, name: str = name, per_client: int = per_client, latencies: list[float] = latencies) -> None:
             for i in range(per_client):
                 key = f"{k}-{i}"
                 started = time.perf_counter()

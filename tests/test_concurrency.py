@@ -4,7 +4,6 @@ with ordered writes (the embedded database's mode) and in transactions (MongoDB'
 import asyncio
 
 import httpx
-
 from conftest import FHIR_JSON, ServerProcess, patient, post, unique
 
 WRITERS = 50

@@ -1,7 +1,6 @@
 """Conditional create, update and delete: the spec's outcomes for 0, 1 and many matches."""
 
 import httpx
-
 from conftest import FHIR_JSON, assert_outcome, patient, post, unique
 
 

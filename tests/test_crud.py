@@ -1,10 +1,9 @@
 """create, read, vread, update, patch and delete over HTTP, with their headers."""
 
-from email.utils import format_datetime, parsedate_to_datetime
 from datetime import timedelta
+from email.utils import format_datetime, parsedate_to_datetime
 
 import httpx
-
 from conftest import FHIR_JSON, assert_outcome, patient, post, put, unique
 
 

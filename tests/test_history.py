@@ -4,7 +4,6 @@ import time
 from urllib.parse import urlsplit
 
 import httpx
-
 from conftest import patient, post, put, unique
 
 

@@ -3,9 +3,8 @@
 import json
 
 import httpx
-from fhir.resources.R4B.capabilitystatement import CapabilityStatement
-
 from conftest import ServerProcess, patient, post
+from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 
 
 def test_capability_statement_is_valid_and_says_what_is_served(client: httpx.Client) -> None:

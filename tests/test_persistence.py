@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import httpx
-
 from conftest import FHIR_JSON, ServerProcess, assert_outcome, free_port
+
 from fhir_server.storage.embedded import EmbeddedDatabase
 
 

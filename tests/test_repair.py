@@ -8,7 +8,6 @@ import copy
 
 import httpx
 import pymongo.database
-
 from conftest import patient, post, unique
 
 

@@ -3,8 +3,11 @@
 `async` on purpose: FastAPI runs plain functions in a thread pool, a thread hop per request.
 """
 
-from fastapi import Request
+from typing import Annotated
 
+from fastapi import Depends, Request
+
+from fhir_server.context import RequestContext, request_context
 from fhir_server.services.history import HistoryService
 from fhir_server.services.resources import ResourceService
 from fhir_server.services.search import SearchService
@@ -20,3 +23,9 @@ async def history_service(request: Request) -> HistoryService:
 
 async def search_service(request: Request) -> SearchService:
     return request.app.state.search
+
+
+Ctx = Annotated[RequestContext, Depends(request_context)]
+Resources = Annotated[ResourceService, Depends(resource_service)]
+History = Annotated[HistoryService, Depends(history_service)]
+Searches = Annotated[SearchService, Depends(search_service)]

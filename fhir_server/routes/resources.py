@@ -6,8 +6,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request
 from starlette.responses import Response
 
-from fhir_server.context import RequestContext, request_context
-from fhir_server.routes.deps import history_service, resource_service, search_service
+from fhir_server.context import request_context
+from fhir_server.routes.deps import Ctx, History, Resources, Searches
 from fhir_server.routes.http import (
     JSON_PATCH,
     fhir_response,
@@ -17,15 +17,8 @@ from fhir_server.routes.http import (
     write_response,
 )
 from fhir_server.search.criteria import CONTROL_PARAMETERS
-from fhir_server.services.history import HistoryService
-from fhir_server.services.resources import ResourceService
-from fhir_server.services.search import SearchService
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(request_context)], tags=["resources"])
-Ctx = Annotated[RequestContext, Depends(request_context)]
-Resources = Annotated[ResourceService, Depends(resource_service)]
-History = Annotated[HistoryService, Depends(history_service)]
-Searches = Annotated[SearchService, Depends(search_service)]
 
 
 def _conditional_query(request: Request) -> str:

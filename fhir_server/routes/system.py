@@ -3,27 +3,22 @@
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
-from fhir_server.context import RequestContext, request_context
-from fhir_server.routes.deps import history_service
+from fhir_server.context import request_context
+from fhir_server.routes.deps import Ctx, History
 from fhir_server.routes.http import fhir_response
 from fhir_server.services.capability import capability_statement
-from fhir_server.services.history import HistoryService
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(request_context)], tags=["system"])
 probes = APIRouter(tags=["probes"])
 
 
 @router.get("/metadata", summary="CapabilityStatement")
-async def metadata(ctx: RequestContext = Depends(request_context)) -> Response:
+async def metadata(ctx: Ctx) -> Response:
     return fhir_response(ctx, capability_statement(ctx.base_url))
 
 
 @router.get("/_history", summary="History of every resource")
-async def system_history(
-    request: Request,
-    ctx: RequestContext = Depends(request_context),
-    history: HistoryService = Depends(history_service),
-) -> Response:
+async def system_history(request: Request, ctx: Ctx, history: History) -> Response:
     params = list(request.query_params.multi_items())
     return fhir_response(ctx, await history.history(ctx.base_url, params))
 

@@ -5,6 +5,7 @@ from urllib.parse import urlencode
 
 from fhir_server.storage.repository import Version, instant
 
+
 def page_url(base: str, path: str, params: list[tuple[str, str]], **override: str | None) -> str:
     """`base/path?params` with some parameters replaced (a None value removes one)."""
     kept = [(k, v) for k, v in params if k not in override]

@@ -6,7 +6,11 @@ from typing import Any
 
 from fhir_server import __version__
 from fhir_server.search.criteria import SUPPORTED_PARAMETERS
-from fhir_server.validation.resource_types import model_class, supported_types, unsupported_types
+from fhir_server.validation.resource_types import (
+    model_class,
+    supported_types,
+    unsupported_types,
+)
 
 _STARTED = datetime.now(UTC).isoformat(timespec="seconds")
 INSTANCE_INTERACTIONS = ("read", "vread", "update", "patch", "delete", "history-instance")

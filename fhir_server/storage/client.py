@@ -3,7 +3,6 @@
 import asyncio
 import logging
 from dataclasses import dataclass
-
 from decimal import Decimal
 
 from bson.codec_options import CodecOptions, TypeCodec, TypeRegistry

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -22,7 +23,8 @@ LOCKS = "locks"
 async def hold(
     db: AsyncDatabase, key: str, *, lease_s: float = 30.0, wait_s: float = 20.0
 ) -> AsyncIterator[None]:
-    """Hold lock `key` for the block. A holder that died loses it when its lease ends."""
+    """Hold lock `key` for the block. The lease is renewed while the block runs; a holder that
+    died loses the lock when its lease ends."""
     locks = db[LOCKS]
     owner = uuid.uuid4().hex
     deadline = asyncio.get_running_loop().time() + wait_s
@@ -38,7 +40,17 @@ async def hold(
             raise Conflict(f"Timed out waiting for a concurrent request on '{key[:200]}'")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.05)
+    renewal = asyncio.create_task(_renew(locks, key, owner, lease_s))
     try:
         yield
     finally:
+        renewal.cancel()
         await locks.delete_one({"_id": key, "owner": owner})
+
+
+async def _renew(locks: AsyncCollection, key: str, owner: str, lease_s: float) -> None:
+    """Extend the lease while the holder works, so a slow holder is not taken for a dead one."""
+    while True:
+        await asyncio.sleep(lease_s / 3)
+        expires = datetime.now(UTC) + timedelta(seconds=lease_s)
+        await locks.update_one({"_id": key, "owner": owner}, {"$set": {"expires": expires}})

@@ -296,7 +296,7 @@ class ResourceRepository:
                     return await self._attempt(collection, resource_id, decide, look, None)
                 async with self.db.client.start_session() as session:
                     return await session.with_transaction(
-                        lambda s: self._attempt(collection, resource_id, decide, look, s)
+                        lambda s, look=look: self._attempt(collection, resource_id, decide, look, s)
                     )
             except DuplicateKeyError:  # another writer claimed this version: start again
                 await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))

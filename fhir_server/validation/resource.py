@@ -221,7 +221,7 @@ def _check_elements(model: BaseModel, raw: dict[str, Any], path: str, issues: li
             continue
         value, raw_value = getattr(model, attr), raw.get(name)
         if isinstance(value, list) and isinstance(raw_value, list):
-            for index, (item, raw_item) in enumerate(zip(value, raw_value)):
+            for index, (item, raw_item) in enumerate(zip(value, raw_value, strict=False)):
                 _check_element(item, raw_item, codes, json_types, f"{path}.{name}[{index}]", issues)
         else:
             _check_element(value, raw_value, codes, json_types, f"{path}.{name}", issues)
