@@ -12,7 +12,6 @@ from fastapi import Request
 from fhir_server.errors import NotAcceptable
 
 JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir", "json"})
-XML_TYPES = frozenset({"application/fhir+xml", "application/xml", "text/xml", "xml", "application/xml+fhir"})
 PREFER_RETURN = frozenset({"minimal", "representation", "OperationOutcome"})
 
 

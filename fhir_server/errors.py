@@ -79,10 +79,6 @@ class NotFound(FhirError):
     status, code = 404, "not-found"
 
 
-class MethodNotAllowed(FhirError):
-    status, code = 405, "not-supported"
-
-
 class NotAcceptable(FhirError):
     status, code = 406, "not-supported"
 
@@ -109,10 +105,6 @@ class UnsupportedMediaType(FhirError):
 
 class Unprocessable(FhirError):
     status, code = 422, "processing"
-
-
-class ServiceUnavailable(FhirError):
-    status, code = 503, "transient"
 
 
 _HTTP_CODES = {404: "not-found", 405: "not-supported", 413: "too-costly", 415: "not-supported"}

@@ -23,7 +23,6 @@ from fhir_server.errors import (
     Unprocessable,
 )
 from fhir_server.search.criteria import Criterion, lock_key, parse_query_string
-from fhir_server.search.to_mongo import to_filter
 from fhir_server.storage import locks
 from fhir_server.storage.repository import Change, ResourceRepository, Version
 from fhir_server.validation.resource import check_id, check_type, validate_resource
@@ -233,7 +232,7 @@ class ResourceService:
             return await self.delete(resource_type, matches[0].id, if_match=matches[0].vid)
 
     async def _matches(self, resource_type: str, criteria: list[Criterion]) -> list[Version]:
-        return await self.repository.find(resource_type, to_filter(criteria), limit=2)
+        return await self.repository.find(resource_type, criteria, limit=2)
 
     def _lock(self, resource_type: str, criteria: list[Criterion]) -> Any:
         digest = hashlib.sha256(lock_key(resource_type, criteria).encode()).hexdigest()

@@ -3,7 +3,6 @@
 from typing import Any
 
 from fhir_server.search.criteria import CONTROL_PARAMETERS, parse_criteria
-from fhir_server.search.to_mongo import to_filter
 from fhir_server.services.bundles import page_url, searchset_bundle
 from fhir_server.services.history import non_negative, page_size
 from fhir_server.storage.repository import ResourceRepository
@@ -27,9 +26,8 @@ class SearchService:
         criteria = parse_criteria(params, strict=strict)
         used = {c.name for c in criteria} | {"_count", "_offset"}
         kept = [(k, v) for k, v in params if k in used or k in CONTROL_PARAMETERS]
-        query = to_filter(criteria)
-        total = await self.repository.count(resource_type, query)
-        found = await self.repository.find(resource_type, query, limit=count, skip=offset) if count else []
+        total = await self.repository.count(resource_type, criteria)
+        found = await self.repository.find(resource_type, criteria, limit=count, skip=offset)
         self_url = page_url(base, resource_type, kept)
         next_url = None
         if count and offset + count < total:

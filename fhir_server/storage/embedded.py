@@ -6,7 +6,6 @@ server dies, so a killed server does not leave the data folder locked.
 """
 
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -136,10 +135,3 @@ class EmbeddedDatabase:
             self.process.kill()
             self.process.wait()
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True

@@ -31,8 +31,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from fhir_server.errors import BadRequest, Conflict
+from fhir_server.search.criteria import Criterion
 from fhir_server.search.indexer import index_values
-from fhir_server.search.to_mongo import INDEX_FIELD, index_keys
+from fhir_server.search.to_mongo import INDEX_FIELD, index_keys, to_filter
 
 LOGGER = logging.getLogger(__name__)
 HISTORY = "history"
@@ -202,13 +203,16 @@ class ResourceRepository:
         return None if doc is None else _version(doc)
 
     async def find(
-        self, resource_type: str, query: dict[str, Any], *, limit: int, skip: int = 0
+        self, resource_type: str, criteria: list[Criterion], *, limit: int, skip: int = 0
     ) -> list[Version]:
-        cursor = self.db[resource_type].find(query, {INDEX_FIELD: 0}).sort("_id", ASCENDING)
+        """Current versions matching the criteria, in id order."""
+        if limit <= 0:
+            return []
+        cursor = self.db[resource_type].find(to_filter(criteria), {INDEX_FIELD: 0}).sort("_id", ASCENDING)
         return [_version(doc, resource_type) async for doc in cursor.skip(skip).limit(limit)]
 
-    async def count(self, resource_type: str, query: dict[str, Any]) -> int:
-        return await self.db[resource_type].count_documents(query)
+    async def count(self, resource_type: str, criteria: list[Criterion]) -> int:
+        return await self.db[resource_type].count_documents(to_filter(criteria))
 
     async def history_page(
         self,

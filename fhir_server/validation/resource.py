@@ -52,7 +52,6 @@ def validate_resource(
     resource_type: str,
     *,
     url_id: str | None = None,
-    require_id: bool = False,
     ignore_id: bool = False,
 ) -> dict[str, Any]:
     """Check `body` as a `resource_type` resource and return it; raise BadRequest listing problems.
@@ -69,7 +68,7 @@ def validate_resource(
             expression="resourceType",
         )
     body_id = body.get("id")
-    if require_id or url_id is not None:
+    if url_id is not None:
         if body_id is None:
             raise BadRequest("An update must carry the resource's id", expression=f"{resource_type}.id")
         if body_id != url_id:
