@@ -1,6 +1,5 @@
 """Request parsing and response building shared by the FHIR routes."""
 
-import re
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
 
@@ -16,12 +15,11 @@ from fhir_server.errors import (
     UnsupportedMediaType,
     operation_outcome,
 )
-from fhir_server.services.resources import Result
+from fhir_server.services.resources import VERSION_ID, Result
 from fhir_server.storage.repository import Version
 
 FHIR_BODY_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
 JSON_PATCH = "application/json-patch+json"
-VERSION_DIGITS = re.compile(r"[0-9]{1,12}")
 
 
 async def json_body(request: Request, allowed: frozenset[str] = FHIR_BODY_TYPES) -> Any:
@@ -56,7 +54,7 @@ def version_tag(header: str | None, name: str = "If-Match") -> int | None:
     if header is None:
         return None
     value = header.strip().removeprefix("W/").strip('"')
-    if not VERSION_DIGITS.fullmatch(value):
+    if not VERSION_ID.fullmatch(value):
         raise BadRequest(f"{name} must be a version ETag such as W/\"3\", not '{header}'", expression=name)
     return int(value)
 

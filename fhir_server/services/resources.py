@@ -8,6 +8,7 @@ import copy
 import hashlib
 import re
 import uuid
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,9 @@ from fhir_server.search.criteria import Criterion, lock_key, parse_query_string
 from fhir_server.storage import locks
 from fhir_server.storage.repository import Change, ResourceRepository, Version
 from fhir_server.validation.resource import check_id, check_type, validate_resource
+
+# A version number as it may appear in a URL or an ETag.
+VERSION_ID = re.compile(r"[0-9]{1,12}")
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class ResourceService:
     async def vread(self, resource_type: str, resource_id: str, vid: str) -> Version:
         check_type(resource_type)
         check_id(resource_id)
-        if not re.fullmatch(r"[0-9]{1,12}", vid) or int(vid) < 1:
+        if not VERSION_ID.fullmatch(vid) or int(vid) < 1:
             raise NotFound(f"{resource_type}/{resource_id} has no version '{vid}'")
         version = await self.repository.read_version(resource_type, resource_id, int(vid))
         if version is None:
@@ -234,7 +238,7 @@ class ResourceService:
     async def _matches(self, resource_type: str, criteria: list[Criterion]) -> list[Version]:
         return await self.repository.find(resource_type, criteria, limit=2)
 
-    def _lock(self, resource_type: str, criteria: list[Criterion]) -> Any:
+    def _lock(self, resource_type: str, criteria: list[Criterion]) -> AbstractAsyncContextManager[None]:
         digest = hashlib.sha256(lock_key(resource_type, criteria).encode()).hexdigest()
         key = f"conditional:{resource_type}:{digest}"
         return locks.hold(self.db, key, wait_s=self.conditional_wait_s)

@@ -163,11 +163,10 @@ class ResourceRepository:
         await self.ensure_indexes()
 
     async def ensure_indexes(self) -> None:
-        # Ascending keys, scanned backwards for newest-first. Time ranges are half-open
-        # (`$gte low`, `$lt high + 1 ms`): the embedded server drops the boundary of an inclusive
-        # date bound on the index direction's far side, and with millisecond times both forms
-        # select the same versions.
-        # One resource's versions are the `_id` range `Type/id/…` and need no index of their own.
+        # Ascending keys, scanned backwards for newest-first; one resource's versions are the `_id`
+        # range `Type/id/…` and need no index of their own. Time ranges are half-open (`$gte low`,
+        # `$lt high + 1 ms`): the embedded server drops the boundary of an inclusive date bound on
+        # the index direction's far side, and with millisecond times both forms select the same.
         await self.history.create_index([("t", ASCENDING), ("ts", ASCENDING), ("_id", ASCENDING)])
         await self.history.create_index([("ts", ASCENDING), ("_id", ASCENDING)])
 
@@ -184,9 +183,9 @@ class ResourceRepository:
     async def read(self, resource_type: str, resource_id: str) -> Version | None:
         """The current version (possibly a deletion), or None if the resource never existed."""
         doc = await self.db[resource_type].find_one({"_id": resource_id}, {INDEX_FIELD: 0})
-        if doc is not None and self.transactions:
-            return _version(doc, resource_type)
-        # Without transactions, repair: a history entry whose current write was interrupted.
+        if self.transactions:  # history and current are written together: nothing to repair
+            return None if doc is None else _version(doc, resource_type)
+        # Repair: a history entry whose current write was interrupted.
         if doc is None:
             pending = await self.history.find_one(
                 _versions_of(resource_type, resource_id), sort=[("_id", DESCENDING)]
@@ -249,15 +248,17 @@ class ResourceRepository:
         found = self.history.find(query).sort([("ts", DESCENDING), ("_id", DESCENDING)])
         if not at:
             found = found.limit(count + 1)
+        # Without `_at` the query stops at count + 1; with it, versions are filtered a batch at a
+        # time until one more than a page is kept.
         versions: list[tuple[Version, str]] = []
         batch: list[dict[str, Any]] = []
         async for doc in found.batch_size(count + 1):
             batch.append(doc)
-            if len(batch) > count or not at:
+            if len(batch) > count:
                 versions.extend(await self._current_during(batch, at))
                 batch = []
-            if len(versions) > count:
-                break
+                if len(versions) > count:
+                    break
         versions.extend(await self._current_during(batch, at))
         next_cursor = None
         if len(versions) > count:
