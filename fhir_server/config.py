@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     base_url: str | None = None
     default_page_size: int = 50
     max_page_size: int = 1000
+    # Search: matches kept for paging (the total stays exact beyond it), how long a page link
+    # lives, and how many resources `_include`/`_revinclude` add to one page.
+    max_search_results: int = 10000
+    page_ttl_s: float = 3600.0
+    max_included: int = 1000
     # MongoDB stores at most 16 MiB per document: larger resources could not be stored.
     max_body_bytes: int = 15 * 1024 * 1024
     # How long a conditional create/update waits for a concurrent one on the same criteria.

@@ -15,6 +15,7 @@ from fhir_server.services.history import HistoryService
 from fhir_server.services.resources import ResourceService
 from fhir_server.services.search import SearchService
 from fhir_server.storage.client import open_database
+from fhir_server.storage.pages import PageStore
 from fhir_server.storage.repository import ResourceRepository
 from fhir_server.validation.resource_types import supported_types
 
@@ -30,12 +31,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         database = await open_database(settings)
         repository = ResourceRepository(database.db)
         await repository.prepare(settings.write_transactions)
+        pages = PageStore(database.db, settings.page_ttl_s)
+        await pages.prepare()
         app.state.database = database
-        app.state.resources = ResourceService(repository, database.db, settings.conditional_wait_s)
+        app.state.search = SearchService(
+            repository,
+            pages,
+            default_count=settings.default_page_size,
+            max_count=settings.max_page_size,
+            max_results=settings.max_search_results,
+            max_included=settings.max_included,
+        )
+        app.state.resources = ResourceService(
+            repository, database.db, app.state.search, settings.conditional_wait_s
+        )
         app.state.history = HistoryService(
             repository, settings.default_page_size, settings.max_page_size
         )
-        app.state.search = SearchService(repository, settings.default_page_size, settings.max_page_size)
         LOGGER.info("FHIR server ready", extra={"database": settings.mongodb_db})
         try:
             yield

@@ -120,7 +120,8 @@ def test_unknown_things(client: httpx.Client) -> None:
     assert_outcome(client.get("/Patient/_history", params={"_since": "0000-01-01"}), 400)
     assert_outcome(client.get("/Patient/_history", params={"_cursor": "OTk5OTk5OTk5OTk5OTk5OTk5OTo"}), 400)
     assert_outcome(client.get("/Patient/x/_history/\u00b2"), 404)
-    assert_outcome(client.get("/Patient", params={"_offset": "-3"}), 400)
+    assert_outcome(client.get("/Patient", params={"_count": "-3"}), 400)
+    assert_outcome(client.get("/Patient", params={"_page": "forged.0.token"}), 400)
     assert_outcome(client.put("/Patient/x", json=patient(id="x"), headers={"Content-Type": FHIR_JSON, "If-Match": 'W/"\u00b2"'.encode()}), 400)
 
 
@@ -140,7 +141,7 @@ def test_conflict_when_a_conditional_create_cannot_get_its_turn(
     """A concurrent conditional request on the same criteria that never finishes → 409, not a hang."""
     value = unique()
     query = f"identifier=urn:test|{value}"
-    digest = hashlib.sha256(lock_key("Patient", parse_query_string(query)).encode()).hexdigest()
+    digest = hashlib.sha256(lock_key("Patient", parse_query_string("Patient", query)).encode()).hexdigest()
     mongo["locks"].insert_one(
         {"_id": f"conditional:Patient:{digest}", "owner": "someone", "expires": datetime.now(UTC) + timedelta(minutes=5)}
     )

@@ -2,6 +2,7 @@
 
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import Request
 from starlette.responses import Response
@@ -22,11 +23,34 @@ FHIR_BODY_TYPES = frozenset({"application/fhir+json", "application/json", "appli
 JSON_PATCH = "application/json-patch+json"
 
 
+FORM = "application/x-www-form-urlencoded"
+
+
 async def json_body(request: Request, allowed: frozenset[str] = FHIR_BODY_TYPES) -> Any:
     """The request body as JSON, after checking its media type and size."""
+    raw = await _body(request, allowed)
+    if not raw:
+        raise BadRequest("The request has no body")
+    try:
+        return fhir_json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"The body is not valid JSON: {exc}") from exc
+
+
+async def form_params(request: Request) -> list[tuple[str, str]]:
+    """Search parameters of `POST [type]/_search`: the form body, then the query string."""
+    raw = await _body(request, frozenset({FORM}), required=True)
+    try:
+        body = parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError as exc:
+        raise BadRequest("The form body is not UTF-8") from exc
+    return body + list(request.query_params.multi_items())
+
+
+async def _body(request: Request, allowed: frozenset[str], required: bool = False) -> bytes:
     content_type = request.headers.get("content-type", "")
     kind = content_type.split(";")[0].strip().lower()
-    if kind and kind not in allowed:
+    if (kind or required) and kind not in allowed:
         raise UnsupportedMediaType(
             f"Content-Type '{content_type}' is not supported here; send {', '.join(sorted(allowed))}"
         )
@@ -40,13 +64,7 @@ async def json_body(request: Request, allowed: frozenset[str] = FHIR_BODY_TYPES)
         if size > limit:
             raise PayloadTooLarge(f"The body is larger than {limit} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw:
-        raise BadRequest("The request has no body")
-    try:
-        return fhir_json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise BadRequest(f"The body is not valid JSON: {exc}") from exc
+    return b"".join(chunks)
 
 
 def version_tag(header: str | None, name: str = "If-Match") -> int | None:

@@ -11,12 +11,13 @@ from fhir_server.routes.deps import Ctx, History, Resources, Searches
 from fhir_server.routes.http import (
     JSON_PATCH,
     fhir_response,
+    form_params,
     json_body,
     read_response,
     version_tag,
     write_response,
 )
-from fhir_server.search.criteria import CONTROL_PARAMETERS
+from fhir_server.search.criteria import IGNORED_PARAMETERS, RESULT_PARAMETERS
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(request_context)], tags=["resources"])
 
@@ -27,7 +28,9 @@ def _conditional_query(request: Request) -> str:
 
 def _criteria_in_query(request: Request) -> str | None:
     """Search criteria in a POST's query string (as fhirpy sends a conditional create), if any."""
-    has_criteria = any(name not in CONTROL_PARAMETERS for name in request.query_params)
+    has_criteria = any(
+        name not in RESULT_PARAMETERS and name not in IGNORED_PARAMETERS for name in request.query_params
+    )
     return request.url.query if has_criteria else None
 
 
@@ -61,9 +64,26 @@ async def read(
     return read_response(ctx, request, await resources.read(resource_type, resource_id))
 
 
-@router.get("/{resource_type}", summary="search (so far: _id and identifier)")
+@router.get("/{resource_type}/{resource_id}/{compartment_type}", summary="compartment search")
+async def compartment_search(
+    resource_type: str, resource_id: str, compartment_type: str, request: Request, ctx: Ctx, searches: Searches
+) -> Response:
+    params = list(request.query_params.multi_items())
+    bundle = await searches.search(
+        ctx.base_url, compartment_type, params, strict=ctx.strict, compartment=(resource_type, resource_id)
+    )
+    return fhir_response(ctx, bundle)
+
+
+@router.get("/{resource_type}", summary="search")
 async def search(resource_type: str, request: Request, ctx: Ctx, searches: Searches) -> Response:
     params = list(request.query_params.multi_items())
+    return fhir_response(ctx, await searches.search(ctx.base_url, resource_type, params, strict=ctx.strict))
+
+
+@router.post("/{resource_type}/_search", summary="search with a form body")
+async def search_form(resource_type: str, request: Request, ctx: Ctx, searches: Searches) -> Response:
+    params = await form_params(request)
     return fhir_response(ctx, await searches.search(ctx.base_url, resource_type, params, strict=ctx.strict))
 
 

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
 from fhir_server.context import request_context
-from fhir_server.routes.deps import Ctx, History
+from fhir_server.routes.deps import Ctx, History, Searches
 from fhir_server.routes.http import fhir_response
 from fhir_server.services.capability import capability_statement
 
@@ -21,6 +21,12 @@ async def metadata(ctx: Ctx) -> Response:
 async def system_history(request: Request, ctx: Ctx, history: History) -> Response:
     params = list(request.query_params.multi_items())
     return fhir_response(ctx, await history.history(ctx.base_url, params))
+
+
+@router.get("", summary="System search (`_type` and the parameters every resource has)")
+async def system_search(request: Request, ctx: Ctx, searches: Searches) -> Response:
+    params = list(request.query_params.multi_items())
+    return fhir_response(ctx, await searches.system_search(ctx.base_url, params, strict=ctx.strict))
 
 
 @probes.get("/health", summary="Liveness and database reachability")

@@ -3,6 +3,7 @@
 from typing import Any
 from urllib.parse import urlencode
 
+from fhir_server.search.registry import summary_elements
 from fhir_server.storage.repository import Version, instant
 
 
@@ -11,7 +12,7 @@ def page_url(base: str, path: str, params: list[tuple[str, str]], **override: st
     kept = [(k, v) for k, v in params if k not in override]
     kept += [(k, v) for k, v in override.items() if v is not None]
     query = urlencode(kept)
-    return f"{base}/{path}" + (f"?{query}" if query else "")
+    return f"{base}/{path}".rstrip("/") + (f"?{query}" if query else "")
 
 
 def _links(self_url: str, next_url: str | None) -> list[dict[str, str]]:
@@ -48,18 +49,56 @@ def history_bundle(
     return bundle
 
 
+SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+ALWAYS_KEPT = ("resourceType", "id", "meta")
+
+
+def shape(resource: dict[str, Any] | None, summary: str | None, elements: tuple[str, ...] | None) -> dict[str, Any] | None:
+    """`_summary` (true, text, data) and `_elements`: a subset, tagged SUBSETTED as the spec asks."""
+    if resource is None or (summary is None and not elements):
+        return resource
+    summary_set, required = summary_elements(resource["resourceType"])
+    if summary == "true":
+        kept = {k: v for k, v in resource.items() if k in ALWAYS_KEPT or k in summary_set}
+    elif summary == "text":
+        kept = {k: v for k, v in resource.items() if k in ALWAYS_KEPT or k == "text" or k in required}
+    elif summary == "data":
+        kept = {k: v for k, v in resource.items() if k != "text"}
+    else:
+        wanted = set(elements or ()) | required
+        kept = {k: v for k, v in resource.items() if k in ALWAYS_KEPT or _element_name(k) in wanted}
+    meta = dict(kept.get("meta") or {})
+    meta["tag"] = [*meta.get("tag", []), SUBSETTED]
+    kept["meta"] = meta
+    return kept
+
+
+def _element_name(key: str) -> str:
+    """`deceasedBoolean` is the element `deceased[x]`, asked for as `deceased`."""
+    for i, char in enumerate(key):
+        if char.isupper():
+            return key[:i]
+    return key
+
+
 def searchset_bundle(
-    base: str, versions: list[Version], total: int, self_url: str, next_url: str | None
+    base: str,
+    entries: list[tuple[Version, dict[str, Any] | None, str]],
+    total: int | None,
+    links: list[tuple[str, str]],
+    outcome: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    bundle: dict[str, Any] = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": total,
-        "link": _links(self_url, next_url),
-    }
-    if versions:
-        bundle["entry"] = [
-            {"fullUrl": f"{base}/{v.type}/{v.id}", "resource": v.resource, "search": {"mode": "match"}}
-            for v in versions
-        ]
+    """`entries`: (version, the resource as shown, search mode: match or include)."""
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+    if total is not None:
+        bundle["total"] = total
+    bundle["link"] = [{"relation": rel, "url": url} for rel, url in links]
+    items = [
+        {"fullUrl": f"{base}/{v.type}/{v.id}", "resource": resource, "search": {"mode": mode}}
+        for v, resource, mode in entries
+    ]
+    if outcome is not None:
+        items.append({"resource": outcome, "search": {"mode": "outcome"}})
+    if items:
+        bundle["entry"] = items
     return bundle

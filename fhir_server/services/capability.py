@@ -5,28 +5,18 @@ from functools import lru_cache
 from typing import Any
 
 from fhir_server import __version__
-from fhir_server.search.criteria import SUPPORTED_PARAMETERS
-from fhir_server.validation.resource_types import (
-    model_class,
-    supported_types,
-    unsupported_types,
-)
+from fhir_server.search.registry import parameters
+from fhir_server.validation.resource_types import supported_types, unsupported_types
 
 _STARTED = datetime.now(UTC).isoformat(timespec="seconds")
 INSTANCE_INTERACTIONS = ("read", "vread", "update", "patch", "delete", "history-instance")
 TYPE_INTERACTIONS = ("create", "search-type", "history-type")
-_SEARCH_PARAMS = {
-    "_id": ("token", "http://hl7.org/fhir/SearchParameter/Resource-id"),
-    "identifier": ("token", None),
-}
 
 
-def _resource(resource_type: str, has_identifier: bool) -> dict[str, Any]:
+def _resource(resource_type: str) -> dict[str, Any]:
     params = [
-        {"name": name, "type": _SEARCH_PARAMS[name][0]}
-        | ({"definition": _SEARCH_PARAMS[name][1]} if _SEARCH_PARAMS[name][1] else {})
-        for name in SUPPORTED_PARAMETERS
-        if name == "_id" or has_identifier
+        {"name": p.code, "definition": p.url, "type": p.type, "documentation": p.documentation or p.code}
+        for p in sorted(parameters(resource_type).values(), key=lambda p: p.code)
     ]
     return {
         "type": resource_type,
@@ -39,6 +29,8 @@ def _resource(resource_type: str, has_identifier: bool) -> dict[str, Any]:
         "conditionalRead": "full-support",
         "conditionalUpdate": True,
         "conditionalDelete": "single",
+        "searchInclude": ["*"] + [f"{resource_type}:{p['name']}" for p in params if p["type"] == "reference"],
+        "searchRevInclude": ["*"],
         "searchParam": params,
     }
 
@@ -47,9 +39,7 @@ def _resource(resource_type: str, has_identifier: bool) -> dict[str, Any]:
 def capability_statement(base_url: str) -> dict[str, Any]:
     resources = []
     for resource_type in sorted(supported_types()):
-        cls = model_class(resource_type)
-        has_identifier = cls is not None and "identifier" in cls.model_fields
-        resources.append(_resource(resource_type, has_identifier))
+        resources.append(_resource(resource_type))
     left_out = ", ".join(unsupported_types())
     return {
         "resourceType": "CapabilityStatement",
@@ -64,13 +54,20 @@ def capability_statement(base_url: str) -> dict[str, Any]:
         "patchFormat": ["application/json-patch+json"],
         "description": (
             "JSON only: XML is answered with 406. Every R4 resource type with an R4B model is "
-            f"served; these R4 types are not: {left_out}."
+            f"served; these R4 types are not: {left_out}. Search: every R4 search parameter "
+            "except _text, _content, _query and two MolecularSequence variant-coordinate "
+            "composites; _contained is refused."
         ),
         "rest": [
             {
                 "mode": "server",
                 "resource": resources,
-                "interaction": [{"code": "history-system"}],
+                "interaction": [{"code": "history-system"}, {"code": "search-system"}],
+                "searchParam": [
+                    {"name": p.code, "definition": p.url, "type": p.type, "documentation": p.documentation}
+                    for p in sorted(parameters("Patient").values(), key=lambda p: p.code)
+                    if p.code.startswith("_")
+                ],
             }
         ],
     }

@@ -24,6 +24,7 @@ from fhir_server.errors import (
     Unprocessable,
 )
 from fhir_server.search.criteria import Criterion, lock_key, parse_query_string
+from fhir_server.services.search import SearchService
 from fhir_server.storage import locks
 from fhir_server.storage.repository import Change, ResourceRepository, Version
 from fhir_server.validation.resource import check_id, check_type, validate_resource
@@ -61,10 +62,15 @@ def _check_precondition(current: Version | None, if_match: int | None) -> None:
 
 class ResourceService:
     def __init__(
-        self, repository: ResourceRepository, db: AsyncDatabase, conditional_wait_s: float = 20.0
+        self,
+        repository: ResourceRepository,
+        db: AsyncDatabase,
+        searches: SearchService,
+        conditional_wait_s: float = 20.0,
     ) -> None:
         self.repository = repository
         self.db = db
+        self.searches = searches
         self.conditional_wait_s = conditional_wait_s
 
     # -- reads -------------------------------------------------------------------------------
@@ -101,7 +107,7 @@ class ResourceService:
         resource = validate_resource(body, resource_type, ignore_id=True)
         if not if_none_exist:
             return await self._create(resource_type, resource)
-        criteria = parse_query_string(if_none_exist)
+        criteria = parse_query_string(resource_type, if_none_exist)
         async with self._lock(resource_type, criteria):
             matches = await self._matches(resource_type, criteria)
             if len(matches) > 1:
@@ -147,7 +153,7 @@ class ResourceService:
     ) -> Result:
         """Update the one match; create when none matches; 412 when several do."""
         check_type(resource_type)
-        criteria = parse_query_string(query)
+        criteria = parse_query_string(resource_type, query)
         resource = validate_resource(body, resource_type)
         async with self._lock(resource_type, criteria):
             matches = await self._matches(resource_type, criteria)
@@ -224,7 +230,7 @@ class ResourceService:
     async def conditional_delete(self, resource_type: str, query: str) -> Result:
         """Delete the one match; nothing to do when none matches; 412 when several do."""
         check_type(resource_type)
-        criteria = parse_query_string(query)
+        criteria = parse_query_string(resource_type, query)
         async with self._lock(resource_type, criteria):
             matches = await self._matches(resource_type, criteria)
             if len(matches) > 1:
@@ -236,7 +242,7 @@ class ResourceService:
             return await self.delete(resource_type, matches[0].id, if_match=matches[0].vid)
 
     async def _matches(self, resource_type: str, criteria: list[Criterion]) -> list[Version]:
-        return await self.repository.find(resource_type, criteria, limit=2)
+        return await self.searches.matches(resource_type, criteria, limit=2)
 
     def _lock(self, resource_type: str, criteria: list[Criterion]) -> AbstractAsyncContextManager[None]:
         digest = hashlib.sha256(lock_key(resource_type, criteria).encode()).hexdigest()

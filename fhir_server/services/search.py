@@ -1,35 +1,318 @@
-"""Type-level search: criteria → repository → searchset Bundle with paging links."""
+"""FHIR search: type, compartment and system level, with chaining, includes and paging.
 
+Parse (pure) → resolve chains and `_has` into id lists (the only place search runs queries of
+its own) → `to_mongo` → repository; then includes, `_summary`/`_elements` and paging links.
+"""
+
+import hashlib
+from dataclasses import replace
 from typing import Any
 
-from fhir_server.search.criteria import CONTROL_PARAMETERS, parse_criteria
-from fhir_server.services.bundles import page_url, searchset_bundle
-from fhir_server.services.history import non_negative, page_size
-from fhir_server.storage.repository import ResourceRepository
-from fhir_server.validation.resource import check_type
+from fhir_server.errors import BadRequest
+from fhir_server.search import keys
+from fhir_server.search.criteria import Criterion, Include, SearchRequest, parse_criterion, parse_search
+from fhir_server.search.indexer import references
+from fhir_server.search.registry import parameter, parameters, patient_compartment
+from fhir_server.search.to_mongo import sort_spec, to_filter
+from fhir_server.services.bundles import page_url, searchset_bundle, shape
+from fhir_server.storage.pages import PageStore
+from fhir_server.storage.repository import ResourceRepository, Version
+from fhir_server.validation.resource import check_id, check_type
+from fhir_server.validation.resource_types import supported_types
+
+MAX_CHAIN_DEPTH = 4
+MAX_ITERATE = 4
+
+
+def _fingerprint(path: str, applied: list[tuple[str, str]]) -> str:
+    text = path + "?" + "&".join(f"{k}={v}" for k, v in sorted(applied))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class SearchService:
-    def __init__(self, repository: ResourceRepository, default_count: int, max_count: int) -> None:
+    def __init__(
+        self,
+        repository: ResourceRepository,
+        pages: PageStore,
+        *,
+        default_count: int,
+        max_count: int,
+        max_results: int,
+        max_included: int,
+    ) -> None:
         self.repository = repository
+        self.pages = pages
         self.default_count = default_count
         self.max_count = max_count
+        self.max_results = max_results  # matches kept for paging; the total is still exact
+        self.max_included = max_included
+
+    # -- criteria → filter -----------------------------------------------------------------------
+
+    async def filter_for(
+        self,
+        resource_type: str,
+        criteria: list[Criterion],
+        base: str = "",
+        *,
+        compartment: list[str] | None = None,
+        depth: int = 0,
+    ) -> dict[str, Any]:
+        resolved = [await self._resolve(resource_type, c, base, depth) for c in criteria]
+        return to_filter(resolved, base, compartment)
+
+    async def _resolve(self, resource_type: str, criterion: Criterion, base: str, depth: int) -> Criterion:
+        """A chained or `_has` criterion as the ids it stands for; others unchanged."""
+        if not (criterion.chain or criterion.has):
+            return criterion
+        if depth >= MAX_CHAIN_DEPTH:
+            raise BadRequest(f"'{criterion.name}' chains more than {MAX_CHAIN_DEPTH} levels", expression=criterion.name)
+        raw = ",".join(v.replace("\\", "\\\\").replace(",", "\\,") for v in criterion.values)
+        limit = self.max_results
+        if criterion.has:
+            source, ref, rest = criterion.has
+            inner = parse_criterion(source, rest, raw)
+            if inner is None:
+                raise BadRequest(f"Unknown search parameter '{rest}' for {source} in '{criterion.name}'",
+                                 expression=criterion.name)
+            query = await self.filter_for(source, [inner], base, depth=depth + 1)
+            found = await self.repository.index_values(source, query, ref, limit=limit + 1)
+            prefix = f"{keys.EQ}{resource_type}/"
+            ids = sorted({k[len(prefix):] for ks in found for k in ks if k.startswith(prefix)})
+            self._check_limit(len(found), criterion)
+            id_param = parameter(resource_type, "_id")
+            return Criterion(criterion.name, id_param, tuple(ids))
+        assert criterion.param is not None and criterion.chain is not None
+        first = criterion.chain.split(".")[0].split(":")[0]
+        targets = [criterion.target] if criterion.target else list(criterion.param.targets)
+        targets = [t for t in targets if t in supported_types() and parameter(t, first) is not None]
+        if not targets:
+            raise BadRequest(f"No target of '{criterion.param.code}' has a parameter '{first}'",
+                             expression=criterion.name)
+        refs: list[str] = []
+        for target in targets:
+            inner = parse_criterion(target, criterion.chain, raw)
+            if inner is None:
+                continue
+            query = await self.filter_for(target, [inner], base, depth=depth + 1)
+            ids = await self.repository.find_ids(target, query, [("_id", 1)], limit=limit + 1)
+            self._check_limit(len(ids), criterion)
+            refs.extend(f"{target}/{i}" for i in ids)
+        return replace(criterion, values=tuple(refs), chain=None, target=None)
+
+    def _check_limit(self, found: int, criterion: Criterion) -> None:
+        if found > self.max_results:
+            raise BadRequest(
+                f"'{criterion.name}' matches more than {self.max_results} resources; narrow the search",
+                expression=criterion.name,
+            )
+
+    async def matches(self, resource_type: str, criteria: list[Criterion], *, limit: int) -> list[Version]:
+        """Current matches of resolved criteria, for conditional interactions."""
+        return await self.repository.find(resource_type, await self.filter_for(resource_type, criteria), limit=limit)
+
+    # -- searches --------------------------------------------------------------------------------
 
     async def search(
-        self, base: str, resource_type: str, params: list[tuple[str, str]], *, strict: bool
+        self,
+        base: str,
+        resource_type: str,
+        params: list[tuple[str, str]],
+        *,
+        strict: bool,
+        compartment: tuple[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Unknown parameters are errors with `strict`, else ignored and left out of `self`."""
+        """Type search, or compartment search with `compartment=("Patient", id)`."""
         check_type(resource_type)
-        values = dict(params)
-        count = page_size(values.get("_count"), self.default_count, self.max_count)
-        offset = non_negative(values.get("_offset"), "_offset", 0)
-        criteria = parse_criteria(params, strict=strict)
-        used = {c.name for c in criteria} | {"_count", "_offset"}
-        kept = [(k, v) for k, v in params if k in used or k in CONTROL_PARAMETERS]
-        total = await self.repository.count(resource_type, criteria)
-        found = await self.repository.find(resource_type, criteria, limit=count, skip=offset)
-        self_url = page_url(base, resource_type, kept)
-        next_url = None
-        if count and offset + count < total:
-            next_url = page_url(base, resource_type, kept, _offset=str(offset + count), _count=str(count))
-        return searchset_bundle(base, found, total, self_url, next_url)
+        path = resource_type
+        compartment_keys = None
+        if compartment:
+            owner, owner_id = compartment
+            check_id(owner_id)
+            path = f"{owner}/{owner_id}/{resource_type}"
+            members = patient_compartment().get(resource_type) if owner == "Patient" else None
+            if not members:
+                raise BadRequest(f"{resource_type} is not in the {owner} compartment")
+            compartment_keys = [f"{p}{keys.EQ}{owner}/{owner_id}" for p in members]
+        request = parse_search(
+            resource_type, params, strict=strict, default_count=self.default_count, max_count=self.max_count
+        )
+        query = None
+        if not request.page:
+            query = await self.filter_for(resource_type, request.criteria, base, compartment=compartment_keys)
+        return await self._run(base, path, [resource_type], request, {resource_type: query} if query else None)
+
+    async def system_search(self, base: str, params: list[tuple[str, str]], *, strict: bool) -> dict[str, Any]:
+        """`GET /?_type=A,B&…`: the parameters every resource has, over the listed types."""
+        request = parse_search(None, params, strict=strict, default_count=self.default_count,
+                               max_count=self.max_count)
+        types: list[str] = []
+        for name, raw in params:
+            if name == "_type":
+                for t in raw.split(","):
+                    check_type(t.strip())
+                    types.append(t.strip())
+        if not types:
+            types = sorted(await self.repository.stored_types())
+        queries = None
+        if not request.page:
+            queries = {t: await self.filter_for(t, request.criteria, base) for t in types}
+        return await self._run(base, "", types, request, queries)
+
+    async def _run(
+        self,
+        base: str,
+        path: str,
+        types: list[str],
+        request: SearchRequest,
+        queries: dict[str, dict[str, Any]] | None,
+    ) -> dict[str, Any]:
+        fingerprint = _fingerprint(path, request.applied)
+        count = request.count
+        offset = 0
+        snapshot = None
+        total: int | None
+        if request.page:
+            snapshot, offset = self.pages.parse(request.page, fingerprint)
+            refs, total, stored = await self.pages.load(snapshot, offset, count)
+        else:
+            assert queries is not None
+            if count == 0:
+                total = sum([await self.repository.count(t, q) for t, q in queries.items()])
+                return self._bundle(base, path, request, [], [], total, None, 0, 0, fingerprint)
+            refs = await self._ordered_refs(queries, request.sort, self.max_results + 1)
+            stored = min(len(refs), self.max_results)
+            total = stored
+            if len(refs) > self.max_results:
+                total = sum([await self.repository.count(t, q) for t, q in queries.items()])
+            if len(refs) > count:
+                snapshot = await self.pages.save(refs[:stored], total)
+            refs = refs[:count]
+        found = await self._fetch(refs)
+        included = await self._include(found, request.includes)
+        return self._bundle(base, path, request, found, included, total, snapshot, offset, stored, fingerprint)
+
+    async def _ordered_refs(
+        self, queries: dict[str, dict[str, Any]], sort: list[tuple[str, bool]], limit: int
+    ) -> list[str]:
+        spec = sort_spec(sort)
+        if len(queries) == 1:
+            ((resource_type, query),) = queries.items()
+            return [f"{resource_type}/{i}" for i in await self.repository.find_ids(resource_type, query, spec, limit=limit)]
+        rows: list[tuple[str, dict[str, Any]]] = []
+        for resource_type, query in queries.items():
+            docs = await self.repository.find_sort_keys(resource_type, query, spec, limit=limit)
+            rows.extend((f"{resource_type}/{d['_id']}", d) for d in docs)
+        for field, direction in reversed(spec):  # stable sorts, last key first
+            rows.sort(key=lambda row, f=field: _field(row, f), reverse=direction < 0)
+        return [ref for ref, _ in rows[:limit]]
+
+    async def _fetch(self, refs: list[str]) -> list[Version]:
+        by_type: dict[str, list[str]] = {}
+        for ref in refs:
+            resource_type, _, resource_id = ref.partition("/")
+            by_type.setdefault(resource_type, []).append(resource_id)
+        found: dict[str, Version] = {}
+        for resource_type, ids in by_type.items():
+            for version in await self.repository.fetch(resource_type, ids):
+                found[f"{resource_type}/{version.id}"] = version
+        return [found[r] for r in refs if r in found]
+
+    async def _include(self, matches: list[Version], includes: list[Include]) -> list[Version]:
+        """`_include` and `_revinclude`, then their `:iterate` forms over what was added."""
+        if not includes or not matches:
+            return []
+        seen = {(v.type, v.id) for v in matches}
+        added: list[Version] = []
+        frontier = matches
+        for round_ in range(MAX_ITERATE + 1):
+            new: list[Version] = []
+            for include in includes:
+                if round_ > 0 and not include.iterate:
+                    continue
+                fetched = await (self._reverse(frontier, include) if include.reverse else self._forward(frontier, include))
+                for version in fetched:
+                    if (version.type, version.id) not in seen:
+                        seen.add((version.type, version.id))
+                        new.append(version)
+            added.extend(new)
+            frontier = new
+            if not frontier or len(added) >= self.max_included:
+                break
+        return added[: self.max_included]
+
+    async def _forward(self, frontier: list[Version], include: Include) -> list[Version]:
+        params = _reference_params(include.source, include.param)
+        refs: list[str] = []
+        for version in frontier:
+            if version.type != include.source or version.resource is None:
+                continue
+            for param in params:
+                for ref in references(param, version.resource):
+                    kind = ref.split("/")[0]
+                    if ref.count("/") == 1 and kind in supported_types() and include.target in (None, kind):
+                        refs.append(ref)
+        return await self._fetch(list(dict.fromkeys(refs))[: self.max_included])
+
+    async def _reverse(self, frontier: list[Version], include: Include) -> list[Version]:
+        params = _reference_params(include.source, include.param)
+        targets = [f"{v.type}/{v.id}" for v in frontier if include.target in (None, v.type)]
+        wanted = [f"{p.code}{keys.EQ}{t}" for p in params for t in targets]
+        if not wanted:
+            return []
+        query = {"ix": {"$in": wanted}, "del": False}
+        return await self.repository.find(include.source, query, limit=self.max_included)
+
+    # -- the Bundle ------------------------------------------------------------------------------
+
+    def _bundle(
+        self,
+        base: str,
+        path: str,
+        request: SearchRequest,
+        found: list[Version],
+        included: list[Version],
+        total: int | None,
+        snapshot: str | None,
+        offset: int,
+        stored: int,
+        fingerprint: str,
+    ) -> dict[str, Any]:
+        count = request.count
+
+        def link(at: int | None) -> str:
+            token = None if at is None or snapshot is None else self.pages.token(snapshot, at, fingerprint)
+            return page_url(base, path, request.applied, _page=token)
+
+        links = [("self", link(offset if request.page else None)), ("first", link(None))]
+        if offset > 0 and snapshot:
+            links.append(("previous", link(max(offset - count, 0)) if offset - count > 0 else link(None)))
+        if snapshot and count and offset + count < stored:
+            links.append(("next", link(offset + count)))
+        outcome = None
+        if request.ignored:
+            outcome = {
+                "resourceType": "OperationOutcome",
+                "issue": [{
+                    "severity": "warning",
+                    "code": "not-supported",
+                    "diagnostics": f"Search parameter '{name}' is not known here and was ignored",
+                } for name in request.ignored],
+            }
+        entries = [(v, "match") for v in found] + [(v, "include") for v in included]
+        shaped = [(v, shape(v.resource, request.summary, request.elements), mode) for v, mode in entries]
+        return searchset_bundle(base, shaped, None if request.total == "none" else total, links, outcome)
+
+
+def _field(row: tuple[str, dict[str, Any]], field: str) -> str:
+    value: Any = row[1]
+    for part in field.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def _reference_params(resource_type: str, code: str) -> list[Any]:
+    if code == "*":
+        return [p for p in parameters(resource_type).values() if p.type == "reference"]
+    param = parameter(resource_type, code)
+    return [param] if param else []

@@ -31,13 +31,15 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from fhir_server.errors import BadRequest, Conflict
-from fhir_server.search.criteria import Criterion
-from fhir_server.search.indexer import index_values
-from fhir_server.search.to_mongo import INDEX_FIELD, index_keys, to_filter
+from fhir_server.search.indexer import index_document
+from fhir_server.search.registry import table_fingerprint
+from fhir_server.search.to_mongo import index_keys
 
 LOGGER = logging.getLogger(__name__)
 HISTORY = "history"
 MAX_ATTEMPTS = 200
+# What a read needs of a current document (the search index fields stay in the database).
+VERSION_FIELDS = {"v": 1, "ts": 1, "m": 1, "del": 1, "res": 1}
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class ResourceRepository:
 
     async def read(self, resource_type: str, resource_id: str) -> Version | None:
         """The current version (possibly a deletion), or None if the resource never existed."""
-        doc = await self.db[resource_type].find_one({"_id": resource_id}, {INDEX_FIELD: 0})
+        doc = await self.db[resource_type].find_one({"_id": resource_id}, VERSION_FIELDS)
         if self.transactions:  # history and current are written together: nothing to repair
             return None if doc is None else _version(doc, resource_type)
         # Repair: a history entry whose current write was interrupted.
@@ -201,17 +203,54 @@ class ResourceRepository:
         doc = await self.history.find_one({"_id": _history_id(resource_type, resource_id, vid)})
         return None if doc is None else _version(doc)
 
-    async def find(
-        self, resource_type: str, criteria: list[Criterion], *, limit: int, skip: int = 0
-    ) -> list[Version]:
-        """Current versions matching the criteria, in id order."""
+    async def find(self, resource_type: str, query: dict[str, Any], *, limit: int) -> list[Version]:
+        """Current versions matching a filter built by `to_mongo`, in id order."""
         if limit <= 0:
             return []
-        cursor = self.db[resource_type].find(to_filter(criteria), {INDEX_FIELD: 0}).sort("_id", ASCENDING)
-        return [_version(doc, resource_type) async for doc in cursor.skip(skip).limit(limit)]
+        cursor = self.db[resource_type].find(query, VERSION_FIELDS).sort("_id", ASCENDING)
+        return [_version(doc, resource_type) async for doc in cursor.limit(limit)]
 
-    async def count(self, resource_type: str, criteria: list[Criterion]) -> int:
-        return await self.db[resource_type].count_documents(to_filter(criteria))
+    async def find_ids(
+        self, resource_type: str, query: dict[str, Any], sort: list[tuple[str, int]], *, limit: int
+    ) -> list[str]:
+        """The ids of matching current versions, in `sort` order, at most `limit`."""
+        if limit <= 0:
+            return []
+        cursor = self.db[resource_type].find(query, {"_id": 1}).sort(sort).limit(limit)
+        return [doc["_id"] async for doc in cursor]
+
+    async def fetch(self, resource_type: str, ids: list[str]) -> list[Version]:
+        """Current, not deleted versions of `ids`, in that order (missing ones left out)."""
+        if not ids:
+            return []
+        found = {
+            doc["_id"]: _version(doc, resource_type)
+            async for doc in self.db[resource_type].find({"_id": {"$in": ids}, "del": False}, VERSION_FIELDS)
+        }
+        return [found[i] for i in ids if i in found]
+
+    async def find_sort_keys(
+        self, resource_type: str, query: dict[str, Any], sort: list[tuple[str, int]], *, limit: int
+    ) -> list[dict[str, Any]]:
+        """`_id` and sort fields of matching current versions (to merge several types' results)."""
+        fields = {field: 1 for field, _ in sort}
+        cursor = self.db[resource_type].find(query, fields).sort(sort).limit(limit)
+        return [doc async for doc in cursor]
+
+    async def stored_types(self) -> list[str]:
+        """Resource types that have a collection."""
+        names = await self.db.list_collection_names()
+        return [n for n in names if n[:1].isupper()]
+
+    async def count(self, resource_type: str, query: dict[str, Any]) -> int:
+        return await self.db[resource_type].count_documents(query)
+
+    async def index_values(
+        self, resource_type: str, query: dict[str, Any], code: str, *, limit: int
+    ) -> list[list[str]]:
+        """The keys of parameter `code` of the matching resources (for reverse chaining)."""
+        cursor = self.db[resource_type].find(query, {f"p.{code}": 1}).limit(limit)
+        return [doc.get("p", {}).get(code, []) async for doc in cursor]
 
     async def history_page(
         self,
@@ -318,7 +357,7 @@ class ResourceRepository:
         resource_type = collection.name
         doc = None
         if look:
-            doc = await collection.find_one({"_id": resource_id}, {INDEX_FIELD: 0}, session=session)
+            doc = await collection.find_one({"_id": resource_id}, VERSION_FIELDS, session=session)
         current = None if doc is None else _version(doc, resource_type)
         change = decide(current)
         if change is None:
@@ -363,7 +402,8 @@ class ResourceRepository:
         }
         if resource is not None:
             doc["res"] = resource
-            doc[INDEX_FIELD] = index_values(resource)
+            doc.update(index_document(resource, entry["ts"]))
+            doc["ixv"] = table_fingerprint()
         if entry["v"] == 1:
             try:
                 await collection.insert_one(doc, session=session)
