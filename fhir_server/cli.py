@@ -1,10 +1,13 @@
-"""`fhir-server` command line: `serve` runs the FHIR API (and, later, the DICOM node)."""
+"""`fhir-server` command line: `serve` runs the FHIR API (and, later, the DICOM node);
+`reindex` rebuilds the search index of stored resources."""
 
 import argparse
+import asyncio
 import os
 from pathlib import Path
 
 import uvicorn
+from tqdm import tqdm
 
 from fhir_server.config import Settings
 from fhir_server.logs import configure_logging
@@ -36,6 +39,34 @@ def _serve(args: argparse.Namespace) -> None:
     )
 
 
+def _reindex(args: argparse.Namespace) -> None:
+    settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+    configure_logging("WARNING")
+    asyncio.run(_reindex_all(settings, args.all))
+
+
+async def _reindex_all(settings: Settings, everything: bool) -> None:
+    from fhir_server.storage.client import open_database
+    from fhir_server.storage.repository import ResourceRepository
+
+    database = await open_database(settings)
+    try:
+        repository = ResourceRepository(database.db)
+        types = await repository.stored_types()
+        stale = {t: await repository.count_stale(t, everything) for t in types}
+        total = sum(stale.values())
+        print(f"{total} resources to index over {sum(1 for n in stale.values() if n)} types")
+        with tqdm(total=total, unit="res", disable=total == 0) as bar:
+            for resource_type, count in stale.items():
+                if not count:
+                    continue
+                bar.set_description(resource_type)
+                async for done in repository.reindex(resource_type, everything):
+                    bar.update(done)
+    finally:
+        await database.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fhir-server", description="FHIR R4 server on MongoDB")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +76,14 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--data-dir", type=Path, help="data folder (default ./data, env FHIR_DATA_DIR)")
     serve.add_argument("--dicom-port", type=int, help="DICOM port (default 11112; the DICOM node is not built yet)")
     serve.set_defaults(handler=_serve)
+    reindex = commands.add_parser(
+        "reindex",
+        help="recompute the search index of stored resources after the search parameters changed "
+        "(stop the server first when it uses the embedded database)",
+    )
+    reindex.add_argument("--data-dir", type=Path, help="data folder (default ./data, env FHIR_DATA_DIR)")
+    reindex.add_argument("--all", action="store_true", help="every resource, not only those indexed differently")
+    reindex.set_defaults(handler=_reindex)
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     args.handler(args)

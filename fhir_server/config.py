@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     max_search_results: int = 10000
     page_ttl_s: float = 3600.0
     max_included: int = 1000
+    # Off only to measure what search indexing costs on the write path (bench/search.py).
+    search_indexing: bool = True
     # MongoDB stores at most 16 MiB per document: larger resources could not be stored.
     max_body_bytes: int = 15 * 1024 * 1024
     # How long a conditional create/update waits for a concurrent one on the same criteria.

@@ -28,6 +28,11 @@ from fhir_server.search.indexer import reference_value
 from fhir_server.validation.resource_types import supported_types
 
 INDEX_FIELD = "ix"
+# Token parameters with a handful of values: poor candidates for driving the index.
+FEW_VALUES = frozenset({
+    "status", "category", "gender", "active", "class", "intent", "priority", "type", "language",
+    "_tag", "_security", "_profile", "_source", "clinical-status", "verification-status", "use",
+})
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 _MS = timedelta(milliseconds=1)
 
@@ -369,7 +374,8 @@ def to_filter(
         if all(c.exact is None for c in clauses):  # equalities: one `$in`, exact on the index too
             found = [k for c in clauses for k in c.keys]
             _merge(exact, extra, field, {"$in": found})
-            candidates.append((min(c.rank for c in clauses), INDEX_FIELD, {"$in": [code + k for k in found]}))
+            rank = min(c.rank for c in clauses) + (6 if code in FEW_VALUES else 0)
+            candidates.append((rank, INDEX_FIELD, {"$in": [code + k for k in found]}))
             continue
         if len(clauses) == 1:
             only = clauses[0]
@@ -385,7 +391,9 @@ def to_filter(
     if candidates:
         _, field, clause = min(candidates, key=lambda c: c[0])
         out[field] = clause
-    out["del"] = False
+    if not any(f.startswith("p.") and "$exists" not in c and "$not" not in c and "$nin" not in c
+               for f, c in exact.items()):
+        out["del"] = False  # a resource with index keys is not deleted: only needed otherwise
     for field, clause in exact.items():
         if field == "_id" and "_id" in out:
             if out["_id"] != clause:

@@ -178,13 +178,13 @@ class SearchService:
         else:
             assert queries is not None
             if count == 0:
-                total = sum([await self.repository.count(t, q) for t, q in queries.items()])
+                total = await self._count(queries)
                 return self._bundle(base, path, request, [], [], total, None, 0, 0, fingerprint)
             refs = await self._ordered_refs(queries, request.sort, self.max_results + 1)
             stored = min(len(refs), self.max_results)
             total = stored
             if len(refs) > self.max_results:
-                total = sum([await self.repository.count(t, q) for t, q in queries.items()])
+                total = await self._count(queries, listed=False)
             if len(refs) > count:
                 snapshot = await self.pages.save(refs[:stored], total)
             refs = refs[:count]
@@ -192,10 +192,19 @@ class SearchService:
         included = await self._include(found, request.includes)
         return self._bundle(base, path, request, found, included, total, snapshot, offset, stored, fingerprint)
 
+    async def _count(self, queries: dict[str, dict[str, Any]], *, listed: bool = True) -> int:
+        """Counting the listed ids is what the embedded database does fastest (its `count`
+        scans the collection); beyond `max_results` the database counts."""
+        if listed:
+            refs = await self._ordered_refs(queries, [], self.max_results + 1, sort_ids=False)
+            if len(refs) <= self.max_results:
+                return len(refs)
+        return sum([await self.repository.count(t, q) for t, q in queries.items()])
+
     async def _ordered_refs(
-        self, queries: dict[str, dict[str, Any]], sort: list[tuple[str, bool]], limit: int
+        self, queries: dict[str, dict[str, Any]], sort: list[tuple[str, bool]], limit: int, *, sort_ids: bool = True
     ) -> list[str]:
-        spec = sort_spec(sort)
+        spec = sort_spec(sort) if sort_ids else []
         if len(queries) == 1:
             ((resource_type, query),) = queries.items()
             return [f"{resource_type}/{i}" for i in await self.repository.find_ids(resource_type, query, spec, limit=limit)]

@@ -19,7 +19,7 @@ import asyncio
 import base64
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -138,14 +138,27 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise BadRequest("Invalid paging cursor", expression="_cursor") from exc
 
 
+def current_document(entry: dict[str, Any], search_indexing: bool = True) -> dict[str, Any]:
+    """The current-collection document of history entry `entry`, with its search index."""
+    resource = entry.get("res")
+    doc: dict[str, Any] = {"_id": entry["i"], "v": entry["v"], "ts": entry["ts"], "m": entry["m"], "del": resource is None}
+    if resource is not None:
+        doc["res"] = resource
+        if search_indexing:
+            doc.update(index_document(resource, entry["ts"]))
+            doc["ixv"] = table_fingerprint()
+    return doc
+
+
 class ResourceRepository:
     """Versioned storage of FHIR resources. Knows MongoDB; knows no HTTP."""
 
-    def __init__(self, db: AsyncDatabase) -> None:
+    def __init__(self, db: AsyncDatabase, *, search_indexing: bool = True) -> None:
         self.db = db
         self.history = db[HISTORY]
         self._indexed: set[str] = set()
         self.transactions = False  # set by `prepare`
+        self.search_indexing = search_indexing  # off only to measure what indexing costs
 
     async def prepare(self, transactions: str = "auto") -> None:
         """Choose how writes are made atomic, and create the shared indexes.
@@ -172,7 +185,8 @@ class ResourceRepository:
         await self.history.create_index([("t", ASCENDING), ("ts", ASCENDING), ("_id", ASCENDING)])
         await self.history.create_index([("ts", ASCENDING), ("_id", ASCENDING)])
 
-    async def _collection(self, resource_type: str) -> AsyncCollection:
+    async def collection(self, resource_type: str) -> AsyncCollection:
+        """The current-version collection of a type, with its indexes."""
         collection = self.db[resource_type]
         if resource_type not in self._indexed:  # a per-process cache: creating is idempotent
             for key in index_keys():
@@ -216,8 +230,10 @@ class ResourceRepository:
         """The ids of matching current versions, in `sort` order, at most `limit`."""
         if limit <= 0:
             return []
-        cursor = self.db[resource_type].find(query, {"_id": 1}).sort(sort).limit(limit)
-        return [doc["_id"] async for doc in cursor]
+        cursor = self.db[resource_type].find(query, {"_id": 1})
+        if sort:
+            cursor = cursor.sort(sort)
+        return [doc["_id"] async for doc in cursor.limit(limit)]
 
     async def fetch(self, resource_type: str, ids: list[str]) -> list[Version]:
         """Current, not deleted versions of `ids`, in that order (missing ones left out)."""
@@ -233,9 +249,10 @@ class ResourceRepository:
         self, resource_type: str, query: dict[str, Any], sort: list[tuple[str, int]], *, limit: int
     ) -> list[dict[str, Any]]:
         """`_id` and sort fields of matching current versions (to merge several types' results)."""
-        fields = {field: 1 for field, _ in sort}
-        cursor = self.db[resource_type].find(query, fields).sort(sort).limit(limit)
-        return [doc async for doc in cursor]
+        cursor = self.db[resource_type].find(query, {field: 1 for field, _ in sort})
+        if sort:
+            cursor = cursor.sort(sort)
+        return [doc async for doc in cursor.limit(limit)]
 
     async def stored_types(self) -> list[str]:
         """Resource types that have a collection."""
@@ -322,6 +339,25 @@ class ResourceRepository:
                 replaced_before_low.add(successors[nxt["_id"]]["_id"])
         return [(_version(d), d["_id"]) for d in docs if d["_id"] not in replaced_before_low]
 
+    # -- re-indexing -------------------------------------------------------------------------
+
+    def _stale(self, everything: bool) -> dict[str, Any]:
+        return {"del": False} if everything else {"del": False, "ixv": {"$ne": table_fingerprint()}}
+
+    async def count_stale(self, resource_type: str, everything: bool = False) -> int:
+        """Current resources indexed with another parameter table (or all, `everything`)."""
+        return await self.db[resource_type].count_documents(self._stale(everything))
+
+    async def reindex(self, resource_type: str, everything: bool = False) -> AsyncIterator[int]:
+        """Recompute the search index of stale resources; yields after each one. A resource
+        changed meanwhile is left alone: its writer indexed it."""
+        collection = await self.collection(resource_type)
+        async for doc in collection.find(self._stale(everything), {"v": 1, "ts": 1, "res": 1}):
+            fields = index_document(doc["res"], doc["ts"].replace(tzinfo=UTC))
+            fields["ixv"] = table_fingerprint()
+            await collection.update_one({"_id": doc["_id"], "v": doc["v"]}, {"$set": fields})
+            yield 1
+
     # -- writes ------------------------------------------------------------------------------
 
     async def write(
@@ -332,7 +368,7 @@ class ResourceRepository:
         `new_id`: the id was just minted by the server, so the first attempt need not look for a
         current version.
         """
-        collection = await self._collection(resource_type)
+        collection = await self.collection(resource_type)
         for attempt in range(MAX_ATTEMPTS):
             look = attempt > 0 or not new_id
             try:
@@ -391,19 +427,8 @@ class ResourceRepository:
         self, resource_type: str, entry: dict[str, Any], session: AsyncClientSession | None
     ) -> None:
         """Make history `entry` the current version, if the current one is its predecessor."""
-        collection = await self._collection(resource_type)
-        resource = entry.get("res")
-        doc: dict[str, Any] = {
-            "_id": entry["i"],
-            "v": entry["v"],
-            "ts": entry["ts"],
-            "m": entry["m"],
-            "del": resource is None,
-        }
-        if resource is not None:
-            doc["res"] = resource
-            doc.update(index_document(resource, entry["ts"]))
-            doc["ixv"] = table_fingerprint()
+        collection = await self.collection(resource_type)
+        doc = current_document(entry, self.search_indexing)
         if entry["v"] == 1:
             try:
                 await collection.insert_one(doc, session=session)
