@@ -316,7 +316,11 @@ def criterion_clauses(criterion: Criterion, base_url: str) -> list[Clause]:
 
 def _merge(filter_: dict[str, Any], extra: list[dict[str, Any]], field: str, clause: dict[str, Any]) -> None:
     """AND `clause` into the filter on `field`, keeping one top-level entry per field where the
-    operators allow: the embedded database plans only filters without top-level `$and`."""
+    operators allow: the embedded database plans only filters without top-level `$and`.
+
+    Element conditions (`$in`, `$elemMatch`) of several criteria join in one `$all`; other
+    operators join when they differ, else go to `extra` (a `$and`).
+    """
     current = filter_.get(field)
     if current is None:
         filter_[field] = clause
@@ -324,23 +328,21 @@ def _merge(filter_: dict[str, Any], extra: list[dict[str, Any]], field: str, cla
     if not field.startswith("p."):  # `_id`, `ts`: single values
         extra.append({field: clause})
         return
-    as_all = [_as_element(current), _as_element(clause)]
-    if all(a is not None for a in as_all):
-        filter_[field] = {"$all": [c for group in as_all for c in group]}  # type: ignore[union-attr]
-    elif not set(current) & set(clause):
-        filter_[field] = {**current, **clause}
-    else:
-        extra.append({field: clause})
-
-
-def _as_element(clause: dict[str, Any]) -> list[dict[str, Any]] | None:
-    if set(clause) == {"$all"}:
-        return list(clause["$all"])
-    if set(clause) == {"$elemMatch"}:
-        return [clause]
-    if set(clause) == {"$in"}:
-        return [{"$elemMatch": {"$in": clause["$in"]}}]
-    return None
+    elements: list[dict[str, Any]] = []
+    others: dict[str, Any] = {}
+    for part in (current, clause):
+        for op, arg in part.items():
+            if op == "$all":
+                elements.extend(arg)
+            elif op == "$elemMatch":
+                elements.append({"$elemMatch": arg})
+            elif op == "$in":
+                elements.append({"$elemMatch": {"$in": arg}})
+            elif op in others:
+                extra.append({field: {op: arg}})
+            else:
+                others[op] = arg
+    filter_[field] = {**({"$all": elements} if elements else {}), **others}
 
 
 def to_filter(
