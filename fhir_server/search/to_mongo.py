@@ -407,6 +407,23 @@ def to_filter(
     return out
 
 
+def reference_keys(codes: list[str], targets: list[str]) -> list[str]:
+    """Index keys of resources whose parameters `codes` point at `targets` (`Type/id`): the
+    Patient compartment, `_revinclude`."""
+    return [f"{code}{keys.EQ}{target}" for code in codes for target in targets]
+
+
+def referencing(codes: list[str], targets: list[str]) -> dict[str, Any]:
+    """A filter on resources whose parameters `codes` point at any of `targets`."""
+    return {INDEX_FIELD: {"$in": reference_keys(codes, targets)}, "del": False}
+
+
+def referenced_ids(found: list[str], resource_type: str) -> set[str]:
+    """The ids of `resource_type` among a reference parameter's stored keys."""
+    prefix = f"{keys.EQ}{resource_type}/"
+    return {k[len(prefix):] for k in found if k.startswith(prefix)}
+
+
 def index_keys() -> list[list[tuple[str, int]]]:
     """Indexes of every resource collection: the flat search keys, and the update time."""
     return [[(INDEX_FIELD, 1)], [("ts", 1)]]

@@ -9,11 +9,10 @@ from dataclasses import replace
 from typing import Any
 
 from fhir_server.errors import BadRequest
-from fhir_server.search import keys
 from fhir_server.search.criteria import Criterion, Include, SearchRequest, parse_criterion, parse_search
 from fhir_server.search.indexer import references
 from fhir_server.search.registry import parameter, parameters, patient_compartment
-from fhir_server.search.to_mongo import sort_spec, to_filter
+from fhir_server.search.to_mongo import reference_keys, referenced_ids, referencing, sort_spec, to_filter
 from fhir_server.services.bundles import page_url, searchset_bundle, shape
 from fhir_server.storage.pages import PageStore
 from fhir_server.storage.repository import ResourceRepository, Version
@@ -77,8 +76,7 @@ class SearchService:
                                  expression=criterion.name)
             query = await self.filter_for(source, [inner], base, depth=depth + 1)
             found = await self.repository.index_values(source, query, ref, limit=limit + 1)
-            prefix = f"{keys.EQ}{resource_type}/"
-            ids = sorted({k[len(prefix):] for ks in found for k in ks if k.startswith(prefix)})
+            ids = sorted({i for ks in found for i in referenced_ids(ks, resource_type)})
             self._check_limit(len(found), criterion)
             id_param = parameter(resource_type, "_id")
             return Criterion(criterion.name, id_param, tuple(ids))
@@ -133,7 +131,7 @@ class SearchService:
             members = patient_compartment().get(resource_type) if owner == "Patient" else None
             if not members:
                 raise BadRequest(f"{resource_type} is not in the {owner} compartment")
-            compartment_keys = [f"{p}{keys.EQ}{owner}/{owner_id}" for p in members]
+            compartment_keys = reference_keys(list(members), [f"{owner}/{owner_id}"])
         request = parse_search(
             resource_type, params, strict=strict, default_count=self.default_count, max_count=self.max_count
         )
@@ -266,10 +264,9 @@ class SearchService:
     async def _reverse(self, frontier: list[Version], include: Include) -> list[Version]:
         params = _reference_params(include.source, include.param)
         targets = [f"{v.type}/{v.id}" for v in frontier if include.target in (None, v.type)]
-        wanted = [f"{p.code}{keys.EQ}{t}" for p in params for t in targets]
-        if not wanted:
+        if not targets or not params:
             return []
-        query = {"ix": {"$in": wanted}, "del": False}
+        query = referencing([p.code for p in params], targets)
         return await self.repository.find(include.source, query, limit=self.max_included)
 
     # -- the Bundle ------------------------------------------------------------------------------
