@@ -63,6 +63,7 @@ async def _reindex_all(settings: Settings, everything: bool) -> None:
                 bar.set_description(resource_type)
                 async for done in repository.reindex(resource_type, everything):
                     bar.update(done)
+        await repository.mark_search_index()
     finally:
         await database.close()
 

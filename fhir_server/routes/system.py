@@ -24,6 +24,7 @@ async def system_history(request: Request, ctx: Ctx, history: History) -> Respon
 
 
 @router.get("", summary="System search (`_type` and the parameters every resource has)")
+@router.get("/", include_in_schema=False)
 async def system_search(request: Request, ctx: Ctx, searches: Searches) -> Response:
     params = list(request.query_params.multi_items())
     return fhir_response(ctx, await searches.system_search(ctx.base_url, params, strict=ctx.strict))

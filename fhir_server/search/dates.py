@@ -1,7 +1,7 @@
 """FHIR date, dateTime and instant values as the inclusive instant range their precision implies."""
 
 import re
-from calendar import monthrange
+from calendar import isleap, monthrange
 from datetime import UTC, datetime, timedelta
 
 from dateutil.parser import isoparse
@@ -23,14 +23,14 @@ def date_range(value: str, name: str = "date") -> tuple[datetime, datetime]:
             year, month, day = (int(g) if g else None for g in match.groups())
             assert year is not None
             if month is None:
-                low, high = datetime(year, 1, 1, tzinfo=UTC), datetime(year + 1, 1, 1, tzinfo=UTC)
+                low, span = datetime(year, 1, 1, tzinfo=UTC), timedelta(days=366 if isleap(year) else 365)
             elif day is None:
                 low = datetime(year, month, 1, tzinfo=UTC)
-                high = low + timedelta(days=monthrange(year, month)[1])
+                span = timedelta(days=monthrange(year, month)[1])
             else:
                 low = datetime(year, month, day, tzinfo=UTC)
-                high = low + timedelta(days=1)
-            return low, high - _MS
+                span = timedelta(days=1)
+            return low, _last_instant(low, span)
         parsed = isoparse(value)
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
@@ -49,7 +49,12 @@ def date_range(value: str, name: str = "date") -> tuple[datetime, datetime]:
     else:
         step = timedelta(hours=1)
     low = parsed.replace(microsecond=parsed.microsecond // 1000 * 1000)
+    return low, _last_instant(low, step)
+
+
+def _last_instant(low: datetime, span: timedelta) -> datetime:
+    """The last millisecond of `span` from `low`; the end of year 9999 at the latest."""
     try:
-        return low, low + step - _MS
-    except OverflowError as exc:
-        raise BadRequest(f"Date '{value}' for {name} is out of range", expression=name) from exc
+        return low + span - _MS
+    except OverflowError:
+        return datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)

@@ -169,6 +169,8 @@ def _number(value: str, name: str, tag: str) -> Clause:
 
 
 def _quantity(value: str, name: str, tag: str = "") -> Clause:
+    if value.count("|") not in (0, 2):
+        raise BadRequest(f"Invalid quantity '{value}' for {name} (number|system|code)", expression=name)
     number, _, unit = value.partition("|")
     if not unit:
         return _number(number, name, tag + keys.NUMBER)

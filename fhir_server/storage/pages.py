@@ -19,7 +19,7 @@ from pymongo.errors import DuplicateKeyError
 from fhir_server.errors import BadRequest, Gone
 
 PAGES = "pages"
-SERVER = "server"
+SERVER = "server"  # shared with the repository: one collection of deployment-wide facts
 CHUNK = 1000
 
 

@@ -37,6 +37,8 @@ from fhir_server.search.to_mongo import index_keys
 
 LOGGER = logging.getLogger(__name__)
 HISTORY = "history"
+SERVER = "server"  # deployment-wide facts: the search index version, the page-token key
+SEARCH_INDEX = "search-index"
 MAX_ATTEMPTS = 200
 # What a read needs of a current document (the search index fields stay in the database).
 VERSION_FIELDS = {"v": 1, "ts": 1, "m": 1, "del": 1, "res": 1}
@@ -176,6 +178,24 @@ class ResourceRepository:
             self.transactions = transactions == "on"
         LOGGER.info("writes %s", "in transactions" if self.transactions else "ordered, repaired on read")
         await self.ensure_indexes()
+        await self._check_search_index()
+
+    async def _check_search_index(self) -> None:
+        """Warn when stored resources were indexed with another parameter table or format."""
+        marker = await self.db[SERVER].find_one({"_id": SEARCH_INDEX})
+        if marker is None and not await self.stored_types():
+            await self.mark_search_index()  # a new database: indexed as written from now on
+        elif marker is None or marker.get("fingerprint") != table_fingerprint():
+            LOGGER.warning(
+                "stored resources were indexed for search by another version: "
+                "run `fhir-server reindex` so that searches find them all"
+            )
+
+    async def mark_search_index(self) -> None:
+        """Record that every stored resource is indexed with the current parameter table."""
+        await self.db[SERVER].update_one(
+            {"_id": SEARCH_INDEX}, {"$set": {"fingerprint": table_fingerprint()}}, upsert=True
+        )
 
     async def ensure_indexes(self) -> None:
         # Ascending keys, scanned backwards for newest-first; one resource's versions are the `_id`
