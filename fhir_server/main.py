@@ -29,7 +29,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         supported_types()  # load the model table before the first request
         database = await open_database(settings)
-        repository = ResourceRepository(database.db, search_indexing=settings.search_indexing)
+        repository = ResourceRepository(
+            database.db, search_indexing=settings.search_indexing, base_url=settings.base_url or ""
+        )
         await repository.prepare(settings.write_transactions)
         pages = PageStore(database.db, settings.page_ttl_s)
         await pages.prepare()

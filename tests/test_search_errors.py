@@ -14,6 +14,7 @@ RUN = unique()
     ("Observation", {"_include": "Encounter:subject"}),  # another type without :iterate
     ("Observation", {"_include": "Observation"}),
     ("Patient", {"_revinclude": "Nothing:patient"}),
+    ("Patient", {"_revinclude": "*"}),
     ("Patient", {"_has:Observation:nothing:code": "1"}),
     ("Patient", {"_has:Observation:code:code": "1"}),  # `code` is not a reference
     ("Patient", {"_has:Observation": "1"}),

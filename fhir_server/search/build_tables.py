@@ -8,10 +8,15 @@ the Patient compartment; from the R4B models: each type's summary and mandatory 
 `_summary`. The server reads only the generated files.
 """
 
+import importlib
 import json
+import pkgutil
 import sys
 from pathlib import Path
 from typing import Any
+
+import fhir.resources.R4B as r4b
+from pydantic import BaseModel
 
 from fhir_server.search.paths import UnsupportedExpression, compile_path
 from fhir_server.validation.resource_types import model_class, supported_types
@@ -91,25 +96,43 @@ def build_parameters(definitions: Path) -> dict[str, Any]:
     }
     if skipped:
         print(f"left out (expressions outside the compiled shapes): {', '.join(sorted(skipped))}")
-    return {"parameters": table, "patient_compartment": members}
+    return {"parameters": table, "patient_compartment": members, "choice_elements": build_choice_elements()}
 
 
-def build_summaries() -> dict[str, dict[str, list[str]]]:
-    """Per type: the elements `_summary=true` keeps, and the mandatory ones `text` keeps."""
+def build_choice_elements() -> list[str]:
+    """Names of the choice elements (`value[x]`, `deceased[x]`, …) of every R4B model: a path
+    step finds `valueQuantity` for `value` only when `value` is one of them."""
+    names: set[str] = set()
+    for info in pkgutil.iter_modules(r4b.__path__):
+        module = importlib.import_module(f"{r4b.__name__}.{info.name}")
+        for model in vars(module).values():
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                for field in model.model_fields.values():
+                    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+                    if isinstance(extra.get("one_of_many"), str):
+                        names.add(extra["one_of_many"])
+    return sorted(names)
+
+
+def build_summaries() -> dict[str, dict[str, Any]]:
+    """Per type: the elements `_summary=true` keeps, the mandatory ones `text` keeps, and the
+    choice elements' JSON names (`deceasedBoolean` → `deceased`) for `_elements`."""
     out = {}
     for resource_type in sorted(supported_types()):
         model = model_class(resource_type)
         assert model is not None
-        summary, required = [], []
+        summary, required, choices = [], [], {}
         for field in model.model_fields.values():
             extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
             if not extra.get("element_property") or not field.alias:
                 continue
+            if isinstance(extra.get("one_of_many"), str):
+                choices[field.alias] = extra["one_of_many"]
             if extra.get("summary_element_property"):
                 summary.append(field.alias)
             if extra.get("element_required") or field.is_required():
                 required.append(field.alias)
-        out[resource_type] = {"summary": summary, "required": required}
+        out[resource_type] = {"summary": summary, "required": required, "choices": choices}
     return out
 
 

@@ -6,6 +6,7 @@ known parameter used in a way this server does not support is always refused, si
 it would widen the result.
 """
 
+import re
 from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl
 
@@ -73,30 +74,40 @@ class SearchRequest:
     ignored: list[str] = field(default_factory=list)
 
 
-def split_values(raw: str) -> list[str]:
-    """Comma-separated values (OR), with `\\,` for a literal comma."""
+def split_escaped(value: str, separator: str, limit: int = -1) -> list[str]:
+    """Split on `separator` where it is not escaped with `\\`; the parts keep their escapes."""
     parts, current, escaped = [], "", False
-    for char in raw:
+    for char in value:
         if escaped:
             current += "\\" + char
             escaped = False
         elif char == "\\":
             escaped = True
-        elif char == ",":
+        elif char == separator and (limit < 0 or len(parts) < limit):
             parts.append(current)
             current = ""
         else:
             current += char
-    parts.append(current + ("\\" if escaped else ""))
-    return parts
+    return parts + [current + ("\\" if escaped else "")]
 
 
 def unescape(value: str) -> str:
-    return value.replace("\\,", ",").replace("\\$", "$").replace("\\|", "|").replace("\\\\", "\\")
+    """`\\,` `\\$` `\\|` `\\\\` → the character itself."""
+    out, escaped = "", False
+    for char in value:
+        if escaped or char != "\\":
+            out += char
+            escaped = False
+        else:
+            escaped = True
+    return out + ("\\" if escaped else "")
 
 
 def _values(name: str, raw: str) -> tuple[str, ...]:
-    values = tuple(unescape(v) for v in split_values(raw) if v)
+    """The comma-separated values (OR) of one parameter, escapes kept for the later splits."""
+    if any(ord(c) < 0x20 or c == "\x7f" for c in raw):
+        raise BadRequest(f"Search parameter '{name}' has a control character in its value", expression=name)
+    values = tuple(v for v in split_escaped(raw, ",") if v)
     if not values:
         raise BadRequest(f"Search parameter '{name}' has no value", expression=name)
     return values
@@ -146,6 +157,8 @@ def _check_modifier(criterion: Criterion, modifier: str) -> None:
         return
     if kind == "reference" and modifier in supported_types():
         return
+    if criterion.param.code == "_id" and modifier != "not":
+        raise BadRequest(f"Modifier ':{modifier}' is not supported on _id", expression=criterion.name)
     if modifier not in MODIFIERS.get(kind, set()) or (modifier == "of-type" and criterion.param.code != "identifier"):
         raise BadRequest(
             f"Modifier ':{modifier}' is not supported on {kind} parameter '{criterion.param.code}'",
@@ -187,8 +200,8 @@ def _include(resource_type: str | None, name: str, raw: str) -> Include:
     reverse = name.startswith("_revinclude")
     iterate = name.endswith((":iterate", ":recurse"))
     if raw == "*":
-        if resource_type is None:
-            raise BadRequest(f"'{name}=*' needs a resource type", expression=name)
+        if resource_type is None or reverse:
+            raise BadRequest(f"'{name}=*' is not supported: name the type and parameter", expression=name)
         return Include(resource_type, "*", None, reverse, iterate)
     parts = raw.split(":")
     if len(parts) not in (2, 3):
@@ -224,7 +237,7 @@ def _sort(resource_type: str | None, raw: str) -> list[tuple[str, bool]]:
 
 
 def _non_negative(raw: str, name: str) -> int:
-    if not raw.isdigit():
+    if not re.fullmatch(r"[0-9]{1,9}", raw):
         raise BadRequest(f"{name} must be a non-negative integer, not '{raw}'", expression=name)
     return int(raw)
 

@@ -119,11 +119,16 @@ def date_bounds(value: Any, hint: str | None) -> list[tuple[str, str]]:
 
 
 def date_keys(found: list[Found]) -> list[str]:
+    """Low and high keys, as a date inside a composite is stored."""
     out = []
     for value, hint in found:
         for low, high in date_bounds(value, hint):
             out.extend((keys.LOW + low, keys.HIGH + high))
     return out
+
+
+def date_pairs(found: list[Found]) -> list[tuple[str, str]]:
+    return list(dict.fromkeys(pair for value, hint in found for pair in date_bounds(value, hint)))
 
 
 def number_keys(found: list[Found]) -> list[str]:
@@ -156,12 +161,15 @@ def quantity_keys(found: list[Found]) -> list[str]:
     return out
 
 
-def reference_value(ref: str) -> str:
-    """`Patient/1/_history/2` → `Patient/1`; canonical `url|version` → `url`."""
+def reference_value(ref: str, base_url: str = "") -> str:
+    """`Patient/1/_history/2` → `Patient/1`; canonical `url|version` → `url`; an absolute URL
+    of this server (`base_url/Patient/1`) → `Patient/1`."""
+    if base_url and ref.startswith(base_url.rstrip("/") + "/"):
+        ref = ref[len(base_url.rstrip("/")) + 1:]
     return ref.split("/_history/")[0].split("|")[0]
 
 
-def reference_keys(found: list[Found]) -> list[str]:
+def reference_keys(found: list[Found], base_url: str = "") -> list[str]:
     out = []
     for value, _ in found:
         if isinstance(value, str):  # canonical, uri
@@ -171,7 +179,7 @@ def reference_keys(found: list[Found]) -> list[str]:
         elif isinstance(value, dict):
             ref = value.get("reference")
             if isinstance(ref, str) and not ref.startswith("#"):
-                out.append(keys.EQ + reference_value(ref))
+                out.append(keys.EQ + reference_value(ref, base_url))
             ident = value.get("identifier")
             if isinstance(ident, dict):
                 out.extend(keys.OF_TYPE + k[1:] for k in _code_forms(ident.get("system"), ident.get("value")))
@@ -216,33 +224,48 @@ def composite_keys(param: SearchParam, resource: dict[str, Any]) -> list[str]:
     return out
 
 
-def param_keys(param: SearchParam, resource: dict[str, Any]) -> list[str]:
+def _found(param: SearchParam, resource: dict[str, Any]) -> list[Found]:
+    return [found for path in param.paths for found in path(resource)]
+
+
+def param_keys(param: SearchParam, resource: dict[str, Any], base_url: str = "") -> list[str]:
     if param.type == "composite":
         return composite_keys(param, resource)
+    if param.type == "reference":
+        return reference_keys(_found(param, resource), base_url)
     extract = EXTRACTORS.get(param.type)
-    if extract is None:
-        return []
-    return extract([found for path in param.paths for found in path(resource)])
+    return extract(_found(param, resource)) if extract else []
 
 
 def _sort_range(param: SearchParam, values: list[str]) -> tuple[str, str] | None:
-    if param.type == "date":
-        lows = [v[1:] for v in values if v[0] == keys.LOW]
-        highs = [v[1:] for v in values if v[0] == keys.HIGH]
-        return (min(lows), max(highs)) if lows and highs else None
     tag = keys.NUMBER if param.type in ("number", "quantity") else keys.EQ
     chosen = [v[1:] for v in values if v[0] == tag and (param.type != "token" or "|" not in v)]
     return (min(chosen), max(chosen)) if chosen else None
 
 
-def index_document(resource: dict[str, Any], last_updated: datetime) -> dict[str, Any]:
-    """The `ix`, `p`, `sa` and `sd` fields of a stored resource."""
+def index_document(resource: dict[str, Any], last_updated: datetime, base_url: str = "") -> dict[str, Any]:
+    """The `ix`, `p`, `sa` and `sd` fields of a stored resource. A date parameter's `p` values
+    are `{l, h}` pairs (its range per value); `base_url`: this server's public base, whose
+    absolute references are indexed as local ones."""
     flat: list[str] = []
-    by_param: dict[str, list[str]] = {}
+    by_param: dict[str, list[Any]] = {}
     ascending: dict[str, str] = {}
     descending: dict[str, str] = {}
     for param in indexed_parameters(resource["resourceType"]):
-        values = list(dict.fromkeys(param_keys(param, resource)))
+        if param.type == "date":
+            pairs = date_pairs(_found(param, resource))
+            if pairs:
+                by_param[param.code] = [{"l": low, "h": high} for low, high in pairs]
+                # `ge` holds for some value iff it holds for [greatest low, greatest high], `le`
+                # iff for [least low, least high]: one pair each answers them exactly.
+                by_param[f"{param.code}:ge"] = [{"l": max(p[0] for p in pairs), "h": max(p[1] for p in pairs)}]
+                by_param[f"{param.code}:le"] = [{"l": min(p[0] for p in pairs), "h": min(p[1] for p in pairs)}]
+                flat.extend(f"{param.code}{keys.LOW}{low}" for low, _ in pairs)
+                flat.extend(f"{param.code}{keys.HIGH}{high}" for _, high in pairs)
+                ascending[param.code] = min(low for low, _ in pairs)
+                descending[param.code] = max(high for _, high in pairs)
+            continue
+        values = list(dict.fromkeys(param_keys(param, resource, base_url)))
         if not values:
             continue
         by_param[param.code] = values
@@ -256,6 +279,6 @@ def index_document(resource: dict[str, Any], last_updated: datetime) -> dict[str
     return {"ix": flat, "p": by_param, "sa": ascending, "sd": descending}
 
 
-def references(param: SearchParam, resource: dict[str, Any]) -> list[str]:
+def references(param: SearchParam, resource: dict[str, Any], base_url: str = "") -> list[str]:
     """Relative references (`Type/id`) a reference parameter finds in a resource: for `_include`."""
-    return [k[1:] for k in reference_keys([f for p in param.paths for f in p(resource)]) if k[0] == keys.EQ]
+    return [k[1:] for k in reference_keys(_found(param, resource), base_url) if k[0] == keys.EQ]

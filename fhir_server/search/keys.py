@@ -44,8 +44,9 @@ MAX_INSTANT = "9999-12-31T23:59:59.999"
 def number_key(value: Decimal | int | float | str) -> str:
     """A decimal as a string that sorts numerically: sign, biased exponent, digits.
 
-    `0` → `1`; positive → `2` + (exponent + 5000) + digits; negative → `0` + (5000 - exponent)
-    + nines' complement of the digits + `~`, so that larger magnitudes sort first.
+    `0` → `1`; positive → `2` + (exponent + 10000) + digits; negative → `0` + (10000 - exponent)
+    + nines' complement of the digits + `~`, so that larger magnitudes sort first. Exponents stay
+    within Decimal128's ±6144.
     """
     try:
         number = Decimal(value) if not isinstance(value, Decimal) else value
@@ -59,11 +60,13 @@ def number_key(value: Decimal | int | float | str) -> str:
     exponent = number.adjusted()
     text = "".join(str(d) for d in digits).rstrip("0") or "0"
     if not sign:
-        return f"2{exponent + 5000:04d}{text}"
+        return f"2{exponent + 10000:05d}{text}"
     complement = "".join(str(9 - int(d)) for d in text)
-    return f"0{5000 - exponent:04d}{complement}~"
+    return f"0{10000 - exponent:05d}{complement}~"
 
 
 def successor(prefix: str) -> str:
     """The least string greater than every string starting with `prefix` (half-open bound)."""
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    while prefix and ord(prefix[-1]) == 0x10FFFF:
+        prefix = prefix[:-1]
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"

@@ -49,8 +49,9 @@ def _children(value: Any) -> Iterable[Any]:
     return value if isinstance(value, list) else (value,)
 
 
-def _field(name: str, cast: str | None, first: bool) -> Step:
+def _field(name: str, cast: str | None, first: bool, choices: frozenset[str]) -> Step:
     choice = name + cast[0].upper() + cast[1:] if cast else None
+    is_choice = name in choices
 
     def step(found: Iterable[Found]) -> list[Found]:
         out: list[Found] = []
@@ -65,7 +66,7 @@ def _field(name: str, cast: str | None, first: bool) -> Step:
                     values = [
                         (v, t) for v, t in values if not isinstance(v, dict) or v.get("resourceType", cast) == cast
                     ]
-            elif cast is None:  # an uncast choice element: `Observation.value` is any of value[x]
+            elif cast is None and is_choice:  # an uncast choice element: `Observation.value` is any of value[x]
                 values = [
                     (v, key[len(name):])
                     for key, raw in item.items()
@@ -114,12 +115,13 @@ def _exists_not_false(name: str) -> Path:
     return path
 
 
-def compile_path(expression: str, *, relative: bool = False) -> Path:
+def compile_path(expression: str, *, relative: bool = False, choices: frozenset[str] = frozenset()) -> Path:
     """One union member of a search parameter's expression, as a function of a resource (or,
-    `relative`, of the element a composite parameter's components start from)."""
+    `relative`, of the element a composite parameter's components start from). `choices`: the
+    names of choice elements (`value` for `value[x]`)."""
     expression = expression.strip()
     if " | " in expression:
-        paths = [compile_path(part, relative=relative) for part in expression.split(" | ")]
+        paths = [compile_path(part, relative=relative, choices=choices) for part in expression.split(" | ")]
         return lambda resource: [found for p in paths for found in p(resource)]
     special = _EXISTS_NOT_FALSE.fullmatch(expression)
     if special:
@@ -136,7 +138,7 @@ def compile_path(expression: str, *, relative: bool = False) -> Path:
     def flush(cast_to: str | None = None) -> None:
         if pending:
             name, first = pending.pop()
-            steps.append(_field(name, cast_to, first))
+            steps.append(_field(name, cast_to, first, choices))
 
     for token in tokens:
         if match := _CAST.fullmatch(token):

@@ -10,7 +10,7 @@ from typing import Any
 from fhir_server.search.paths import Path, compile_path
 
 # Bumped when the indexer stores values differently, so `fhir-server reindex` redoes every document.
-INDEX_FORMAT = "1"
+INDEX_FORMAT = "2"
 
 # Parameters whose values come from the stored document rather than an expression.
 SPECIAL = frozenset({"_id", "_lastUpdated"})
@@ -44,16 +44,23 @@ def _tables() -> dict[str, Any]:
     return dict(json.loads(text))
 
 
+@cache
+def _choices() -> frozenset[str]:
+    return frozenset(_tables()["choice_elements"])
+
+
 def _param(code: str, raw: dict[str, Any]) -> SearchParam:
+    choices = _choices()
     return SearchParam(
         code=code,
         type=raw["type"],
         url=raw["url"],
         documentation=raw["documentation"],
-        paths=tuple(compile_path(p) for p in raw["expression"]),
+        paths=tuple(compile_path(p, choices=choices) for p in raw["expression"]),
         targets=tuple(raw.get("targets", ())),
         components=tuple(
-            Component(c, t, compile_path(x, relative=True)) for c, t, x in raw.get("components", ())
+            Component(c, t, compile_path(x, relative=True, choices=choices))
+            for c, t, x in raw.get("components", ())
         ),
     )
 
@@ -95,6 +102,12 @@ def _summaries() -> dict[str, Any]:
 
 @cache
 def summary_elements(resource_type: str) -> tuple[frozenset[str], frozenset[str]]:
-    """(elements `_summary=true` keeps, mandatory elements), from the R4B models."""
+    """(elements `_summary=true` keeps, mandatory elements), by JSON name, from the R4B models."""
     entry = _summaries().get(resource_type, {"summary": [], "required": []})
     return frozenset(entry["summary"]), frozenset(entry["required"])
+
+
+def element_name(resource_type: str, key: str) -> str:
+    """The element a JSON key belongs to: `deceasedBoolean` → `deceased`, `_birthDate` → `birthDate`."""
+    key = key.removeprefix("_")
+    return str(_summaries().get(resource_type, {}).get("choices", {}).get(key, key))

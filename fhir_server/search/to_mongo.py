@@ -2,16 +2,18 @@
 
 Every criterion becomes an exact clause on its parameter's keys (`p.<code>`); the most
 selective one also becomes an equality or range on the flat, indexed `ix` array, placed first,
-so that the database answers from that index and checks the rest on the documents it finds.
-Ranges on an array are exact only inside `$elemMatch`, so a range on `ix` is always paired
-with the exact clause.
+so that the database finds candidates by that index and checks the rest on them. A range on an
+array is bounded on both sides only inside `$elemMatch` (MongoDB); the embedded database uses an
+index only for a plain range, and then bounds it on both sides: `embedded` chooses.
 
 Date semantics (FHIR R4, 3.1.1.4.2): a value is the inclusive range [low, high] its precision
-implies; with the search range [sl, sh]: eq low>=sl and high<=sh; ne not eq; gt high>sh;
-lt low<sl; ge gt or eq (= low>=sl or high>sh); le lt or eq (= low<sl or high<=sh);
-sa low>sh; eb high<sl; ap overlap with the search range widened by 10 % of its distance to now.
-Numbers and quantities are points; the search value's precision sets eq's range (100 → [99.5,
-100.5)), the other prefixes compare with the value itself.
+implies (stored per value as `{l, h}`, with one more pair for `ge` and one for `le`, see the
+indexer); with the search range [sl, sh]: eq low>=sl and
+high<=sh; ne not eq; gt high>sh; lt low<sl; ge gt or eq (= low>=sl or high>sh); le lt or eq
+(= low<sl or high<=sh); sa low>sh; eb high<sl; ap overlaps the search range widened by 10 % of
+its distance to now. Numbers and quantities are points; the search value's precision sets eq's
+range (100 → [99.5, 100.5)), the other prefixes compare with the value itself. `ne` matches
+resources that have a value, none of them equal.
 """
 
 import re
@@ -22,19 +24,20 @@ from typing import Any
 
 from fhir_server.errors import BadRequest
 from fhir_server.search import keys
-from fhir_server.search.criteria import Criterion
+from fhir_server.search.criteria import Criterion, split_escaped, unescape
 from fhir_server.search.dates import date_range
 from fhir_server.search.indexer import reference_value
 from fhir_server.validation.resource_types import supported_types
 
 INDEX_FIELD = "ix"
+PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 # Token parameters with a handful of values: poor candidates for driving the index.
 FEW_VALUES = frozenset({
     "status", "category", "gender", "active", "class", "intent", "priority", "type", "language",
     "_tag", "_security", "_profile", "_source", "clinical-status", "verification-status", "use",
 })
-PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 _MS = timedelta(milliseconds=1)
+MAX_EXPONENT = 6144  # Decimal128's range: larger numbers are never stored
 
 
 @dataclass(frozen=True)
@@ -42,26 +45,25 @@ class Clause:
     """One value's condition on a parameter's keys.
 
     `keys`: matches when any stored key is one of them (exact, and usable on the index as is).
-    Otherwise `exact` is the condition on the parameter's key array and `index` an optional
-    range (low, high) on keys that every match has, to find candidates by.
+    Otherwise `exact` is the condition on the parameter's key array, `index` an optional range
+    (low, high) on keys that every match has, to find candidates by, and `element` (dates) the
+    condition on one stored value, so that several values can be OR-ed in one `$elemMatch`.
     """
 
     keys: tuple[str, ...] = ()
     exact: dict[str, Any] | None = None
     index: tuple[str, str] | None = None
     rank: int = 5  # lower is more selective
+    element: dict[str, Any] | None = None
+    field: str = ""  # another key array of the parameter: `:ge`, `:le` (dates)
 
 
 def _between(low: str, high: str) -> dict[str, Any]:
     return {"$elemMatch": {"$gte": low, "$lt": high}}
 
 
-def _all(*conditions: dict[str, Any]) -> dict[str, Any]:
-    return {"$all": [c for c in conditions]}
-
-
 def _prefix(value: str) -> tuple[str, str]:
-    if len(value) > 2 and value[:2] in PREFIXES and not value[:2].isdigit():
+    if len(value) > 2 and value[:2] in PREFIXES:
         return value[:2], value[2:]
     return "eq", value
 
@@ -69,62 +71,68 @@ def _prefix(value: str) -> tuple[str, str]:
 # -- strings, tokens, references, uris ---------------------------------------------------------
 
 
-def _string(value: str, modifier: str | None, tag: str = "") -> Clause:
-    if modifier == "exact":
-        return Clause(keys=(tag + keys.EXACT + value,), rank=2)
+def _string(raw: str, modifier: str | None, tag: str = "") -> Clause:
+    value = unescape(raw)
     normal = keys.normalise(value)
     if not normal:
         raise BadRequest(f"Empty string search value '{value}'")
     if modifier == "contains":
         return Clause(exact={"$regex": "^" + re.escape(tag + keys.EQ) + ".*" + re.escape(normal)}, rank=9)
     low = tag + keys.EQ + normal
+    if modifier == "exact":  # candidates by the normalised form, matched as written
+        return Clause(exact={"$in": [tag + keys.EXACT + value[: keys.MAX_STRING]]}, index=(low, low + "\x00"), rank=2)
     return Clause(exact=_between(low, keys.successor(low)), index=(low, keys.successor(low)), rank=3)
 
 
-def _token_forms(value: str) -> tuple[str, ...]:
-    if "|" in value:
-        system, code = value.split("|", 1)
-        return (f"{system}|{code}",) if system or code else ()
-    return (value,)
+def _token_forms(raw: str) -> tuple[str, ...]:
+    """`system|code`, `|code`, `system|` or `code`, as stored."""
+    parts = split_escaped(raw, "|", 1)
+    if len(parts) == 1:
+        return (unescape(raw),)
+    system, code = unescape(parts[0]), unescape(parts[1])
+    return (f"{system}|{code}",) if system or code else ()
 
 
-def _token(value: str, modifier: str | None, tag: str = "") -> Clause:
+def _token(raw: str, modifier: str | None, tag: str = "") -> Clause:
     if modifier == "text":
-        low = tag + keys.TEXT + keys.normalise(value)
+        low = tag + keys.TEXT + keys.normalise(unescape(raw))
         return Clause(exact=_between(low, keys.successor(low)), index=(low, keys.successor(low)), rank=4)
     if modifier == "of-type":
-        if value.count("|") != 2:
-            raise BadRequest(f"identifier:of-type takes system|code|value, not '{value}'")
-        return Clause(keys=(tag + keys.OF_TYPE + value,), rank=1)
-    forms = _token_forms(value)
+        parts = [unescape(p) for p in split_escaped(raw, "|")]
+        if len(parts) != 3 or not all(parts[1:]):
+            raise BadRequest(f"identifier:of-type takes system|code|value, not '{unescape(raw)}'")
+        return Clause(keys=(tag + keys.OF_TYPE + "|".join(parts),), rank=1)
+    forms = _token_forms(raw)
     if not forms:
-        raise BadRequest(f"Invalid token '{value}'")
-    return Clause(keys=tuple(tag + keys.EQ + f for f in forms), rank=1 if not value.endswith("|") else 6)
+        raise BadRequest(f"Invalid token '{unescape(raw)}'")
+    return Clause(keys=tuple(tag + keys.EQ + f for f in forms), rank=1 if not raw.endswith("|") else 6)
 
 
-def _reference(criterion: Criterion, value: str, base_url: str, tag: str = "") -> Clause:
+def _reference(criterion: Criterion, raw: str, base_url: str, tag: str = "") -> Clause:
     assert criterion.param is not None
     if criterion.modifier == "identifier":
-        forms = _token_forms(value)
-        return Clause(keys=tuple(tag + keys.OF_TYPE + f for f in forms), rank=1)
+        return Clause(keys=tuple(tag + keys.OF_TYPE + f for f in _token_forms(raw)), rank=1)
+    value = unescape(raw)
     if base_url and value.startswith(base_url.rstrip("/") + "/"):
         value = value[len(base_url.rstrip("/")) + 1:]
     value = reference_value(value)
     target = criterion.modifier or criterion.target
     if "/" not in value and ":" not in value:  # a bare id: any of the parameter's target types
         types = [target] if target else [t for t in criterion.param.targets if t in supported_types()]
-        if not types or "Resource" in criterion.param.targets:
-            types = sorted(supported_types()) if not target else [target]
+        if not target and (not types or "Resource" in criterion.param.targets):
+            types = sorted(supported_types())
         return Clause(keys=tuple(f"{tag}{keys.EQ}{t}/{value}" for t in types), rank=1)
     if target and not value.startswith(f"{target}/"):
         return Clause(keys=(), rank=1)  # `subject:Patient=Group/1` matches nothing
     return Clause(keys=(tag + keys.EQ + value,), rank=1)
 
 
-def _uri(value: str, modifier: str | None, tag: str = "") -> Clause:
-    if modifier == "below":
+def _uri(raw: str, modifier: str | None, tag: str = "") -> Clause:
+    value = unescape(raw)
+    if modifier == "below":  # the value itself or below it in the path: `…/fhir`, `…/fhir/x`
         low = tag + keys.EQ + value
-        return Clause(exact=_between(low, keys.successor(low)), index=(low, keys.successor(low)), rank=3)
+        exact = {"$regex": "^" + re.escape(low) + "(/|$)"}
+        return Clause(exact=exact, index=(low, low + "0"), rank=3)  # "0" follows "/"
     if modifier == "above":
         parts = value.split("/")
         prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
@@ -140,26 +148,29 @@ def _decimal(text: str, name: str) -> Decimal:
         number = Decimal(text)
     except InvalidOperation as exc:
         raise BadRequest(f"Invalid number '{text}' for {name}", expression=name) from exc
-    if not number.is_finite():
-        raise BadRequest(f"Invalid number '{text}' for {name}", expression=name)
+    if not number.is_finite() or (not number.is_zero() and abs(number.adjusted()) > MAX_EXPONENT):
+        raise BadRequest(f"Number '{text}' for {name} is out of range", expression=name)
     return number
 
 
-def _number(value: str, name: str, tag: str) -> Clause:
+def _number(raw: str, name: str, tag: str) -> Clause:
     """`tag` is the key prefix of the numbers compared (`%`, or a quantity's `^system|code|`)."""
-    prefix, text = _prefix(value)
+    prefix, text = _prefix(unescape(raw))
     number = _decimal(text, name)
     bottom, top = tag + "0", tag + "3"  # below and above every number key
     key = tag + keys.number_key(number)
     after = key + "\x00"  # the least key greater than `key`
     if prefix in ("eq", "ne", "ap"):
-        precision = Decimal(1).scaleb(number.as_tuple().exponent) / 2  # type: ignore[arg-type]
-        delta = abs(number) / 10 if prefix == "ap" else precision
-        low, high = tag + keys.number_key(number - delta), tag + keys.number_key(number + delta)
+        try:
+            precision = Decimal(1).scaleb(number.as_tuple().exponent) / 2  # type: ignore[arg-type]
+            delta = abs(number) / 10 if prefix == "ap" else precision
+            low, high = tag + keys.number_key(number - delta), tag + keys.number_key(number + delta)
+        except (ArithmeticError, ValueError) as exc:
+            raise BadRequest(f"Number '{text}' for {name} is out of range", expression=name) from exc
         if prefix == "ap":
             high += "\x00"
-        if prefix == "ne":
-            return Clause(exact={"$not": _between(low, high)}, rank=9)
+        if prefix == "ne":  # has a value, and none in the range
+            return Clause(exact={**_between(bottom, top), "$not": _between(low, high)}, rank=9)
         return Clause(exact=_between(low, high), index=(low, high), rank=3)
     bounds = {
         "gt": (after, top), "sa": (after, top), "ge": (key, top),
@@ -168,117 +179,128 @@ def _number(value: str, name: str, tag: str) -> Clause:
     return Clause(exact=_between(*bounds), index=bounds, rank=5)
 
 
-def _quantity(value: str, name: str, tag: str = "") -> Clause:
-    if value.count("|") not in (0, 2):
-        raise BadRequest(f"Invalid quantity '{value}' for {name} (number|system|code)", expression=name)
-    number, _, unit = value.partition("|")
-    if not unit:
-        return _number(number, name, tag + keys.NUMBER)
-    system, _, code = unit.partition("|")
+def _quantity(raw: str, name: str, tag: str = "") -> Clause:
+    parts = split_escaped(raw, "|")
+    if len(parts) == 1:
+        return _number(raw, name, tag + keys.NUMBER)
+    if len(parts) != 3:
+        raise BadRequest(f"Invalid quantity '{unescape(raw)}' for {name} (number|system|code)", expression=name)
+    number, system, code = parts[0], unescape(parts[1]), unescape(parts[2])
     if system and code:
         return _number(number, name, f"{tag}{keys.SYSTEM_UNIT}{system}|{code}|")
-    if code or system:
-        return _number(number, name, f"{tag}{keys.UNIT}{code or system}|")
-    raise BadRequest(f"Invalid quantity '{value}' for {name}", expression=name)
+    if code:
+        return _number(number, name, f"{tag}{keys.UNIT}{code}|")
+    if not system:
+        return _number(number, name, tag + keys.NUMBER)
+    raise BadRequest(f"Quantity '{unescape(raw)}' for {name} has a system but no code", expression=name)
 
 
-def _date(value: str, name: str, tag: str = "") -> Clause:
-    prefix, text = _prefix(value)
-    low_dt, high_dt = date_range(text, name)
+def _search_range(raw: str, name: str) -> tuple[str, str, str]:
+    """(prefix, low key, high key) of a date search value; `ap` already widened."""
+    prefix, text = _prefix(unescape(raw))
+    low, high = date_range(text, name)
     if prefix == "ap":
-        distance = abs(datetime.now(UTC) - low_dt) / 10
-        try:
-            low_dt, high_dt = low_dt - distance, high_dt + distance
-        except OverflowError as exc:
-            raise BadRequest(f"Date '{text}' for {name} is out of range", expression=name) from exc
-    sl, sh = keys.instant_key(low_dt), keys.instant_key(high_dt)
-    lo, hi = tag + keys.LOW, tag + keys.HIGH
-    end = ":"  # after every instant key
-    low_at_least = _between(lo + sl, lo + end)
-    high_at_most = _between(hi + "0", hi + sh + "\x00")
-    if prefix == "eq":
-        return Clause(exact=_all(low_at_least, high_at_most), index=(lo + sl, lo + sh + "\x00"), rank=4)
+        distance = abs(datetime.now(UTC) - low) / 10
+        low = low - distance if low - datetime.min.replace(tzinfo=UTC) > distance else datetime.min.replace(tzinfo=UTC)
+        high = high + distance if datetime.max.replace(tzinfo=UTC) - high > distance else datetime.max.replace(tzinfo=UTC)
+    return prefix, keys.instant_key(low), keys.instant_key(high)
+
+
+def _date(raw: str, name: str) -> Clause:
+    """A date parameter's values are `{l, h}` pairs: every condition holds on one value."""
+    prefix, sl, sh = _search_range(raw, name)
+    lo, hi, end = keys.LOW, keys.HIGH, ":"  # ":" sorts after every instant key
+    if prefix == "ge":  # on [greatest low, greatest high]: high >= sl and not (low < sl, high <= sh)
+        exact = {"$elemMatch": {"h": {"$gte": sl}}, "$not": {"$elemMatch": {"l": {"$lt": sl}, "h": {"$lte": sh}}}}
+        return Clause(exact=exact, index=(hi + sl, hi + end), rank=6, field=":ge")
+    if prefix == "le":  # on [least low, least high]: low <= sh and not (low >= sl, high > sh)
+        exact = {"$elemMatch": {"l": {"$lte": sh}}, "$not": {"$elemMatch": {"l": {"$gte": sl}, "h": {"$gt": sh}}}}
+        return Clause(exact=exact, index=(lo + "0", lo + sh + "\x00"), rank=6, field=":le")
+    element, index = {
+        "eq": ({"l": {"$gte": sl}, "h": {"$lte": sh}}, (lo + sl, lo + sh + "\x00")),
+        "ne": ({"l": {"$gte": sl}, "h": {"$lte": sh}}, None),
+        "gt": ({"h": {"$gt": sh}}, (hi + sh + "\x00", hi + end)),
+        "lt": ({"l": {"$lt": sl}}, (lo + "0", lo + sl)),
+        "sa": ({"l": {"$gt": sh}}, (lo + sh + "\x00", lo + end)),
+        "eb": ({"h": {"$lt": sl}}, (hi + "0", hi + sl)),
+        "ap": ({"l": {"$lte": sh}, "h": {"$gte": sl}}, (hi + sl, hi + end)),
+    }[prefix]
     if prefix == "ne":
-        return Clause(exact={"$not": _all(low_at_least, high_at_most)}, rank=9)
-    if prefix in ("gt", "lt", "sa", "eb"):
-        bounds = {
-            "gt": (hi + sh + "\x00", hi + end),
-            "lt": (lo + "0", lo + sl),
-            "sa": (lo + sh + "\x00", lo + end),
-            "eb": (hi + "0", hi + sl),
-        }[prefix]
-        return Clause(exact=_between(*bounds), index=bounds, rank=6)
-    if prefix == "ge":  # high >= sl (every match has it), and not (low < sl and high <= sh)
-        exact = {**_between(hi + sl, hi + end), "$not": _all(_between(lo + "0", lo + sl), high_at_most)}
-        return Clause(exact=exact, index=(hi + sl, hi + end), rank=6)
-    if prefix == "le":  # low <= sh (every match has it), and not (low >= sl and high > sh)
-        exact = {**_between(lo + "0", lo + sh + "\x00"), "$not": _all(low_at_least, _between(hi + sh + "\x00", hi + end))}
-        return Clause(exact=exact, index=(lo + "0", lo + sh + "\x00"), rank=6)
-    # ap: overlaps the widened range
-    return Clause(exact=_all(_between(lo + "0", lo + sh + "\x00"), _between(hi + sl, hi + end)),
-                  index=(hi + sl, hi + end), rank=6)
+        return Clause(exact={"$exists": True, "$not": {"$elemMatch": element}}, rank=9)
+    return Clause(exact={"$elemMatch": element}, index=index, rank=4 if prefix == "eq" else 6, element=element)
+
+
+def _composite_date(raw: str, name: str, tag: str) -> Clause:
+    """A date inside a composite is stored as separate low and high keys (approximate when the
+    element has several dates)."""
+    prefix, sl, sh = _search_range(raw, name)
+    lo, hi, end = tag + keys.LOW, tag + keys.HIGH, ":"
+    ranges = {
+        "eq": [(lo + sl, lo + sh + "\x00"), (hi + sl, hi + sh + "\x00")],
+        "gt": [(hi + sh + "\x00", hi + end)], "sa": [(lo + sh + "\x00", lo + end)],
+        "lt": [(lo + "0", lo + sl)], "eb": [(hi + "0", hi + sl)],
+        "ge": [(hi + sl, hi + end)], "le": [(lo + "0", lo + sh + "\x00")],
+        "ap": [(lo + "0", lo + sh + "\x00"), (hi + sl, hi + end)],
+    }.get(prefix)
+    if ranges is None:
+        raise BadRequest(f"Prefix '{prefix}' is not supported on a date inside '{name}'", expression=name)
+    exact = {"$all": [_between(*r) for r in ranges]}
+    return Clause(exact=exact, index=ranges[0], rank=6)
 
 
 # -- composite ---------------------------------------------------------------------------------
 
 
-def _split_composite(value: str) -> list[str]:
-    parts, current, escaped = [], "", False
-    for char in value:
-        if escaped:
-            current += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == "$":
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return parts + [current]
-
-
-def _composite(criterion: Criterion, value: str, base_url: str) -> Clause:
+def _composite(criterion: Criterion, raw: str, base_url: str) -> Clause:
     assert criterion.param is not None
     components = criterion.param.components
-    parts = _split_composite(value)
+    parts = split_escaped(raw, "$")
     if len(parts) != len(components):
         raise BadRequest(
-            f"'{criterion.name}' takes {len(components)} values joined by '$', not '{value}'",
+            f"'{criterion.name}' takes {len(components)} values joined by '$', not '{unescape(raw)}'",
             expression=criterion.name,
         )
     tag = keys.EQ
     for component, part in zip(components[:-1], parts[:-1], strict=True):
-        forms = _token_forms(part) if component.type == "token" else (part,)
+        forms = _token_forms(part) if component.type == "token" else (unescape(part),)
         if len(forms) != 1:
-            raise BadRequest(f"Invalid composite value '{value}'", expression=criterion.name)
+            raise BadRequest(f"Invalid composite value '{unescape(raw)}'", expression=criterion.name)
         tag += forms[0] + "$"
     last = components[-1]
+    if last.type == "date":
+        return _composite_date(parts[-1], criterion.name, tag)
     return _simple(criterion, last.type, parts[-1], None, base_url, tag)
 
 
 def _simple(
-    criterion: Criterion, kind: str, value: str, modifier: str | None, base_url: str, tag: str = ""
+    criterion: Criterion, kind: str, raw: str, modifier: str | None, base_url: str, tag: str = ""
 ) -> Clause:
     name = criterion.name
     if kind == "string":
-        return _string(value, modifier, tag)
+        return _string(raw, modifier, tag)
     if kind == "token":
-        return _token(value, modifier, tag)
+        return _token(raw, modifier, tag)
     if kind == "reference":
-        return _reference(criterion, value, base_url, tag)
+        return _reference(criterion, raw, base_url, tag)
     if kind == "uri":
-        return _uri(value, modifier, tag)
+        return _uri(raw, modifier, tag)
     if kind == "number":
-        return _number(value, name, tag + keys.NUMBER)
+        return _number(raw, name, tag + keys.NUMBER)
     if kind == "quantity":
-        return _quantity(value, name, tag)
+        return _quantity(raw, name, tag)
     if kind == "date":
-        return _date(value, name, tag)
+        return _date(raw, name)
     raise BadRequest(f"Parameter '{name}' of type {kind} cannot be searched", expression=name)
 
 
 # -- criteria → filter -------------------------------------------------------------------------
+
+
+def _after(moment: datetime) -> datetime | None:
+    try:
+        return moment + _MS
+    except OverflowError:
+        return None
 
 
 def _special(criterion: Criterion) -> tuple[str, dict[str, Any]] | None:
@@ -287,20 +309,23 @@ def _special(criterion: Criterion) -> tuple[str, dict[str, Any]] | None:
     if code == "_id":
         if criterion.modifier == "missing":
             return "_id", {"$exists": criterion.values[0] == "false"}
-        return "_id", {"$in": list(criterion.values)}
+        ids = [unescape(v) for v in criterion.values]
+        return "_id", {"$nin" if criterion.modifier == "not" else "$in": ids}
     if code == "_lastUpdated":
         if criterion.modifier == "missing":
             return "ts", {"$exists": criterion.values[0] == "false"}
         if len(criterion.values) != 1:
             raise BadRequest("_lastUpdated takes one value per parameter (repeat it to combine)")
-        prefix, text = _prefix(criterion.values[0])
+        prefix, text = _prefix(unescape(criterion.values[0]))
         low, high = date_range(text, "_lastUpdated")
-        after = high + _MS
+        after = _after(high)
+        within = {"$gte": low, **({"$lt": after} if after else {})}
         ranges = {
-            "eq": {"$gte": low, "$lt": after}, "gt": {"$gte": after}, "sa": {"$gte": after},
-            "ge": {"$gte": low}, "lt": {"$lt": low}, "eb": {"$lt": low}, "le": {"$lt": after},
-            "ap": {"$gte": low, "$lt": after}, "ne": {"$not": {"$gte": low, "$lt": after}},
+            "eq": within, "ap": within, "ne": {"$not": within},
+            "gt": {"$gte": after} if after else {"$exists": False}, "ge": {"$gte": low},
+            "lt": {"$lt": low}, "eb": {"$lt": low}, "le": {"$lt": after} if after else {"$exists": True},
         }
+        ranges["sa"] = ranges["gt"]
         return "ts", ranges[prefix]
     return None
 
@@ -320,15 +345,18 @@ def _merge(filter_: dict[str, Any], extra: list[dict[str, Any]], field: str, cla
     """AND `clause` into the filter on `field`, keeping one top-level entry per field where the
     operators allow: the embedded database plans only filters without top-level `$and`.
 
-    Element conditions (`$in`, `$elemMatch`) of several criteria join in one `$all`; other
-    operators join when they differ, else go to `extra` (a `$and`).
+    On an index array, element conditions (`$in`, `$elemMatch`) of several criteria join in one
+    `$all`; other operators join when they differ, else go to `extra` (a `$and`).
     """
     current = filter_.get(field)
     if current is None:
         filter_[field] = clause
         return
     if not field.startswith("p."):  # `_id`, `ts`: single values
-        extra.append({field: clause})
+        if set(current) & set(clause):
+            extra.append({field: clause})
+        else:
+            filter_[field] = {**current, **clause}
         return
     elements: list[dict[str, Any]] = []
     others: dict[str, Any] = {}
@@ -347,14 +375,26 @@ def _merge(filter_: dict[str, Any], extra: list[dict[str, Any]], field: str, cla
     filter_[field] = {**({"$all": elements} if elements else {}), **others}
 
 
+def _one_of(clauses: list[Clause], embedded: bool) -> dict[str, Any] | None:
+    """Several values of one parameter (OR) as one clause on its field, when they can be."""
+    if not embedded and all(c.element is not None for c in clauses):
+        return {"$elemMatch": {"$or": [c.element for c in clauses]}}
+    return None
+
+
 def to_filter(
-    criteria: list[Criterion], base_url: str = "", compartment: list[str] | None = None
+    criteria: list[Criterion],
+    base_url: str = "",
+    compartment: list[str] | None = None,
+    *,
+    embedded: bool = False,
 ) -> dict[str, Any]:
     """A filter on current, not deleted resources matching every criterion.
 
     Criteria must be resolved (no chains, no `_has`) by the search service first.
     `compartment`: index keys of which a resource must have one (`patient=Patient/1`, …); the
-    most selective criterion there is, so it always drives the index.
+    most selective criterion there is, so it always drives the index. `embedded`: the embedded
+    database's dialect (plain ranges on the index array, no `$or` inside `$elemMatch`).
     """
     exact: dict[str, Any] = {}
     extra: list[dict[str, Any]] = []
@@ -383,20 +423,27 @@ def to_filter(
             continue
         if len(clauses) == 1:
             only = clauses[0]
-            _merge(exact, extra, field, only.exact)  # type: ignore[arg-type]
+            assert only.exact is not None
+            _merge(exact, extra, field + only.field, only.exact)
             if only.index:
-                low, high = only.index
-                candidates.append((only.rank, INDEX_FIELD, {"$gte": code + low, "$lt": code + high}))
+                low, high = code + only.index[0], code + only.index[1]
+                bounds = {"$gte": low, "$lt": high}
+                candidates.append((only.rank, INDEX_FIELD, bounds if embedded else {"$elemMatch": bounds}))
             continue
-        extra.append({"$or": [{field: c.exact if c.exact is not None else {"$in": list(c.keys)}} for c in clauses]})
+        combined = _one_of(clauses, embedded)
+        if combined is not None:
+            _merge(exact, extra, field, combined)
+        else:
+            extra.append({"$or": [
+                {field + c.field: c.exact if c.exact is not None else {"$in": list(c.keys)}} for c in clauses
+            ]})
     out: dict[str, Any] = {}
     if compartment is not None:
         candidates = [(-1, INDEX_FIELD, {"$in": compartment})]
     if candidates:
         _, field, clause = min(candidates, key=lambda c: c[0])
         out[field] = clause
-    if not any(f.startswith("p.") and "$exists" not in c and "$not" not in c and "$nin" not in c
-               for f, c in exact.items()):
+    if not any(f.startswith("p.") and not set(c) & {"$exists", "$not", "$nin"} for f, c in exact.items()):
         out["del"] = False  # a resource with index keys is not deleted: only needed otherwise
     for field, clause in exact.items():
         if field == "_id" and "_id" in out:

@@ -3,7 +3,7 @@
 from typing import Any
 from urllib.parse import urlencode
 
-from fhir_server.search.registry import summary_elements
+from fhir_server.search.registry import element_name, summary_elements
 from fhir_server.storage.repository import Version, instant
 
 
@@ -57,28 +57,21 @@ def shape(resource: dict[str, Any] | None, summary: str | None, elements: tuple[
     """`_summary` (true, text, data) and `_elements`: a subset, tagged SUBSETTED as the spec asks."""
     if resource is None or (summary is None and not elements):
         return resource
-    summary_set, required = summary_elements(resource["resourceType"])
+    resource_type = resource["resourceType"]
+    summary_set, required = summary_elements(resource_type)  # JSON names: `deceasedBoolean`
     if summary == "true":
-        kept = {k: v for k, v in resource.items() if k in ALWAYS_KEPT or k in summary_set}
+        kept = {k: v for k, v in resource.items() if k in ALWAYS_KEPT or k.removeprefix("_") in summary_set}
     elif summary == "text":
-        kept = {k: v for k, v in resource.items() if k in ALWAYS_KEPT or k == "text" or k in required}
+        kept = {k: v for k, v in resource.items() if k in ALWAYS_KEPT or k == "text" or k.removeprefix("_") in required}
     elif summary == "data":
         kept = {k: v for k, v in resource.items() if k != "text"}
     else:
-        wanted = set(elements or ()) | required
-        kept = {k: v for k, v in resource.items() if k in ALWAYS_KEPT or _element_name(k) in wanted}
+        wanted = set(elements or ()) | {element_name(resource_type, r) for r in required}
+        kept = {k: v for k, v in resource.items() if k in ALWAYS_KEPT or element_name(resource_type, k) in wanted}
     meta = dict(kept.get("meta") or {})
     meta["tag"] = [*meta.get("tag", []), SUBSETTED]
     kept["meta"] = meta
     return kept
-
-
-def _element_name(key: str) -> str:
-    """`deceasedBoolean` is the element `deceased[x]`, asked for as `deceased`."""
-    for i, char in enumerate(key):
-        if char.isupper():
-            return key[:i]
-    return key
 
 
 def searchset_bundle(

@@ -58,7 +58,7 @@ class SearchService:
         depth: int = 0,
     ) -> dict[str, Any]:
         resolved = [await self._resolve(resource_type, c, base, depth) for c in criteria]
-        return to_filter(resolved, base, compartment)
+        return to_filter(resolved, base, compartment, embedded=self.repository.embedded)
 
     async def _resolve(self, resource_type: str, criterion: Criterion, base: str, depth: int) -> Criterion:
         """A chained or `_has` criterion as the ids it stands for; others unchanged."""
@@ -66,7 +66,7 @@ class SearchService:
             return criterion
         if depth >= MAX_CHAIN_DEPTH:
             raise BadRequest(f"'{criterion.name}' chains more than {MAX_CHAIN_DEPTH} levels", expression=criterion.name)
-        raw = ",".join(v.replace("\\", "\\\\").replace(",", "\\,") for v in criterion.values)
+        raw = ",".join(criterion.values)  # values keep their escapes
         limit = self.max_results
         if criterion.has:
             source, ref, rest = criterion.has
@@ -93,9 +93,9 @@ class SearchService:
             if inner is None:
                 continue
             query = await self.filter_for(target, [inner], base, depth=depth + 1)
-            ids = await self.repository.find_ids(target, query, [("_id", 1)], limit=limit + 1)
-            self._check_limit(len(ids), criterion)
+            ids = await self.repository.find_ids(target, query, [("_id", 1)], limit=limit + 1 - len(refs))
             refs.extend(f"{target}/{i}" for i in ids)
+            self._check_limit(len(refs), criterion)  # over every target type together
         return replace(criterion, values=tuple(refs), chain=None, target=None)
 
     def _check_limit(self, found: int, criterion: Criterion) -> None:
@@ -255,7 +255,7 @@ class SearchService:
             if version.type != include.source or version.resource is None:
                 continue
             for param in params:
-                for ref in references(param, version.resource):
+                for ref in references(param, version.resource, self.repository.base_url):
                     kind = ref.split("/")[0]
                     if ref.count("/") == 1 and kind in supported_types() and include.target in (None, kind):
                         refs.append(ref)

@@ -49,7 +49,7 @@ class PageStore:
     def parse(self, token: str, fingerprint: str) -> tuple[str, int]:
         """(snapshot id, offset) of a token made for this search; 400 for anything else."""
         parts = token.split(".")
-        if len(parts) == 3 and parts[1].isdigit():
+        if len(parts) == 3 and parts[1].isascii() and parts[1].isdigit() and len(parts[1]) < 10:
             snapshot, offset, signature = parts[0], int(parts[1]), parts[2]
             if hmac.compare_digest(signature, self._sign(snapshot, offset, fingerprint)):
                 return snapshot, offset
@@ -59,7 +59,8 @@ class PageStore:
         snapshot = secrets.token_urlsafe(12).replace(".", "_")
         expires = datetime.now(UTC) + self.ttl
         docs = [
-            {"_id": f"{snapshot}:{n}", "refs": refs[start:start + CHUNK], "exp": expires, "total": total}
+            {"_id": f"{snapshot}:{n}", "refs": refs[start:start + CHUNK], "exp": expires, "total": total,
+             "stored": len(refs)}
             for n, start in enumerate(range(0, max(len(refs), 1), CHUNK))
         ]
         await self.pages.insert_many(docs)
@@ -78,8 +79,4 @@ class PageStore:
         for n in range(first, last + 1):
             refs.extend(docs.get(f"{snapshot}:{n}", {}).get("refs", []))
         start = offset - first * CHUNK
-        stored = head.get("stored", head["total"])
-        return refs[start:start + count], head["total"], stored
-
-    async def set_stored(self, snapshot: str, stored: int) -> None:
-        await self.pages.update_one({"_id": f"{snapshot}:0"}, {"$set": {"stored": stored}})
+        return refs[start:start + count], head["total"], head["stored"]

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import bson
 from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from fhir_server.errors import BadRequest, Conflict
+from fhir_server.errors import BadRequest, Conflict, PayloadTooLarge
 from fhir_server.search.indexer import index_document
 from fhir_server.search.registry import table_fingerprint
 from fhir_server.search.to_mongo import index_keys
@@ -40,6 +41,7 @@ HISTORY = "history"
 SERVER = "server"  # deployment-wide facts: the search index version, the page-token key
 SEARCH_INDEX = "search-index"
 MAX_ATTEMPTS = 200
+MAX_DOCUMENT = 16 * 1024 * 1024 - 16 * 1024  # MongoDB's limit, less room for the command around it
 # What a read needs of a current document (the search index fields stay in the database).
 VERSION_FIELDS = {"v": 1, "ts": 1, "m": 1, "del": 1, "res": 1}
 
@@ -140,14 +142,14 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise BadRequest("Invalid paging cursor", expression="_cursor") from exc
 
 
-def current_document(entry: dict[str, Any], search_indexing: bool = True) -> dict[str, Any]:
+def current_document(entry: dict[str, Any], search_indexing: bool = True, base_url: str = "") -> dict[str, Any]:
     """The current-collection document of history entry `entry`, with its search index."""
     resource = entry.get("res")
     doc: dict[str, Any] = {"_id": entry["i"], "v": entry["v"], "ts": entry["ts"], "m": entry["m"], "del": resource is None}
     if resource is not None:
         doc["res"] = resource
         if search_indexing:
-            doc.update(index_document(resource, entry["ts"]))
+            doc.update(index_document(resource, entry["ts"], base_url))
             doc["ixv"] = table_fingerprint()
     return doc
 
@@ -155,12 +157,14 @@ def current_document(entry: dict[str, Any], search_indexing: bool = True) -> dic
 class ResourceRepository:
     """Versioned storage of FHIR resources. Knows MongoDB; knows no HTTP."""
 
-    def __init__(self, db: AsyncDatabase, *, search_indexing: bool = True) -> None:
+    def __init__(self, db: AsyncDatabase, *, search_indexing: bool = True, base_url: str = "") -> None:
         self.db = db
         self.history = db[HISTORY]
         self._indexed: set[str] = set()
         self.transactions = False  # set by `prepare`
+        self.embedded = False  # the embedded database: set by `prepare`
         self.search_indexing = search_indexing  # off only to measure what indexing costs
+        self.base_url = base_url  # absolute references to it are indexed as local ones
 
     async def prepare(self, transactions: str = "auto") -> None:
         """Choose how writes are made atomic, and create the shared indexes.
@@ -169,11 +173,12 @@ class ResourceRepository:
         repaired on read, on a standalone server and on the embedded server, whose committed
         transactions do not survive `kill -9` (measured with SecantusDB 0.7.0b3).
         """
+        build = await self.db.client.admin.command("buildInfo")
+        self.embedded = "secantusVersion" in build
         if transactions == "auto":
             hello = await self.db.client.admin.command("hello")
-            build = await self.db.client.admin.command("buildInfo")
             replicated = "setName" in hello or hello.get("msg") == "isdbgrid"
-            self.transactions = replicated and "secantusVersion" not in build
+            self.transactions = replicated and not self.embedded
         else:
             self.transactions = transactions == "on"
         LOGGER.info("writes %s", "in transactions" if self.transactions else "ordered, repaired on read")
@@ -269,7 +274,7 @@ class ResourceRepository:
         self, resource_type: str, query: dict[str, Any], sort: list[tuple[str, int]], *, limit: int
     ) -> list[dict[str, Any]]:
         """`_id` and sort fields of matching current versions (to merge several types' results)."""
-        cursor = self.db[resource_type].find(query, {field: 1 for field, _ in sort})
+        cursor = self.db[resource_type].find(query, {"_id": 1, **{field: 1 for field, _ in sort}})
         if sort:
             cursor = cursor.sort(sort)
         return [doc async for doc in cursor.limit(limit)]
@@ -373,7 +378,7 @@ class ResourceRepository:
         changed meanwhile is left alone: its writer indexed it."""
         collection = await self.collection(resource_type)
         async for doc in collection.find(self._stale(everything), {"v": 1, "ts": 1, "res": 1}):
-            fields = index_document(doc["res"], doc["ts"].replace(tzinfo=UTC))
+            fields = index_document(doc["res"], doc["ts"].replace(tzinfo=UTC), self.base_url)
             fields["ixv"] = table_fingerprint()
             await collection.update_one({"_id": doc["_id"], "v": doc["v"]}, {"$set": fields})
             yield 1
@@ -432,6 +437,9 @@ class ResourceRepository:
             entry["res"] = _stamp(change.resource, resource_id, vid, ts)
             if current is None or current.deleted:
                 entry["c"] = True
+        doc = current_document(entry, self.search_indexing, self.base_url)
+        if len(bson.encode(doc, codec_options=self.db.codec_options)) > MAX_DOCUMENT:  # checked before anything is written
+            raise PayloadTooLarge(f"{resource_type}/{resource_id} with its search index would exceed 16 MiB")
         try:
             await self.history.insert_one(entry, session=session)
         except DuplicateKeyError:
@@ -440,15 +448,19 @@ class ResourceRepository:
                 if claimed is not None:
                     await self._apply(resource_type, claimed, None)
             raise
-        await self._apply(resource_type, entry, session)
+        await self._apply(resource_type, entry, session, doc)
         return _version(entry), current
 
     async def _apply(
-        self, resource_type: str, entry: dict[str, Any], session: AsyncClientSession | None
+        self,
+        resource_type: str,
+        entry: dict[str, Any],
+        session: AsyncClientSession | None,
+        doc: dict[str, Any] | None = None,
     ) -> None:
         """Make history `entry` the current version, if the current one is its predecessor."""
         collection = await self.collection(resource_type)
-        doc = current_document(entry, self.search_indexing)
+        doc = doc or current_document(entry, self.search_indexing, self.base_url)
         if entry["v"] == 1:
             try:
                 await collection.insert_one(doc, session=session)

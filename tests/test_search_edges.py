@@ -1,0 +1,145 @@
+"""Edge cases of search semantics: several dates in one element, escaped separators, `_id:not`,
+`_elements` names, `ne` on resources without a value, `uri:below` boundaries, paging past the
+snapshot limit, and inputs that must get a 400 or an answer, never a 500."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import FHIR_JSON, ServerProcess, put, unique
+
+from fhir_server.storage.embedded import EmbeddedDatabase
+
+RUN = unique()
+TAG = {"system": "urn:test", "code": RUN}
+CODE = {"coding": [{"system": "http://example.org", "code": "c"}]}
+
+
+def _obs(key: str, **fields: object) -> dict:
+    return {"resourceType": "Observation", "id": f"{RUN}-{key}", "meta": {"tag": [TAG]},
+            "status": "final", "code": CODE, **fields}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data(server: ServerProcess) -> None:
+    resources = [
+        _obs("multi", effectiveTiming={"event": ["2020-01-01", "2025-06-01"]}),
+        _obs("single", effectiveDateTime="2023-05-05"),
+        _obs("none", valueCodeableConcept={"text": "no date, no quantity"}),
+        _obs("five", valueQuantity={"value": 5}),
+        _obs("seven", valueQuantity={"value": 7}),
+        _obs("dollar", valueString="x$y"),
+        {"resourceType": "Patient", "id": f"{RUN}-pt", "meta": {"tag": [TAG]}, "gender": "male",
+         "birthDate": "1970-01-01", "_birthDate": {"extension": [{"url": "urn:x", "valueString": "s"}]},
+         "maritalStatus": {"text": "married"}, "identifier": [{"system": "urn:x", "value": "a|b$c,d"}]},
+        {"resourceType": "ValueSet", "id": f"{RUN}-vs1", "meta": {"tag": [TAG]}, "status": "active",
+         "url": f"http://example.org/{RUN}/fhir/vs"},
+        {"resourceType": "ValueSet", "id": f"{RUN}-vs2", "meta": {"tag": [TAG]}, "status": "active",
+         "url": f"http://example.org/{RUN}/fhirx/vs"},
+        {"resourceType": "ValueSet", "id": f"{RUN}-vs3", "meta": {"tag": [TAG]}, "status": "active",
+         "url": f"http://example.org/{RUN}/fhir"},
+    ]
+    with httpx.Client(base_url=f"{server.url}/fhir", timeout=30) as client:
+        for resource in resources:
+            assert put(client, resource).status_code in (200, 201), resource
+
+
+def ids(client: httpx.Client, resource_type: str, params: dict[str, str]) -> set[str]:
+    response = client.get(f"/{resource_type}", params={"_tag": f"urn:test|{RUN}", **params})
+    assert response.status_code == 200, response.text
+    return {e["resource"]["id"].removeprefix(f"{RUN}-") for e in response.json().get("entry", [])}
+
+
+@pytest.mark.parametrize(("params", "expected"), [
+    ({"date": "2023"}, {"single"}),
+    ({"date": "2025-06-01"}, {"multi"}),
+    ({"date": "ge2023"}, {"single", "multi"}),  # the 2025 event
+    ({"date": "le2021"}, {"multi"}),  # the 2020 event
+    ({"date": ["ge2024", "le2021"]}, {"multi"}),  # each criterion by another event
+    ({"date": "gt2024"}, {"multi"}),
+    ({"date": "lt2021"}, {"multi"}),
+    ({"date": "sa2024"}, {"multi"}),
+    ({"date": "eb2021"}, {"multi"}),
+    ({"date": "ne2023"}, {"multi"}),  # has dates, none in 2023; resources without a date do not match
+    ({"date": "2020,2023"}, {"multi", "single"}),
+])
+def test_several_dates_in_one_element(client: httpx.Client, params: dict, expected: set[str]) -> None:
+    assert ids(client, "Observation", params) == expected
+
+
+def test_ne_needs_a_value(client: httpx.Client) -> None:
+    assert ids(client, "Observation", {"value-quantity": "ne5"}) == {"seven"}
+
+
+def test_id_not(client: httpx.Client) -> None:
+    found = ids(client, "Observation", {"_id:not": f"{RUN}-multi,{RUN}-single"})
+    assert found == {"none", "five", "seven", "dollar"}
+
+
+def test_escaped_separators(client: httpx.Client) -> None:
+    assert ids(client, "Patient", {"identifier": "urn:x|a\\|b\\$c\\,d"}) == {"pt"}
+    assert ids(client, "Patient", {"identifier": "a\\|b\\$c\\,d"}) == {"pt"}
+    assert ids(client, "Patient", {"identifier": "urn:x|a"}) == set()
+    assert ids(client, "Observation", {"code-value-string": "http://example.org|c$x\\$y"}) == {"dollar"}
+
+
+def test_elements_by_element_name(client: httpx.Client) -> None:
+    bundle = client.get("/Patient", params={"_tag": f"urn:test|{RUN}", "_elements": "birthDate,maritalStatus"}).json()
+    resource = bundle["entry"][0]["resource"]
+    assert {"birthDate", "_birthDate", "maritalStatus"} <= set(resource)
+    assert "gender" not in resource and "identifier" not in resource
+
+
+def test_uri_below_stops_at_a_path_segment(client: httpx.Client) -> None:
+    assert ids(client, "ValueSet", {"url:below": f"http://example.org/{RUN}/fhir"}) == {"vs1", "vs3"}
+    assert ids(client, "ValueSet", {"url:above": f"http://example.org/{RUN}/fhir/vs/1"}) == {"vs1", "vs3"}
+
+
+@pytest.mark.parametrize("params", [
+    {"_lastUpdated": "9999"}, {"_lastUpdated": "gt9999-12"}, {"_lastUpdated": "le9999-12-31"},
+    {"value-quantity": "1e1000000"}, {"value-quantity": "ap1e-1000000"}, {"_count": "\u00b2"},
+    {"_count": "9" * 5000}, {"code:text": "\U0010ffff"}, {"_page": "a.\u00b2.b"}, {"code:text": "x\x00y"},
+    {"date": "ap0001-01-01"}, {"date": "ap9999-12-31"},
+])
+def test_never_a_500(client: httpx.Client, params: dict[str, str]) -> None:
+    response = client.get("/Observation", params=params)
+    assert response.status_code in (200, 400), response.text
+
+
+@pytest.fixture
+def small_snapshots(database: EmbeddedDatabase, tmp_path: Path) -> Iterator[ServerProcess]:
+    env = {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": f"fhir_snap_{unique()}", "FHIR_MAX_SEARCH_RESULTS": "5",
+           "FHIR_BASE_URL": "https://fhir.example.org/r4"}
+    server = ServerProcess(tmp_path, env).start()
+    yield server
+    server.stop()
+
+
+def test_paging_stops_at_the_snapshot_limit_and_the_total_stays_exact(small_snapshots: ServerProcess) -> None:
+    with httpx.Client(base_url=f"{small_snapshots.url}/fhir", timeout=30) as client:
+        for _ in range(8):
+            created = client.post("/Patient", json={"resourceType": "Patient", "gender": "male"},
+                                  headers={"Content-Type": FHIR_JSON})
+            assert created.status_code == 201
+        url: str | None = "/Patient?gender=male&_count=2"
+        seen, pages = [], 0
+        while url and pages < 10:
+            bundle = client.get(url).json()
+            assert bundle["total"] == 8
+            seen += [e["resource"]["id"] for e in bundle.get("entry", [])]
+            url = next((link["url"] for link in bundle["link"] if link["relation"] == "next"), None)
+            url = url.replace("https://fhir.example.org/r4", "") if url else None  # the public base
+            pages += 1
+        assert pages == 3 and len(seen) == len(set(seen)) == 5
+
+
+def test_absolute_references_to_this_server_are_local(small_snapshots: ServerProcess) -> None:
+    """With FHIR_BASE_URL set, `https://fhir.example.org/r4/Patient/1` is indexed as `Patient/1`."""
+    with httpx.Client(base_url=f"{small_snapshots.url}/fhir", timeout=30) as client:
+        put(client, {"resourceType": "Patient", "id": "abs1"})
+        put(client, _obs("abs", subject={"reference": "https://fhir.example.org/r4/Patient/abs1"}))
+        for value in ("Patient/abs1", "abs1", "https://fhir.example.org/r4/Patient/abs1"):
+            bundle = client.get("/Observation", params={"subject": value, "_include": "Observation:subject"}).json()
+            assert [(e["resource"]["id"], e["search"]["mode"]) for e in bundle["entry"]] == [
+                (f"{RUN}-abs", "match"), ("abs1", "include")], value
