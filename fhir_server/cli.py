@@ -51,7 +51,7 @@ async def _reindex_all(settings: Settings, everything: bool) -> None:
 
     database = await open_database(settings)
     try:
-        repository = ResourceRepository(database.db)
+        repository = ResourceRepository(database.db, base_url=settings.base_url or "")
         types = await repository.stored_types()
         stale = {t: await repository.count_stale(t, everything) for t in types}
         total = sum(stale.values())

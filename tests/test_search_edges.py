@@ -30,15 +30,22 @@ def data(server: ServerProcess) -> None:
         _obs("five", valueQuantity={"value": 5}),
         _obs("seven", valueQuantity={"value": 7}),
         _obs("dollar", valueString="x$y"),
+        _obs("period", valuePeriod={"start": "2019-06-01", "end": "2020-06-01"}),
+        _obs("precise", valueQuantity={"value": 1}),
         {"resourceType": "Patient", "id": f"{RUN}-pt", "meta": {"tag": [TAG]}, "gender": "male",
          "birthDate": "1970-01-01", "_birthDate": {"extension": [{"url": "urn:x", "valueString": "s"}]},
          "maritalStatus": {"text": "married"}, "identifier": [{"system": "urn:x", "value": "a|b$c,d"}]},
+        {"resourceType": "Patient", "id": f"{RUN}-pt2", "meta": {"tag": [TAG]},
+         "identifier": [{"value": "urn:y|b"}, {"system": "urn:z", "value": "CORP\\jsmith"}]},
+        {"resourceType": "Patient", "id": f"{RUN}-pt3", "meta": {"tag": [TAG]}, "identifier": [{"system": "urn:y", "value": "b"}]},
         {"resourceType": "ValueSet", "id": f"{RUN}-vs1", "meta": {"tag": [TAG]}, "status": "active",
          "url": f"http://example.org/{RUN}/fhir/vs"},
         {"resourceType": "ValueSet", "id": f"{RUN}-vs2", "meta": {"tag": [TAG]}, "status": "active",
          "url": f"http://example.org/{RUN}/fhirx/vs"},
         {"resourceType": "ValueSet", "id": f"{RUN}-vs3", "meta": {"tag": [TAG]}, "status": "active",
          "url": f"http://example.org/{RUN}/fhir"},
+        {"resourceType": "ValueSet", "id": f"{RUN}-vs4", "meta": {"tag": [TAG]}, "status": "active",
+         "url": f"http://example.org/{RUN}/fhir/"},
     ]
     with httpx.Client(base_url=f"{server.url}/fhir", timeout=30) as client:
         for resource in resources:
@@ -69,15 +76,34 @@ def test_several_dates_in_one_element(client: httpx.Client, params: dict, expect
 
 
 def test_ne_needs_a_value(client: httpx.Client) -> None:
-    assert ids(client, "Observation", {"value-quantity": "ne5"}) == {"seven"}
+    assert ids(client, "Observation", {"value-quantity": "ne5"}) == {"seven", "precise"}
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("ge2020", set()), ("le2019", set()), ("ge2019", {"period"}), ("le2020", {"period"}),
+    ("gt2019", {"period"}), ("lt2020", {"period"}), ("ne2020", {"period"}), ("2019-06-01", set()),
+    ("ap2019-12", {"period"}), ("sa2020", set()), ("eb2021", {"period"}),
+])
+def test_a_date_inside_a_composite(client: httpx.Client, value: str, expected: set[str]) -> None:
+    """[2019-06-01, 2020-06-01] against the R4 rules, as `value-date` answers them too."""
+    assert ids(client, "Observation", {"code-value-date": f"http://example.org|c${value}"}) == expected
+    assert ids(client, "Observation", {"value-date": value}) == expected
+
+
+def test_number_precision_beyond_28_digits(client: httpx.Client) -> None:
+    assert ids(client, "Observation", {"value-quantity": "1.00000000000000000000000000000"}) == {"precise"}
+    assert ids(client, "Observation", {"value-quantity": "5|"}) == {"five"}
 
 
 def test_id_not(client: httpx.Client) -> None:
     found = ids(client, "Observation", {"_id:not": f"{RUN}-multi,{RUN}-single"})
-    assert found == {"none", "five", "seven", "dollar"}
+    assert found == {"none", "five", "seven", "dollar", "period", "precise"}
 
 
 def test_escaped_separators(client: httpx.Client) -> None:
+    assert ids(client, "Patient", {"identifier": "urn:y\\|b"}) == {"pt2"}  # a value with a bar, any system
+    assert ids(client, "Patient", {"identifier": "urn:y|b"}) == {"pt3"}
+    assert ids(client, "Patient", {"identifier": "urn:z|CORP\\jsmith"}) == {"pt2"}  # a lone backslash stays
     assert ids(client, "Patient", {"identifier": "urn:x|a\\|b\\$c\\,d"}) == {"pt"}
     assert ids(client, "Patient", {"identifier": "a\\|b\\$c\\,d"}) == {"pt"}
     assert ids(client, "Patient", {"identifier": "urn:x|a"}) == set()
@@ -92,7 +118,8 @@ def test_elements_by_element_name(client: httpx.Client) -> None:
 
 
 def test_uri_below_stops_at_a_path_segment(client: httpx.Client) -> None:
-    assert ids(client, "ValueSet", {"url:below": f"http://example.org/{RUN}/fhir"}) == {"vs1", "vs3"}
+    assert ids(client, "ValueSet", {"url:below": f"http://example.org/{RUN}/fhir"}) == {"vs1", "vs3", "vs4"}
+    assert ids(client, "ValueSet", {"url:below": f"http://example.org/{RUN}/fhir/"}) == {"vs1", "vs4"}
     assert ids(client, "ValueSet", {"url:above": f"http://example.org/{RUN}/fhir/vs/1"}) == {"vs1", "vs3"}
 
 
@@ -143,3 +170,6 @@ def test_absolute_references_to_this_server_are_local(small_snapshots: ServerPro
             bundle = client.get("/Observation", params={"subject": value, "_include": "Observation:subject"}).json()
             assert [(e["resource"]["id"], e["search"]["mode"]) for e in bundle["entry"]] == [
                 (f"{RUN}-abs", "match"), ("abs1", "include")], value
+        absolute = "subject=https://fhir.example.org/r4/Patient/abs1"
+        again = client.post("/Observation", json=_obs("abs2"), headers={"Content-Type": FHIR_JSON, "If-None-Exist": absolute})
+        assert again.status_code == 200 and again.json()["id"] == f"{RUN}-abs"  # the match, not a new one

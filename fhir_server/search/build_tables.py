@@ -130,7 +130,7 @@ def build_summaries() -> dict[str, dict[str, Any]]:
                 choices[field.alias] = extra["one_of_many"]
             if extra.get("summary_element_property"):
                 summary.append(field.alias)
-            if extra.get("element_required") or field.is_required():
+            if extra.get("element_required") or field.is_required() or extra.get("one_of_many_required"):
                 required.append(field.alias)
         out[resource_type] = {"summary": summary, "required": required, "choices": choices}
     return out

@@ -92,15 +92,16 @@ def split_escaped(value: str, separator: str, limit: int = -1) -> list[str]:
 
 
 def unescape(value: str) -> str:
-    """`\\,` `\\$` `\\|` `\\\\` → the character itself."""
-    out, escaped = "", False
-    for char in value:
-        if escaped or char != "\\":
-            out += char
-            escaped = False
+    """`\\,` `\\$` `\\|` `\\\\` → the character itself; any other backslash stays."""
+    out, i = "", 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value) and value[i + 1] in ",$|\\":
+            out += value[i + 1]
+            i += 2
         else:
-            escaped = True
-    return out + ("\\" if escaped else "")
+            out += value[i]
+            i += 1
+    return out
 
 
 def _values(name: str, raw: str) -> tuple[str, ...]:

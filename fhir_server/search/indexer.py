@@ -49,9 +49,12 @@ def string_keys(found: list[Found]) -> list[str]:
 
 
 def _code_forms(system: Any, code: Any) -> list[str]:
+    has_system = isinstance(system, str) and bool(system)
+    system = keys.token_part(system) if has_system else ""
     if not isinstance(code, str) or not code:
-        return [keys.EQ + system + "|"] if isinstance(system, str) and system else []
-    if isinstance(system, str) and system:
+        return [keys.EQ + system + "|"] if has_system else []
+    code = keys.token_part(code)
+    if has_system:
         return [keys.EQ + code, f"{keys.EQ}{system}|{code}", f"{keys.EQ}{system}|"]
     return [keys.EQ + code, f"{keys.EQ}|{code}"]
 
@@ -83,9 +86,9 @@ def token_keys(found: list[Found]) -> list[str]:
                 kind = value.get("type")
                 if isinstance(kind, dict) and isinstance(value.get("value"), str):
                     for coding in kind.get("coding") or []:
-                        if isinstance(coding, dict) and coding.get("code"):
-                            system = coding.get("system") or ""
-                            out.append(f"{keys.OF_TYPE}{system}|{coding['code']}|{value['value']}")
+                        if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+                            parts = (coding.get("system") or "", coding["code"], value["value"])
+                            out.append(keys.OF_TYPE + "|".join(keys.token_part(p) for p in parts))
                     out.extend(_text(kind.get("text")))
             else:  # Coding
                 out.extend(_coding(value))

@@ -22,6 +22,12 @@ UNIT = "&"  # quantity `code|` or `unit|` + number
 MAX_STRING = 200  # longer strings are indexed by their first characters
 
 
+def token_part(text: str) -> str:
+    """A system, code or value inside a `system|code` key, its own `|` and `\\` escaped, so
+    that value `a|b` and system `a` with value `b` give different keys."""
+    return text.replace("\\", "\\\\").replace("|", "\\|")
+
+
 def normalise(text: str) -> str:
     """Case- and accent-insensitive form: `Müller` → `muller`."""
     decomposed = unicodedata.normalize("NFKD", text)

@@ -10,7 +10,7 @@ from typing import Any
 from fhir_server.search.paths import Path, compile_path
 
 # Bumped when the indexer stores values differently, so `fhir-server reindex` redoes every document.
-INDEX_FORMAT = "2"
+INDEX_FORMAT = "3"
 
 # Parameters whose values come from the stored document rather than an expression.
 SPECIAL = frozenset({"_id", "_lastUpdated"})
@@ -89,10 +89,11 @@ def patient_compartment() -> dict[str, tuple[str, ...]]:
 
 
 @cache
-def table_fingerprint() -> str:
-    """Changes with the parameter table or the index format: what `reindex` compares."""
+def table_fingerprint(base_url: str = "") -> str:
+    """Changes with the parameter table, the index format or the public base URL (absolute
+    references to it are indexed as local): what `reindex` compares."""
     text = resources.files("fhir_server").joinpath("data/search_parameters.json").read_bytes()
-    return hashlib.sha256(text + INDEX_FORMAT.encode()).hexdigest()[:12]
+    return hashlib.sha256(text + INDEX_FORMAT.encode() + base_url.encode()).hexdigest()[:12]
 
 
 @cache

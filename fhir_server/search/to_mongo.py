@@ -19,7 +19,7 @@ resources that have a value, none of them equal.
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 from typing import Any
 
 from fhir_server.errors import BadRequest
@@ -56,6 +56,7 @@ class Clause:
     rank: int = 5  # lower is more selective
     element: dict[str, Any] | None = None
     field: str = ""  # another key array of the parameter: `:ge`, `:le` (dates)
+    any_of: tuple[dict[str, Any], ...] = ()  # or one of these clauses on the keys (a top-level `$or`)
 
 
 def _between(low: str, high: str) -> dict[str, Any]:
@@ -88,8 +89,8 @@ def _token_forms(raw: str) -> tuple[str, ...]:
     """`system|code`, `|code`, `system|` or `code`, as stored."""
     parts = split_escaped(raw, "|", 1)
     if len(parts) == 1:
-        return (unescape(raw),)
-    system, code = unescape(parts[0]), unescape(parts[1])
+        return (keys.token_part(unescape(raw)),)
+    system, code = keys.token_part(unescape(parts[0])), keys.token_part(unescape(parts[1]))
     return (f"{system}|{code}",) if system or code else ()
 
 
@@ -101,7 +102,7 @@ def _token(raw: str, modifier: str | None, tag: str = "") -> Clause:
         parts = [unescape(p) for p in split_escaped(raw, "|")]
         if len(parts) != 3 or not all(parts[1:]):
             raise BadRequest(f"identifier:of-type takes system|code|value, not '{unescape(raw)}'")
-        return Clause(keys=(tag + keys.OF_TYPE + "|".join(parts),), rank=1)
+        return Clause(keys=(tag + keys.OF_TYPE + "|".join(keys.token_part(p) for p in parts),), rank=1)
     forms = _token_forms(raw)
     if not forms:
         raise BadRequest(f"Invalid token '{unescape(raw)}'")
@@ -131,6 +132,8 @@ def _uri(raw: str, modifier: str | None, tag: str = "") -> Clause:
     value = unescape(raw)
     if modifier == "below":  # the value itself or below it in the path: `…/fhir`, `…/fhir/x`
         low = tag + keys.EQ + value
+        if value.endswith("/"):
+            return Clause(exact=_between(low, keys.successor(low)), index=(low, keys.successor(low)), rank=3)
         exact = {"$regex": "^" + re.escape(low) + "(/|$)"}
         return Clause(exact=exact, index=(low, low + "0"), rank=3)  # "0" follows "/"
     if modifier == "above":
@@ -162,9 +165,11 @@ def _number(raw: str, name: str, tag: str) -> Clause:
     after = key + "\x00"  # the least key greater than `key`
     if prefix in ("eq", "ne", "ap"):
         try:
-            precision = Decimal(1).scaleb(number.as_tuple().exponent) / 2  # type: ignore[arg-type]
-            delta = abs(number) / 10 if prefix == "ap" else precision
-            low, high = tag + keys.number_key(number - delta), tag + keys.number_key(number + delta)
+            with localcontext() as exact_context:  # enough digits for value ± half a unit of its last one
+                exact_context.prec = len(number.as_tuple().digits) + 30
+                precision = Decimal(1).scaleb(number.as_tuple().exponent) / 2  # type: ignore[arg-type]
+                delta = abs(number) / 10 if prefix == "ap" else precision
+                low, high = tag + keys.number_key(number - delta), tag + keys.number_key(number + delta)
         except (ArithmeticError, ValueError) as exc:
             raise BadRequest(f"Number '{text}' for {name} is out of range", expression=name) from exc
         if prefix == "ap":
@@ -181,8 +186,8 @@ def _number(raw: str, name: str, tag: str) -> Clause:
 
 def _quantity(raw: str, name: str, tag: str = "") -> Clause:
     parts = split_escaped(raw, "|")
-    if len(parts) == 1:
-        return _number(raw, name, tag + keys.NUMBER)
+    if len(parts) == 1 or parts[1:] == [""]:
+        return _number(parts[0], name, tag + keys.NUMBER)
     if len(parts) != 3:
         raise BadRequest(f"Invalid quantity '{unescape(raw)}' for {name} (number|system|code)", expression=name)
     number, system, code = parts[0], unescape(parts[1]), unescape(parts[2])
@@ -231,21 +236,29 @@ def _date(raw: str, name: str) -> Clause:
 
 
 def _composite_date(raw: str, name: str, tag: str) -> Clause:
-    """A date inside a composite is stored as separate low and high keys (approximate when the
-    element has several dates)."""
+    """A date inside a composite is stored as separate low and high keys: exact when the element
+    has one date (the usual case), approximate when it has several."""
     prefix, sl, sh = _search_range(raw, name)
     lo, hi, end = tag + keys.LOW, tag + keys.HIGH, ":"
-    ranges = {
-        "eq": [(lo + sl, lo + sh + "\x00"), (hi + sl, hi + sh + "\x00")],
-        "gt": [(hi + sh + "\x00", hi + end)], "sa": [(lo + sh + "\x00", lo + end)],
-        "lt": [(lo + "0", lo + sl)], "eb": [(hi + "0", hi + sl)],
-        "ge": [(hi + sl, hi + end)], "le": [(lo + "0", lo + sh + "\x00")],
-        "ap": [(lo + "0", lo + sh + "\x00"), (hi + sl, hi + end)],
+    low_from, low_before = _between(lo + sl, lo + end), _between(lo + "0", lo + sl)
+    high_after, high_by = _between(hi + sh + "\x00", hi + end), _between(hi + "0", hi + sh + "\x00")
+    if prefix in ("eq", "ne"):
+        inside = {"$all": [low_from, high_by]}
+        if prefix == "ne":  # has a date there, and it is not inside
+            return Clause(exact={**_between(lo + "0", lo + end), "$not": inside}, rank=9)
+        return Clause(exact=inside, index=(lo + sl, lo + sh + "\x00"), rank=6)
+    if prefix == "ge":  # low >= sl or high > sh
+        return Clause(any_of=(low_from, high_after), rank=9)
+    if prefix == "le":  # low < sl or high <= sh
+        return Clause(any_of=(low_before, high_by), rank=9)
+    bounds = {
+        "gt": (hi + sh + "\x00", hi + end), "sa": (lo + sh + "\x00", lo + end),
+        "lt": (lo + "0", lo + sl), "eb": (hi + "0", hi + sl),
     }.get(prefix)
-    if ranges is None:
-        raise BadRequest(f"Prefix '{prefix}' is not supported on a date inside '{name}'", expression=name)
-    exact = {"$all": [_between(*r) for r in ranges]}
-    return Clause(exact=exact, index=ranges[0], rank=6)
+    if bounds is None:  # ap: overlaps the widened range
+        return Clause(exact={"$all": [_between(lo + "0", lo + sh + "\x00"), _between(hi + sl, hi + end)]},
+                      index=(hi + sl, hi + end), rank=6)
+    return Clause(exact=_between(*bounds), index=bounds, rank=6)
 
 
 # -- composite ---------------------------------------------------------------------------------
@@ -415,11 +428,14 @@ def to_filter(
             continue
         clauses = criterion_clauses(criterion, base_url)
         code = criterion.code
-        if all(c.exact is None for c in clauses):  # equalities: one `$in`, exact on the index too
+        if all(c.exact is None and not c.any_of for c in clauses):  # equalities: one `$in`, exact on the index too
             found = [k for c in clauses for k in c.keys]
             _merge(exact, extra, field, {"$in": found})
             rank = min(c.rank for c in clauses) + (6 if code in FEW_VALUES else 0)
             candidates.append((rank, INDEX_FIELD, {"$in": [code + k for k in found]}))
+            continue
+        if len(clauses) == 1 and clauses[0].any_of:
+            extra.append({"$or": [{field: c} for c in clauses[0].any_of]})
             continue
         if len(clauses) == 1:
             only = clauses[0]
@@ -435,7 +451,12 @@ def to_filter(
             _merge(exact, extra, field, combined)
         else:
             extra.append({"$or": [
-                {field + c.field: c.exact if c.exact is not None else {"$in": list(c.keys)}} for c in clauses
+                alternative
+                for c in clauses
+                for alternative in (
+                    [{field: a} for a in c.any_of] if c.any_of
+                    else [{field + c.field: c.exact if c.exact is not None else {"$in": list(c.keys)}}]
+                )
             ]})
     out: dict[str, Any] = {}
     if compartment is not None:

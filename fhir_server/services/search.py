@@ -107,7 +107,8 @@ class SearchService:
 
     async def matches(self, resource_type: str, criteria: list[Criterion], *, limit: int) -> list[Version]:
         """Current matches of resolved criteria, for conditional interactions."""
-        return await self.repository.find(resource_type, await self.filter_for(resource_type, criteria), limit=limit)
+        query = await self.filter_for(resource_type, criteria, self.repository.base_url)
+        return await self.repository.find(resource_type, query, limit=limit)
 
     # -- searches --------------------------------------------------------------------------------
 

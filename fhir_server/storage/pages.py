@@ -79,4 +79,4 @@ class PageStore:
         for n in range(first, last + 1):
             refs.extend(docs.get(f"{snapshot}:{n}", {}).get("refs", []))
         start = offset - first * CHUNK
-        return refs[start:start + count], head["total"], head["stored"]
+        return refs[start:start + count], head["total"], head.get("stored", head["total"])

@@ -150,7 +150,7 @@ def current_document(entry: dict[str, Any], search_indexing: bool = True, base_u
         doc["res"] = resource
         if search_indexing:
             doc.update(index_document(resource, entry["ts"], base_url))
-            doc["ixv"] = table_fingerprint()
+            doc["ixv"] = table_fingerprint(base_url)
     return doc
 
 
@@ -190,7 +190,7 @@ class ResourceRepository:
         marker = await self.db[SERVER].find_one({"_id": SEARCH_INDEX})
         if marker is None and not await self.stored_types():
             await self.mark_search_index()  # a new database: indexed as written from now on
-        elif marker is None or marker.get("fingerprint") != table_fingerprint():
+        elif marker is None or marker.get("fingerprint") != table_fingerprint(self.base_url):
             LOGGER.warning(
                 "stored resources were indexed for search by another version: "
                 "run `fhir-server reindex` so that searches find them all"
@@ -199,7 +199,7 @@ class ResourceRepository:
     async def mark_search_index(self) -> None:
         """Record that every stored resource is indexed with the current parameter table."""
         await self.db[SERVER].update_one(
-            {"_id": SEARCH_INDEX}, {"$set": {"fingerprint": table_fingerprint()}}, upsert=True
+            {"_id": SEARCH_INDEX}, {"$set": {"fingerprint": table_fingerprint(self.base_url)}}, upsert=True
         )
 
     async def ensure_indexes(self) -> None:
@@ -367,7 +367,7 @@ class ResourceRepository:
     # -- re-indexing -------------------------------------------------------------------------
 
     def _stale(self, everything: bool) -> dict[str, Any]:
-        return {"del": False} if everything else {"del": False, "ixv": {"$ne": table_fingerprint()}}
+        return {"del": False} if everything else {"del": False, "ixv": {"$ne": table_fingerprint(self.base_url)}}
 
     async def count_stale(self, resource_type: str, everything: bool = False) -> int:
         """Current resources indexed with another parameter table (or all, `everything`)."""
@@ -379,7 +379,7 @@ class ResourceRepository:
         collection = await self.collection(resource_type)
         async for doc in collection.find(self._stale(everything), {"v": 1, "ts": 1, "res": 1}):
             fields = index_document(doc["res"], doc["ts"].replace(tzinfo=UTC), self.base_url)
-            fields["ixv"] = table_fingerprint()
+            fields["ixv"] = table_fingerprint(self.base_url)
             await collection.update_one({"_id": doc["_id"], "v": doc["v"]}, {"$set": fields})
             yield 1
 
