@@ -139,7 +139,7 @@ class SearchService:
         query = None
         if not request.page:
             query = await self.filter_for(resource_type, request.criteria, base, compartment=compartment_keys)
-        return await self._run(base, path, [resource_type], request, {resource_type: query} if query else None)
+        return await self._run(base, path, request, {resource_type: query} if query else None)
 
     async def system_search(self, base: str, params: list[tuple[str, str]], *, strict: bool) -> dict[str, Any]:
         """`GET /?_type=A,B&…`: the parameters every resource has, over the listed types."""
@@ -156,16 +156,16 @@ class SearchService:
         queries = None
         if not request.page:
             queries = {t: await self.filter_for(t, request.criteria, base) for t in types}
-        return await self._run(base, "", types, request, queries)
+        return await self._run(base, "", request, queries)
 
     async def _run(
         self,
         base: str,
         path: str,
-        types: list[str],
         request: SearchRequest,
         queries: dict[str, dict[str, Any]] | None,
     ) -> dict[str, Any]:
+        """One page: from a new query (`queries`, per type) or from the snapshot `_page` names."""
         fingerprint = _fingerprint(path, request.applied)
         count = request.count
         offset = 0

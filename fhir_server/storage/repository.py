@@ -253,12 +253,7 @@ class ResourceRepository:
         self, resource_type: str, query: dict[str, Any], sort: list[tuple[str, int]], *, limit: int
     ) -> list[str]:
         """The ids of matching current versions, in `sort` order, at most `limit`."""
-        if limit <= 0:
-            return []
-        cursor = self.db[resource_type].find(query, {"_id": 1})
-        if sort:
-            cursor = cursor.sort(sort)
-        return [doc["_id"] async for doc in cursor.limit(limit)]
+        return [doc["_id"] for doc in await self.find_sort_keys(resource_type, query, sort, limit=limit)]
 
     async def fetch(self, resource_type: str, ids: list[str]) -> list[Version]:
         """Current, not deleted versions of `ids`, in that order (missing ones left out)."""
@@ -273,7 +268,10 @@ class ResourceRepository:
     async def find_sort_keys(
         self, resource_type: str, query: dict[str, Any], sort: list[tuple[str, int]], *, limit: int
     ) -> list[dict[str, Any]]:
-        """`_id` and sort fields of matching current versions (to merge several types' results)."""
+        """`_id` and sort fields of matching current versions, in `sort` order (also to merge
+        several types' results)."""
+        if limit <= 0:
+            return []
         cursor = self.db[resource_type].find(query, {"_id": 1, **{field: 1 for field, _ in sort}})
         if sort:
             cursor = cursor.sort(sort)
