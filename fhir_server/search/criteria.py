@@ -237,10 +237,13 @@ def _sort(resource_type: str | None, raw: str) -> list[tuple[str, bool]]:
     return out
 
 
-def _non_negative(raw: str, name: str) -> int:
+def page_size(raw: str | None, default: int, maximum: int) -> int:
+    """`_count` (of a search or a history), capped; 0 asks for the total only."""
+    if raw is None:
+        return min(default, maximum)
     if not re.fullmatch(r"[0-9]{1,9}", raw):
-        raise BadRequest(f"{name} must be a non-negative integer, not '{raw}'", expression=name)
-    return int(raw)
+        raise BadRequest(f"_count must be a non-negative integer, not '{raw[:40]}'", expression="_count")
+    return min(int(raw), maximum)
 
 
 def parse_search(
@@ -273,7 +276,7 @@ def parse_search(
     used = {c.name for c in criteria}
     for name, raw in pairs:
         if name == "_count":
-            request.count = min(_non_negative(raw, name), max_count)
+            request.count = page_size(raw, default_count, max_count)
         elif name == "_sort":
             request.sort = _sort(resource_type, raw)
         elif name == "_total":

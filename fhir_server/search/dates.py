@@ -9,7 +9,7 @@ from dateutil.parser import isoparse
 from fhir_server.errors import BadRequest
 
 _DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
-_MS = timedelta(milliseconds=1)
+ONE_MS = timedelta(milliseconds=1)
 
 
 def date_range(value: str, name: str = "date") -> tuple[datetime, datetime]:
@@ -55,6 +55,6 @@ def date_range(value: str, name: str = "date") -> tuple[datetime, datetime]:
 def _last_instant(low: datetime, span: timedelta) -> datetime:
     """The last millisecond of `span` from `low`; the end of year 9999 at the latest."""
     try:
-        return low + span - _MS
+        return low + span - ONE_MS
     except OverflowError:
         return datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)

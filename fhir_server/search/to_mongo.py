@@ -18,14 +18,14 @@ resources that have a value, none of them equal.
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation, localcontext
 from typing import Any
 
 from fhir_server.errors import BadRequest
 from fhir_server.search import keys
 from fhir_server.search.criteria import Criterion, split_escaped, unescape
-from fhir_server.search.dates import date_range
+from fhir_server.search.dates import ONE_MS, date_range
 from fhir_server.search.indexer import reference_value
 from fhir_server.validation.resource_types import supported_types
 
@@ -36,7 +36,6 @@ FEW_VALUES = frozenset({
     "status", "category", "gender", "active", "class", "intent", "priority", "type", "language",
     "_tag", "_security", "_profile", "_source", "clinical-status", "verification-status", "use",
 })
-_MS = timedelta(milliseconds=1)
 MAX_EXPONENT = 6144  # Decimal128's range: larger numbers are never stored
 
 
@@ -311,7 +310,7 @@ def _simple(
 
 def _after(moment: datetime) -> datetime | None:
     try:
-        return moment + _MS
+        return moment + ONE_MS
     except OverflowError:
         return None
 

@@ -1,28 +1,15 @@
 """History at instance, type and system level: `_count`, `_since`, `_at` and cursor paging."""
 
-import re
 from typing import Any
 
 from fhir_server.errors import BadRequest
+from fhir_server.search.criteria import page_size
 from fhir_server.search.dates import date_range
 from fhir_server.services.bundles import history_bundle, page_url
 from fhir_server.storage.repository import ResourceRepository
 from fhir_server.validation.resource import check_id, check_type
 
 HISTORY_PARAMETERS = frozenset({"_count", "_since", "_at", "_cursor", "_format", "_pretty"})
-
-
-def non_negative(raw: str | None, name: str, default: int) -> int:
-    if raw is None:
-        return default
-    if not re.fullmatch(r"[0-9]{1,9}", raw):
-        raise BadRequest(f"{name} must be a non-negative integer, not '{raw[:40]}'", expression=name)
-    return int(raw)
-
-
-def page_size(raw: str | None, default: int, maximum: int) -> int:
-    """`_count`, capped; 0 asks for the total only."""
-    return min(non_negative(raw, "_count", default), maximum)
 
 
 class HistoryService:

@@ -17,9 +17,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from fhir_server.errors import BadRequest, Gone
+from fhir_server.storage.repository import SERVER
 
 PAGES = "pages"
-SERVER = "server"  # shared with the repository: one collection of deployment-wide facts
 CHUNK = 1000
 
 
