@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     search_indexing: bool = True
     # MongoDB stores at most 16 MiB per document: larger resources could not be stored.
     max_body_bytes: int = 15 * 1024 * 1024
+    # Batch and transaction Bundles: at most this many entries and bytes (then 413).
+    max_bundle_entries: int = 10000
+    max_bundle_bytes: int = 100 * 1024 * 1024
     # How long a conditional create/update waits for a concurrent one on the same criteria.
     conditional_wait_s: float = 20.0
     log_level: str = "INFO"

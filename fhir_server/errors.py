@@ -83,6 +83,12 @@ class NotAcceptable(FhirError):
     status, code = 406, "not-supported"
 
 
+class TooCostly(FhirError):
+    """A request the server will not run because of its cost (a 400 in FHIR's terms)."""
+
+    status, code = 400, "too-costly"
+
+
 class Conflict(FhirError):
     status, code = 409, "conflict"
 

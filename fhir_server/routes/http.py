@@ -26,9 +26,10 @@ JSON_PATCH = "application/json-patch+json"
 FORM = "application/x-www-form-urlencoded"
 
 
-async def json_body(request: Request, allowed: frozenset[str] = FHIR_BODY_TYPES) -> Any:
-    """The request body as JSON, after checking its media type and size."""
-    raw = await _body(request, allowed)
+async def json_body(request: Request, allowed: frozenset[str] = FHIR_BODY_TYPES, limit: int | None = None) -> Any:
+    """The request body as JSON, after checking its media type and size (`limit`: bytes, the
+    resource limit by default)."""
+    raw = await _body(request, allowed, limit=limit)
     if not raw:
         raise BadRequest("The request has no body")
     try:
@@ -47,14 +48,14 @@ async def form_params(request: Request) -> list[tuple[str, str]]:
     return body + list(request.query_params.multi_items())
 
 
-async def _body(request: Request, allowed: frozenset[str], required: bool = False) -> bytes:
+async def _body(request: Request, allowed: frozenset[str], required: bool = False, limit: int | None = None) -> bytes:
     content_type = request.headers.get("content-type", "")
     kind = content_type.split(";")[0].strip().lower()
     if (kind or required) and kind not in allowed:
         raise UnsupportedMediaType(
             f"Content-Type '{content_type}' is not supported here; send {', '.join(sorted(allowed))}"
         )
-    limit = request.app.state.settings.max_body_bytes
+    limit = limit or request.app.state.settings.max_body_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The body is larger than {limit} bytes")

@@ -19,6 +19,7 @@ from fhir_server.errors import (
     BadRequest,
     Conflict,
     Gone,
+    Issue,
     NotFound,
     PreconditionFailed,
     Unprocessable,
@@ -26,7 +27,7 @@ from fhir_server.errors import (
 from fhir_server.search.criteria import Criterion, lock_key, parse_query_string
 from fhir_server.services.search import SearchService
 from fhir_server.storage import locks
-from fhir_server.storage.repository import Change, ResourceRepository, Version
+from fhir_server.storage.repository import Change, Decide, ResourceRepository, Version
 from fhir_server.validation.resource import check_id, check_type, validate_resource
 
 # A version number as it may appear in a URL or an ETag.
@@ -58,6 +59,84 @@ def _check_precondition(current: Version | None, if_match: int | None) -> None:
         raise PreconditionFailed(
             f"Version conflict: If-Match is {if_match}, the current version is {current.vid}"
         )
+
+
+VALIDATION_MODES = (None, "create", "update", "delete")
+
+
+def _validate_parameters(body: Any, mode: str | None) -> tuple[Any, str | None, str | None]:
+    """(resource, mode, profile) from a `$validate` body: a resource, or Parameters."""
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        return body, mode, None
+    resource, profile = None, None
+    for parameter in body.get("parameter", []) if isinstance(body.get("parameter"), list) else []:
+        if not isinstance(parameter, dict):
+            continue
+        name = parameter.get("name")
+        if name == "resource":
+            resource = parameter.get("resource")
+        elif name == "mode":
+            mode = parameter.get("valueCode", parameter.get("valueString"))
+        elif name == "profile":
+            profile = parameter.get("valueUri", parameter.get("valueCanonical"))
+    return resource, mode, profile
+
+
+def update_decision(resource: dict[str, Any], if_match: int | None) -> Decide:
+    """An update (or create with a client id), under an optional If-Match."""
+
+    def decide(current: Version | None) -> Change:
+        _check_precondition(current, if_match)
+        return Change(resource, "PUT")
+
+    return decide
+
+
+def patch_decision(resource_type: str, resource_id: str, operations: Any, if_match: int | None) -> Decide:
+    """A JSON Patch of the current version; the result is validated like an update."""
+    try:
+        patch = jsonpatch.JsonPatch(operations)
+    except (jsonpatch.InvalidJsonPatch, TypeError, AttributeError) as exc:
+        raise BadRequest(f"Invalid JSON Patch document: {exc}") from exc
+
+    def decide(current: Version | None) -> Change:
+        if current is None:
+            raise NotFound(f"{resource_type}/{resource_id} is not known")
+        if current.deleted:
+            raise _gone(current)
+        _check_precondition(current, if_match)
+        assert current.resource is not None
+        try:
+            patched = patch.apply(copy.deepcopy(current.resource))
+        except jsonpatch.JsonPatchTestFailed as exc:
+            raise Unprocessable(f"JSON Patch test failed: {exc}") from exc
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+            raise Unprocessable(f"JSON Patch cannot be applied: {exc}") from exc
+        return Change(validate_resource(patched, resource_type, url_id=resource_id), "PATCH")
+
+    return decide
+
+
+def delete_decision(if_match: int | None) -> Decide:
+    """A logical delete; nothing to write when the resource is absent or already deleted."""
+
+    def decide(current: Version | None) -> Change | None:
+        _check_precondition(current, if_match)
+        if current is None or current.deleted:
+            return None
+        return Change(None, "DELETE")
+
+    return decide
+
+
+def nothing_deleted(resource_type: str, resource_id: str, previous: Version | None) -> Result:
+    message = "already deleted" if previous else "does not exist"
+    return Result(200, previous, f"{resource_type}/{resource_id} {message}; nothing to delete")
+
+
+def written(version: Version, verb: str = "Updated") -> Result:
+    """The answer to a stored update or patch: 201 when it (re)created the resource."""
+    return Result(201 if version.created else 200, version, "Created" if version.created else verb)
 
 
 class ResourceService:
@@ -97,6 +176,41 @@ class ResourceService:
             raise _gone(version)
         return version
 
+    # -- $validate ---------------------------------------------------------------------------
+
+    async def validate(
+        self, resource_type: str, resource_id: str | None, body: Any, mode: str | None
+    ) -> list[Issue]:
+        """`$validate`: what a create, update or delete (or, without `mode`, any use) of this
+        content would say, without storing anything. Raises the validation error."""
+        check_type(resource_type)
+        if resource_id is not None:
+            check_id(resource_id)
+        resource, mode, profile = _validate_parameters(body, mode)
+        if mode not in VALIDATION_MODES:
+            raise BadRequest(f"mode must be one of {', '.join(VALIDATION_MODES)}, not '{mode}'", expression="mode")
+        if mode == "delete":
+            if resource_id is None:
+                raise BadRequest("mode=delete validates an existing resource: use [type]/[id]/$validate")
+            await self.read(resource_type, resource_id)
+            return [Issue(f"{resource_type}/{resource_id} can be deleted", "informational", "information")]
+        if resource is None:
+            raise BadRequest("$validate needs a resource (the body, or the 'resource' parameter)")
+        url_id = resource_id
+        if mode == "update":
+            url_id = resource_id or (resource.get("id") if isinstance(resource, dict) else None)
+            if url_id is None:
+                raise BadRequest("mode=update needs the resource's id", expression=f"{resource_type}.id")
+        try:
+            validate_resource(resource, resource_type, url_id=url_id, ignore_id=mode == "create")
+        except BadRequest as exc:  # the content is invalid: the operation itself worked
+            raise PreconditionFailed(exc.issues[0].diagnostics, issues=exc.issues) from exc
+        issues = [Issue("The resource is valid", "informational", "information")]
+        if profile and profile != f"http://hl7.org/fhir/StructureDefinition/{resource_type}":
+            issues.append(Issue(f"Profile '{profile}' was not checked: only the base R4 definition is",
+                                "not-supported", "warning"))
+        return issues
+
     # -- writes ------------------------------------------------------------------------------
 
     async def create(
@@ -108,7 +222,7 @@ class ResourceService:
         if not if_none_exist:
             return await self._create(resource_type, resource)
         criteria = parse_query_string(resource_type, if_none_exist)
-        async with self._lock(resource_type, criteria):
+        async with self.lock(resource_type, criteria):
             matches = await self._matches(resource_type, criteria)
             if len(matches) > 1:
                 raise PreconditionFailed(
@@ -140,13 +254,9 @@ class ResourceService:
     async def _update(
         self, resource_type: str, resource_id: str, resource: dict[str, Any], if_match: int | None
     ) -> Result:
-        def decide(current: Version | None) -> Change:
-            _check_precondition(current, if_match)
-            return Change(resource, "PUT")
-
-        version, _ = await self.repository.write(resource_type, resource_id, decide)
+        version, _ = await self.repository.write(resource_type, resource_id, update_decision(resource, if_match))
         assert version is not None
-        return Result(201 if version.created else 200, version, "Created" if version.created else "Updated")
+        return written(version)
 
     async def conditional_update(
         self, resource_type: str, query: str, body: Any, if_match: int | None = None
@@ -155,7 +265,7 @@ class ResourceService:
         check_type(resource_type)
         criteria = parse_query_string(resource_type, query)
         resource = validate_resource(body, resource_type)
-        async with self._lock(resource_type, criteria):
+        async with self.lock(resource_type, criteria):
             matches = await self._matches(resource_type, criteria)
             if len(matches) > 1:
                 raise PreconditionFailed(f"'{query}' matches {len(matches)} resources")
@@ -184,29 +294,10 @@ class ResourceService:
         """Apply a JSON Patch to the current version; the result is validated like an update."""
         check_type(resource_type)
         check_id(resource_id)
-        try:
-            patch = jsonpatch.JsonPatch(operations)
-        except (jsonpatch.InvalidJsonPatch, TypeError, AttributeError) as exc:
-            raise BadRequest(f"Invalid JSON Patch document: {exc}") from exc
-
-        def decide(current: Version | None) -> Change:
-            if current is None:
-                raise NotFound(f"{resource_type}/{resource_id} is not known")
-            if current.deleted:
-                raise _gone(current)
-            _check_precondition(current, if_match)
-            assert current.resource is not None
-            try:
-                patched = patch.apply(copy.deepcopy(current.resource))
-            except jsonpatch.JsonPatchTestFailed as exc:
-                raise Unprocessable(f"JSON Patch test failed: {exc}") from exc
-            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
-                raise Unprocessable(f"JSON Patch cannot be applied: {exc}") from exc
-            return Change(validate_resource(patched, resource_type, url_id=resource_id), "PATCH")
-
+        decide = patch_decision(resource_type, resource_id, operations, if_match)
         version, _ = await self.repository.write(resource_type, resource_id, decide)
         assert version is not None
-        return Result(200, version, "Patched")
+        return written(version, "Patched")
 
     async def delete(
         self, resource_type: str, resource_id: str, if_match: int | None = None
@@ -214,24 +305,16 @@ class ResourceService:
         """A logical delete: a new version marks the resource deleted; history keeps the rest."""
         check_type(resource_type)
         check_id(resource_id)
-
-        def decide(current: Version | None) -> Change | None:
-            _check_precondition(current, if_match)
-            if current is None or current.deleted:
-                return None
-            return Change(None, "DELETE")
-
-        version, previous = await self.repository.write(resource_type, resource_id, decide)
+        version, previous = await self.repository.write(resource_type, resource_id, delete_decision(if_match))
         if version is None:
-            message = "already deleted" if previous else "does not exist"
-            return Result(200, previous, f"{resource_type}/{resource_id} {message}; nothing to delete")
+            return nothing_deleted(resource_type, resource_id, previous)
         return Result(200, version, f"Deleted {resource_type}/{resource_id} (version {version.vid})")
 
     async def conditional_delete(self, resource_type: str, query: str) -> Result:
         """Delete the one match; nothing to do when none matches; 412 when several do."""
         check_type(resource_type)
         criteria = parse_query_string(resource_type, query)
-        async with self._lock(resource_type, criteria):
+        async with self.lock(resource_type, criteria):
             matches = await self._matches(resource_type, criteria)
             if len(matches) > 1:
                 raise PreconditionFailed(f"'{query}' matches {len(matches)} resources")
@@ -244,7 +327,8 @@ class ResourceService:
     async def _matches(self, resource_type: str, criteria: list[Criterion]) -> list[Version]:
         return await self.searches.matches(resource_type, criteria, limit=2)
 
-    def _lock(self, resource_type: str, criteria: list[Criterion]) -> AbstractAsyncContextManager[None]:
+    def lock(self, resource_type: str, criteria: list[Criterion]) -> AbstractAsyncContextManager[None]:
+        """Serialises conditional interactions on the same criteria, across server processes."""
         digest = hashlib.sha256(lock_key(resource_type, criteria).encode()).hexdigest()
         key = f"conditional:{resource_type}:{digest}"
         return locks.hold(self.db, key, wait_s=self.conditional_wait_s)

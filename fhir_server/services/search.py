@@ -8,7 +8,7 @@ import hashlib
 from dataclasses import replace
 from typing import Any
 
-from fhir_server.errors import BadRequest
+from fhir_server.errors import BadRequest, NotFound, TooCostly
 from fhir_server.search.criteria import Criterion, Include, SearchRequest, parse_criterion, parse_search
 from fhir_server.search.indexer import references
 from fhir_server.search.registry import parameter, parameters, patient_compartment
@@ -19,6 +19,7 @@ from fhir_server.storage.repository import ResourceRepository, Version
 from fhir_server.validation.resource import check_id, check_type
 from fhir_server.validation.resource_types import supported_types
 
+EVERYTHING_PARAMETERS = frozenset({"_since", "_type", "_count", "_page", "_format", "_pretty"})
 MAX_CHAIN_DEPTH = 4
 MAX_ITERATE = 4
 
@@ -158,14 +159,68 @@ class SearchService:
             queries = {t: await self.filter_for(t, request.criteria, base) for t in types}
         return await self._run(base, "", request, queries)
 
+    async def everything(self, base: str, patient_id: str | None, params: list[tuple[str, str]]) -> dict[str, Any]:
+        """`Patient/[id]/$everything`: the Patient compartment of one patient (or of every
+        patient), paged like a search, each page with the resources its matches refer to."""
+        values: dict[str, str] = {}
+        for name, raw in params:
+            if name not in EVERYTHING_PARAMETERS:
+                raise BadRequest(f"$everything does not take the parameter '{name}'", expression=name)
+            values[name] = raw
+        compartment = patient_compartment()
+        types = ["Patient", *sorted(t for t in compartment if t != "Patient" and t in supported_types())]
+        if "_type" in values:
+            wanted = [t.strip() for t in values["_type"].split(",") if t.strip()]
+            for t in wanted:
+                check_type(t)
+            types = [t for t in types if t in wanted]
+        pairs = [(k, v) for k, v in params if k in ("_count", "_page", "_type", "_since")]
+        request = parse_search("Patient", [(k, v) for k, v in pairs if k in ("_count", "_page")], strict=True,
+                               default_count=self.default_count, max_count=self.max_count)
+        request.applied = [(k, v) for k, v in pairs if k != "_page"]
+        request.includes = [Include(t, "*", None, False, False) for t in types]
+        path = f"Patient/{patient_id}/$everything" if patient_id else "Patient/$everything"
+        if patient_id is not None:
+            check_id(patient_id)
+            if await self.repository.fetch("Patient", [patient_id]) == []:
+                raise NotFound(f"Patient/{patient_id} is not known")
+        queries = None
+        if not request.page:
+            queries = await self._everything_queries(base, patient_id, types, values.get("_since"))
+        return await self._run(base, path, request, queries, skip_included=frozenset(compartment) | {"Patient"})
+
+    async def _everything_queries(
+        self, base: str, patient_id: str | None, types: list[str], since: str | None
+    ) -> dict[str, dict[str, Any]]:
+        criteria = [] if since is None else [parse_criterion("Patient", "_lastUpdated", f"ge{since}")]
+        if patient_id is not None:
+            patients = [patient_id]
+        else:
+            patients = await self.repository.find_ids("Patient", {"del": False}, [("_id", 1)], limit=self.max_results + 1)
+            if len(patients) > self.max_results:
+                raise TooCostly(f"More than {self.max_results} patients: export them with Patient/$export")
+        queries: dict[str, dict[str, Any]] = {}
+        for resource_type in types:
+            typed = [replace(c, param=parameter(resource_type, "_lastUpdated")) for c in criteria if c is not None]
+            if resource_type == "Patient":
+                typed.append(Criterion("_id", parameter("Patient", "_id"), tuple(patients)))
+                queries[resource_type] = await self.filter_for(resource_type, typed, base)
+            else:
+                keys = reference_keys(list(patient_compartment()[resource_type]), [f"Patient/{p}" for p in patients])
+                queries[resource_type] = await self.filter_for(resource_type, typed, base, compartment=keys)
+        return queries
+
     async def _run(
         self,
         base: str,
         path: str,
         request: SearchRequest,
         queries: dict[str, dict[str, Any]] | None,
+        *,
+        skip_included: frozenset[str] = frozenset(),
     ) -> dict[str, Any]:
-        """One page: from a new query (`queries`, per type) or from the snapshot `_page` names."""
+        """One page: from a new query (`queries`, per type) or from the snapshot `_page` names.
+        `skip_included`: types `_include` does not add (they are matches already)."""
         fingerprint = _fingerprint(path, request.applied)
         count = request.count
         offset = 0
@@ -188,7 +243,7 @@ class SearchService:
                 snapshot = await self.pages.save(refs[:stored], total)
             refs = refs[:count]
         found = await self._fetch(refs)
-        included = await self._include(found, request.includes)
+        included = [v for v in await self._include(found, request.includes) if v.type not in skip_included]
         return self._bundle(base, path, request, found, included, total, snapshot, offset, stored, fingerprint)
 
     async def _count(self, queries: dict[str, dict[str, Any]], *, listed: bool = True) -> int:

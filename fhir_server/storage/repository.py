@@ -13,23 +13,29 @@ Elsewhere they run in this order, and a crash between steps 2 and 3 leaves a his
 of the current document: a read looks for it and rolls it forward (step 3 again, idempotent), and
 so does the next writer that collides with it. Every write uses the database's write concern
 (journaled by default).
+
+Several resources at once (`write_all`, a transaction Bundle) commit all or nothing: in one
+database transaction where those are durable; elsewhere by claiming every history entry under a
+record in the `transactions` collection whose one-document switch from `pending` to `committed`
+is the commit point (see `write_all`).
 """
 
 import asyncio
 import base64
 import logging
 import random
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bson
-from pymongo import ASCENDING, DESCENDING
+from pymongo import ASCENDING, DESCENDING, InsertOne, ReplaceOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
 from fhir_server.errors import BadRequest, Conflict, PayloadTooLarge
 from fhir_server.search.indexer import index_document
@@ -38,6 +44,9 @@ from fhir_server.search.to_mongo import index_keys
 
 LOGGER = logging.getLogger(__name__)
 HISTORY = "history"
+TRANSACTIONS = "transactions"  # commit records of multi-resource writes in ordered mode
+TRANSACTION_LEASE = timedelta(seconds=60)  # a pending commit record older than this was abandoned
+TRANSACTION_KEPT = timedelta(days=1)  # finished commit records, for inspection
 SERVER = "server"  # deployment-wide facts: the search index version, the page-token key
 SEARCH_INDEX = "search-index"
 MAX_ATTEMPTS = 200
@@ -74,6 +83,20 @@ class Change:
 # Given the current version (or None), return the change to store, None for "nothing to write",
 # or raise a FhirError (e.g. a failed precondition). Called again on each retry.
 Decide = Callable[[Version | None], Change | None]
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One resource's next version within `write_all`, decided against `current`."""
+
+    type: str
+    id: str
+    current: Version | None  # as read when the change was decided
+    change: Change
+
+
+class StaleWrite(Exception):
+    """A resource changed between planning and committing `write_all`: plan again."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +177,32 @@ def current_document(entry: dict[str, Any], search_indexing: bool = True, base_u
     return doc
 
 
+def _entry(
+    resource_type: str, resource_id: str, current: Version | None, change: Change, ts: datetime
+) -> dict[str, Any]:
+    """The history entry of the version after `current`."""
+    vid = (current.vid if current else 0) + 1
+    entry: dict[str, Any] = {
+        "_id": _history_id(resource_type, resource_id, vid),
+        "t": resource_type,
+        "i": resource_id,
+        "v": vid,
+        "ts": ts,
+        "m": change.method,
+    }
+    if change.resource is not None:
+        entry["res"] = _stamp(change.resource, resource_id, vid, ts)
+        if current is None or current.deleted:
+            entry["c"] = True
+    return entry
+
+
+def _duplicates_only(exc: BulkWriteError) -> bool:
+    return all(e.get("code") == 11000 for e in exc.details.get("writeErrors", [])) and not exc.details.get(
+        "writeConcernErrors"
+    )
+
+
 class ResourceRepository:
     """Versioned storage of FHIR resources. Knows MongoDB; knows no HTTP."""
 
@@ -183,6 +232,8 @@ class ResourceRepository:
             self.transactions = transactions == "on"
         LOGGER.info("writes %s", "in transactions" if self.transactions else "ordered, repaired on read")
         await self.ensure_indexes()
+        if not self.transactions:
+            await self.recover()
         await self._check_search_index()
 
     async def _check_search_index(self) -> None:
@@ -209,6 +260,7 @@ class ResourceRepository:
         # the index direction's far side, and with millisecond times both forms select the same.
         await self.history.create_index([("t", ASCENDING), ("ts", ASCENDING), ("_id", ASCENDING)])
         await self.history.create_index([("ts", ASCENDING), ("_id", ASCENDING)])
+        await self.db[TRANSACTIONS].create_index("exp", expireAfterSeconds=0)
 
     async def collection(self, resource_type: str) -> AsyncCollection:
         """The current-version collection of a type, with its indexes."""
@@ -233,14 +285,14 @@ class ResourceRepository:
             )
         else:
             pending = await self.history.find_one({"_id": _history_id(resource_type, resource_id, doc["v"] + 1)})
-        if pending is None:
+        if pending is None or not await self._committed(pending):
             return None if doc is None else _version(doc, resource_type)
         await self._apply(resource_type, pending, None)
         return _version(pending)
 
     async def read_version(self, resource_type: str, resource_id: str, vid: int) -> Version | None:
         doc = await self.history.find_one({"_id": _history_id(resource_type, resource_id, vid)})
-        return None if doc is None else _version(doc)
+        return None if doc is None or not await self._committed(doc) else _version(doc)
 
     async def find(self, resource_type: str, query: dict[str, Any], *, limit: int) -> list[Version]:
         """Current versions matching a filter built by `to_mongo`, in id order."""
@@ -349,6 +401,7 @@ class ResourceRepository:
         self, docs: list[dict[str, Any]], at: tuple[datetime, datetime] | None
     ) -> list[tuple[Version, str]]:
         """Keep the versions not yet replaced when the period starts (all of them without `at`)."""
+        docs = [d for d in docs if await self._committed(d)]
         if not at or not docs:
             return [(_version(d), d["_id"]) for d in docs]
         low = at[0]
@@ -421,33 +474,26 @@ class ResourceRepository:
         change = decide(current)
         if change is None:
             return None, current
-        vid = (current.vid if current else 0) + 1
         ts = _now() if current is None else max(_now(), current.ts)
-        entry: dict[str, Any] = {
-            "_id": _history_id(resource_type, resource_id, vid),
-            "t": resource_type,
-            "i": resource_id,
-            "v": vid,
-            "ts": ts,
-            "m": change.method,
-        }
-        if change.resource is not None:
-            entry["res"] = _stamp(change.resource, resource_id, vid, ts)
-            if current is None or current.deleted:
-                entry["c"] = True
-        doc = current_document(entry, self.search_indexing, self.base_url)
-        if len(bson.encode(doc, codec_options=self.db.codec_options)) > MAX_DOCUMENT:  # checked before anything is written
-            raise PayloadTooLarge(f"{resource_type}/{resource_id} with its search index would exceed 16 MiB")
+        entry = _entry(resource_type, resource_id, current, change, ts)
+        doc = self._document(entry)
         try:
             await self.history.insert_one(entry, session=session)
         except DuplicateKeyError:
             if session is None:  # make sure the winner's write is applied: it may have crashed
                 claimed = await self.history.find_one({"_id": entry["_id"]})
-                if claimed is not None:
+                if claimed is not None and await self._committed(claimed):
                     await self._apply(resource_type, claimed, None)
             raise
         await self._apply(resource_type, entry, session, doc)
         return _version(entry), current
+
+    def _document(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """The current document of `entry`, refused before anything is written when too large."""
+        doc = current_document(entry, self.search_indexing, self.base_url)
+        if len(bson.encode(doc, codec_options=self.db.codec_options)) > MAX_DOCUMENT:
+            raise PayloadTooLarge(f"{entry['t']}/{entry['i']} with its search index would exceed 16 MiB")
+        return doc
 
     async def _apply(
         self,
@@ -467,3 +513,138 @@ class ResourceRepository:
                     raise  # inside a transaction: let it abort and retry
         else:
             await collection.replace_one({"_id": entry["i"], "v": entry["v"] - 1}, doc, session=session)
+
+    # -- several resources, all or nothing -------------------------------------------------------
+
+    async def write_all(self, planned: list[Planned]) -> list[Version]:
+        """Store every planned change or none; all versions get one timestamp.
+
+        Raises StaleWrite when a resource is no longer at the version its change was decided
+        against (a concurrent writer won): the caller decides again and retries.
+
+        Without durable database transactions, the commit is made of journaled single-document
+        writes: a commit record `pending` listing the history entries; the entries themselves,
+        marked with the record's id (their unique `_id`s claim the versions, so a racing writer
+        of the same resource fails here and nothing is visible yet: readers and history skip
+        entries of uncommitted records); the record switched to `committed` (the commit point);
+        then the current documents, the marks removed, the record `applied`. A crash before the
+        commit point leaves claims that the next reader, writer or start-up discards once the
+        record's lease ends; after it, the same actors finish the work.
+        """
+        if not planned:
+            return []
+        ts = max([_now()] + [p.current.ts for p in planned if p.current is not None])
+        entries = sorted(  # one order for every writer: racing transactions collide on their first shared entry
+            (_entry(p.type, p.id, p.current, p.change, ts) for p in planned), key=lambda e: e["_id"]
+        )
+        docs = {e["_id"]: self._document(e) for e in entries}
+        for resource_type in {e["t"] for e in entries}:
+            await self.collection(resource_type)
+        if self.transactions:
+            await self._write_all_in_transaction(entries, docs)
+        else:
+            await self._write_all_claimed(entries, docs)
+        by_id = {e["_id"]: _version(e) for e in entries}
+        return [by_id[_history_id(p.type, p.id, (p.current.vid if p.current else 0) + 1)] for p in planned]
+
+    async def _write_all_in_transaction(self, entries: list[dict[str, Any]], docs: dict[str, dict[str, Any]]) -> None:
+        async with self.db.client.start_session() as session:
+            try:
+                async with await session.start_transaction():
+                    await self.history.insert_many(entries, ordered=True, session=session)
+                    for resource_type, group in _by_type(entries).items():
+                        ops = [_current_write(e, docs[e["_id"]]) for e in group]
+                        result = await self.db[resource_type].bulk_write(ops, ordered=True, session=session)
+                        if result.inserted_count + result.matched_count != len(ops):
+                            raise StaleWrite("a resource changed meanwhile")
+            except (DuplicateKeyError, BulkWriteError) as exc:
+                raise StaleWrite(str(exc)) from exc
+            except OperationFailure as exc:
+                if exc.has_error_label("TransientTransactionError"):
+                    raise StaleWrite(str(exc)) from exc
+                raise
+
+    async def _write_all_claimed(self, entries: list[dict[str, Any]], docs: dict[str, dict[str, Any]]) -> None:
+        records = self.db[TRANSACTIONS]
+        tx = uuid.uuid4().hex
+        claims = [e["_id"] for e in entries]
+        await records.insert_one({"_id": tx, "state": "pending", "lease": _now() + TRANSACTION_LEASE, "claims": claims})
+        try:
+            await self.history.insert_many([{**e, "tx": tx} for e in entries], ordered=True)
+        except BulkWriteError as exc:
+            await self._discard(tx)
+            if not _duplicates_only(exc):
+                raise
+            raise StaleWrite("another writer claimed a version first") from exc
+        committed = await records.update_one({"_id": tx, "state": "pending"}, {"$set": {"state": "committed"}})
+        if committed.modified_count != 1:  # taken for abandoned after its lease: not committed
+            await self._discard(tx)
+            raise StaleWrite("the commit record expired before the commit")
+        await self._finish(tx, entries, docs)
+
+    async def _finish(self, tx: str, entries: list[dict[str, Any]], docs: dict[str, dict[str, Any]] | None = None) -> None:
+        """Apply a committed record's entries (idempotent), then unmark them."""
+        for resource_type, group in _by_type(entries).items():
+            ops = [_current_write(e, (docs or {}).get(e["_id"]) or self._document(e)) for e in group]
+            try:
+                await self.db[resource_type].bulk_write(ops, ordered=False)
+            except BulkWriteError as exc:  # versions already applied by a reader or an earlier run
+                if not _duplicates_only(exc):
+                    raise
+        await self.history.update_many({"_id": {"$in": [e["_id"] for e in entries]}, "tx": tx}, {"$unset": {"tx": ""}})
+        await self.db[TRANSACTIONS].update_one(
+            {"_id": tx}, {"$set": {"state": "applied", "exp": _now() + TRANSACTION_KEPT}, "$unset": {"lease": ""}}
+        )
+
+    async def _discard(self, tx: str) -> None:
+        """Abort a record that is still pending, and remove the claims of an aborted one."""
+        records = self.db[TRANSACTIONS]
+        await records.update_one({"_id": tx, "state": "pending"}, {"$set": {"state": "aborted"}})
+        record = await records.find_one({"_id": tx})
+        if record is None or record["state"] != "aborted":
+            return
+        await self.history.delete_many({"_id": {"$in": record["claims"]}, "tx": tx})
+        await records.update_one(
+            {"_id": tx, "state": "aborted"}, {"$set": {"state": "discarded", "exp": _now() + TRANSACTION_KEPT}}
+        )
+
+    async def _committed(self, entry: dict[str, Any]) -> bool:
+        """Whether a history entry is part of the record: not a claim of an uncommitted write."""
+        tx = entry.get("tx")
+        if tx is None:
+            return True
+        record = await self.db[TRANSACTIONS].find_one({"_id": tx}, {"state": 1, "lease": 1})
+        if record is None:  # long finished: an entry still there was committed
+            return await self.history.find_one({"_id": entry["_id"]}, {"_id": 1}) is not None
+        state = record["state"]
+        if state == "pending" and record["lease"].replace(tzinfo=UTC) < _now():
+            await self._discard(tx)
+            return False
+        if state == "aborted":
+            await self._discard(tx)
+        return state in ("committed", "applied")
+
+    async def recover(self) -> None:
+        """Finish committed multi-resource writes and discard abandoned ones (at start-up)."""
+        records = self.db[TRANSACTIONS]
+        async for record in records.find({"state": {"$in": ["pending", "committed", "aborted"]}}):
+            if record["state"] == "committed":
+                entries = await self.history.find({"_id": {"$in": record["claims"]}}).to_list(None)
+                LOGGER.warning("finishing transaction %s interrupted after its commit", record["_id"])
+                await self._finish(record["_id"], entries)
+            elif record["state"] == "aborted" or record["lease"].replace(tzinfo=UTC) < _now():
+                await self._discard(record["_id"])
+
+
+def _by_type(entries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        groups.setdefault(entry["t"], []).append(entry)
+    return groups
+
+
+def _current_write(entry: dict[str, Any], doc: dict[str, Any]) -> InsertOne | ReplaceOne:
+    """Version 1 is inserted; a later one replaces its predecessor only."""
+    if entry["v"] == 1:
+        return InsertOne(doc)
+    return ReplaceOne({"_id": entry["i"], "v": entry["v"] - 1}, doc)

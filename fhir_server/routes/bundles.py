@@ -1,0 +1,195 @@
+"""`POST /fhir` with a batch or transaction Bundle.
+
+Transaction writes go to the transaction service as one unit. Every other entry (all of a
+batch, and the reads of a transaction) is answered by this same application as an ordinary
+request, so an entry means exactly what the same request sent alone would mean.
+"""
+
+import base64
+from email.utils import parsedate_to_datetime
+from http import HTTPStatus
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from fhir_server import fhir_json
+from fhir_server.context import RequestContext, request_context
+from fhir_server.errors import BadRequest, FhirError, Issue, operation_outcome
+from fhir_server.routes.deps import Ctx
+from fhir_server.routes.http import JSON_PATCH, fhir_response, json_body
+from fhir_server.services.resources import Result
+from fhir_server.services.transactions import READS, BundleEntry, TransactionService, at_entry, parse_bundle
+from fhir_server.storage.repository import instant
+
+router = APIRouter(prefix="/fhir", dependencies=[Depends(request_context)], tags=["system"])
+
+
+async def transaction_service(request: Request) -> TransactionService:
+    return request.app.state.transactions
+
+
+Transactions = Annotated[TransactionService, Depends(transaction_service)]
+
+
+@router.post("", summary="batch or transaction Bundle")
+@router.post("/", include_in_schema=False)
+async def bundle(request: Request, ctx: Ctx, transactions: Transactions) -> Response:
+    settings = request.app.state.settings
+    body = await json_body(request, limit=settings.max_bundle_bytes)
+    kind, entries = parse_bundle(body, ctx.base_url, settings.max_bundle_entries)
+    answers: dict[int, dict[str, Any]] = {}
+    if kind == "transaction":
+        results = await transactions.transaction(entries)
+        answers = {index: _result_entry(ctx, result) for index, result in results.items()}
+    for entry in entries:
+        if kind == "batch" or entry.method in READS:
+            answers[entry.index] = await _dispatch(request, ctx, entry)
+    response = {"resourceType": "Bundle", "type": f"{kind}-response"}
+    if entries:
+        response["entry"] = [answers[e.index] for e in entries]
+    return fhir_response(ctx, response)
+
+
+def _status(code: int) -> str:
+    return f"{code} {HTTPStatus(code).phrase}"
+
+
+def _result_entry(ctx: RequestContext, result: Result) -> dict[str, Any]:
+    """A transaction write's response entry, shaped by `Prefer: return=` like a single write."""
+    version = result.version
+    entry: dict[str, Any] = {}
+    response: dict[str, Any] = {"status": _status(result.status)}
+    if version is not None:
+        if not version.deleted:
+            entry["fullUrl"] = f"{ctx.base_url}/{version.type}/{version.id}"
+            response["location"] = f"{version.type}/{version.id}/_history/{version.vid}"
+        response["etag"] = f'W/"{version.vid}"'
+        response["lastModified"] = instant(version.ts)
+    deleted = version is None or version.deleted
+    if ctx.prefer_return == "representation" and not deleted:
+        assert version is not None
+        entry["resource"] = version.resource
+    elif ctx.prefer_return == "OperationOutcome" or (deleted and ctx.prefer_return != "minimal"):
+        response["outcome"] = operation_outcome([Issue(result.message, "informational", "information")])
+    entry["response"] = response
+    return entry
+
+
+async def _dispatch(request: Request, ctx: RequestContext, entry: BundleEntry) -> dict[str, Any]:
+    """One entry as its own request to this application; its answer as a response entry."""
+    try:
+        path, headers, body = _sub_request(request, ctx, entry)
+    except FhirError as exc:
+        error = at_entry(entry, exc)
+        return {"response": {"status": _status(error.status), "outcome": operation_outcome(error.issues)}}
+    status, answer_headers, content = await _call(request, entry.method, path, entry.query, headers, body)
+    response: dict[str, Any] = {"status": _status(status)}
+    location = answer_headers.get("location") or answer_headers.get("content-location")
+    if location:
+        response["location"] = location.removeprefix(ctx.base_url + "/")
+    if "etag" in answer_headers:
+        response["etag"] = answer_headers["etag"]
+    if "last-modified" in answer_headers:
+        response["lastModified"] = instant(parsedate_to_datetime(answer_headers["last-modified"]))
+    result: dict[str, Any] = {}
+    resource = fhir_json.loads(content) if content else None
+    if isinstance(resource, dict) and resource.get("resourceType") == "OperationOutcome" and (
+        status >= 400 or entry.method not in READS
+    ):
+        response["outcome"] = resource
+    elif isinstance(resource, dict) and "resourceType" in resource:
+        if "id" in resource and resource["resourceType"] != "Bundle":
+            result["fullUrl"] = f"{ctx.base_url}/{resource['resourceType']}/{resource['id']}"
+        result["resource"] = resource
+        if isinstance(resource.get("meta"), dict) and "lastUpdated" in resource["meta"]:
+            response["lastModified"] = resource["meta"]["lastUpdated"]
+    result["response"] = response
+    return result
+
+
+def _sub_request(request: Request, ctx: RequestContext, entry: BundleEntry) -> tuple[str, list[tuple[bytes, bytes]], bytes]:
+    """Path, headers and body of an entry's request; 400 for what cannot be one."""
+    if not entry.path and entry.method != "GET":
+        raise _bad("A Bundle cannot contain another batch or transaction")
+    headers = [
+        (b"host", request.headers.get("host", "localhost").encode("latin-1")),
+        (b"accept", b"application/fhir+json"),
+        (b"x-request-id", f"{ctx.request_id}-{entry.index}".encode()[:128]),
+    ]
+    prefer = request.headers.get("prefer")
+    if prefer:
+        headers.append((b"prefer", prefer.encode("latin-1")))
+    for name, value in (
+        ("if-match", entry.if_match),
+        ("if-none-match", entry.if_none_match),
+        ("if-none-exist", entry.if_none_exist),
+        ("if-modified-since", entry.if_modified_since),
+    ):
+        if value is not None:
+            headers.append((name.encode(), value.encode("utf-8")))
+    body = b""
+    if entry.method == "PATCH":
+        resource = entry.resource
+        if not isinstance(resource, dict) or resource.get("resourceType") != "Binary":
+            raise _bad("A PATCH entry carries a Binary resource with a JSON Patch document")
+        try:
+            body = base64.b64decode(resource.get("data", ""), validate=True)
+        except ValueError as exc:
+            raise _bad(f"Binary.data is not base64: {exc}") from exc
+        headers.append((b"content-type", resource.get("contentType", JSON_PATCH).encode("latin-1")))
+    elif entry.method in ("POST", "PUT"):
+        if entry.resource is None:
+            raise _bad(f"{entry.method} needs a resource")
+        body = fhir_json.dumps(entry.resource)
+        headers.append((b"content-type", b"application/fhir+json"))
+    return f"/fhir/{entry.path}".rstrip("/"), headers, body
+
+
+def _bad(message: str) -> FhirError:
+    return BadRequest(message)
+
+
+async def _call(
+    request: Request, method: str, path: str, query: str, headers: list[tuple[bytes, bytes]], body: bytes
+) -> tuple[int, dict[str, str], bytes]:
+    """Run a request through this ASGI application, in this process."""
+    outer = request.scope
+    scope = {
+        "type": "http",
+        "asgi": outer.get("asgi", {"version": "3.0"}),
+        "http_version": outer.get("http_version", "1.1"),
+        "method": method,
+        "scheme": outer.get("scheme", "http"),
+        "server": outer.get("server"),
+        "client": outer.get("client"),
+        "root_path": outer.get("root_path", ""),
+        "path": path,
+        "raw_path": path.encode("utf-8"),
+        "query_string": query.encode("latin-1", errors="replace"),
+        "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        "state": {},
+    }
+    received = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if received:
+            return {"type": "http.disconnect"}
+        received = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    status = 500
+    answer_headers: dict[str, str] = {}
+    chunks: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            answer_headers.update((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await request.app(scope, receive, send)
+    return status, answer_headers, b"".join(chunks)

@@ -1,0 +1,49 @@
+"""FHIR operations on types and instances: `$validate`, `Patient/$everything`.
+
+Registered before the resource routes, whose `/{type}/{id}` patterns would take these paths.
+"""
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from fhir_server.context import request_context
+from fhir_server.errors import Issue, operation_outcome
+from fhir_server.routes.deps import Ctx, Resources, Searches
+from fhir_server.routes.http import fhir_response, json_body
+
+router = APIRouter(prefix="/fhir", dependencies=[Depends(request_context)], tags=["operations"])
+
+
+@router.post("/{resource_type}/$validate", summary="$validate (type level)")
+async def validate_type(resource_type: str, request: Request, ctx: Ctx, resources: Resources) -> Response:
+    return await _validate(resource_type, None, request, ctx, resources)
+
+
+@router.post("/{resource_type}/{resource_id}/$validate", summary="$validate (instance level)")
+async def validate_instance(
+    resource_type: str, resource_id: str, request: Request, ctx: Ctx, resources: Resources
+) -> Response:
+    return await _validate(resource_type, resource_id, request, ctx, resources)
+
+
+async def _validate(
+    resource_type: str, resource_id: str | None, request: Request, ctx: Ctx, resources: Resources
+) -> Response:
+    mode = request.query_params.get("mode")
+    body = None
+    if mode != "delete" or request.headers.get("content-length", "0") != "0":
+        body = await json_body(request)
+    issues: list[Issue] = await resources.validate(resource_type, resource_id, body, mode)
+    return fhir_response(ctx, operation_outcome(issues))
+
+
+@router.get("/Patient/$everything", summary="Patient/$everything: every patient's compartment")
+async def everything_all(request: Request, ctx: Ctx, searches: Searches) -> Response:
+    params = list(request.query_params.multi_items())
+    return fhir_response(ctx, await searches.everything(ctx.base_url, None, params))
+
+
+@router.get("/Patient/{patient_id}/$everything", summary="Patient/[id]/$everything: one patient's record")
+async def everything(patient_id: str, request: Request, ctx: Ctx, searches: Searches) -> Response:
+    params = list(request.query_params.multi_items())
+    return fhir_response(ctx, await searches.everything(ctx.base_url, patient_id, params))

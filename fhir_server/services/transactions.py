@@ -1,0 +1,374 @@
+"""Batch and transaction Bundles (`POST /fhir`): reading the entries, and transactions.
+
+A transaction is planned, then committed in one `write_all`: every entry's target is found
+(DELETE, then POST, then PUT/PATCH, as FHIR orders them; conditional targets by search, under
+the same locks as single conditional interactions), `fullUrl` placeholders and conditional
+references are rewritten to those targets, each resource is validated, and each change is
+decided against the current version. Nothing is written before every entry has passed, so a
+failing entry leaves no trace; a resource changed meanwhile by another writer makes the plan
+start again, a bounded number of times. Read entries (GET, HEAD) run after the commit.
+"""
+
+import asyncio
+import base64
+import random
+import re
+import uuid
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from fhir_server import fhir_json
+from fhir_server.errors import BadRequest, Conflict, FhirError, Issue, PayloadTooLarge, PreconditionFailed
+from fhir_server.search.criteria import lock_key, parse_query_string
+from fhir_server.services.resources import (
+    ResourceService,
+    Result,
+    delete_decision,
+    nothing_deleted,
+    patch_decision,
+    update_decision,
+    written,
+)
+from fhir_server.storage.repository import Change, Planned, StaleWrite, Version
+from fhir_server.validation.resource import check_id, check_type, validate_resource
+from fhir_server.validation.resource_types import supported_types
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+READS = ("GET", "HEAD")
+WRITE_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2}
+MAX_ATTEMPTS = 10
+PLACEHOLDER = re.compile(r"urn:(?:uuid|oid):[A-Za-z0-9.:\-]+")
+
+
+@dataclass(frozen=True)
+class BundleEntry:
+    """One `Bundle.entry` of a batch or transaction, its request read."""
+
+    index: int
+    method: str
+    url: str  # as sent
+    path: str  # relative to the FHIR base, without the query
+    query: str
+    full_url: str | None
+    resource: Any
+    if_match: str | None = None
+    if_none_match: str | None = None
+    if_none_exist: str | None = None
+    if_modified_since: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"Bundle.entry[{self.index}]"
+
+    @property
+    def label(self) -> str:
+        return f"{self.where} ({self.method} {self.url})"
+
+    @property
+    def parts(self) -> list[str]:
+        return [unquote(p) for p in self.path.split("/")] if self.path else []
+
+
+def parse_bundle(body: Any, base: str, max_entries: int) -> tuple[str, list[BundleEntry]]:
+    """('batch' | 'transaction', entries) of a request Bundle; 400 for anything else."""
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+        raise BadRequest("POST to the FHIR base takes a Bundle of type batch or transaction")
+    kind = body.get("type")
+    if kind not in ("batch", "transaction"):
+        raise BadRequest(f"Bundle.type must be batch or transaction, not '{kind}'", expression="Bundle.type")
+    raw_entries = body.get("entry", [])
+    if not isinstance(raw_entries, list):
+        raise BadRequest("Bundle.entry must be an array", expression="Bundle.entry")
+    if len(raw_entries) > max_entries:
+        raise PayloadTooLarge(f"The Bundle has {len(raw_entries)} entries; at most {max_entries} are processed")
+    return kind, [_entry(i, raw, base) for i, raw in enumerate(raw_entries)]
+
+
+def _entry(index: int, raw: Any, base: str) -> BundleEntry:
+    where = f"Bundle.entry[{index}]"
+    if not isinstance(raw, dict) or not isinstance(raw.get("request"), dict):
+        raise BadRequest(f"{where} has no request", expression=f"{where}.request")
+    request = raw["request"]
+    method, url = request.get("method"), request.get("url")
+    if method not in METHODS:
+        raise BadRequest(f"{where}.request.method must be one of {', '.join(METHODS)}", expression=f"{where}.request.method")
+    if not isinstance(url, str) or not url:
+        raise BadRequest(f"{where}.request.url is missing", expression=f"{where}.request.url")
+    relative = url.removeprefix(base + "/") if url.startswith(base + "/") else url
+    path, _, query = relative.lstrip("/").partition("?")
+    full_url = raw.get("fullUrl")
+    strings = {k: request.get(k) for k in ("ifMatch", "ifNoneMatch", "ifNoneExist", "ifModifiedSince")}
+    for name, value in [("fullUrl", full_url), *strings.items()]:
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(f"{where} {name} must be a string", expression=f"{where}.{name}")
+    return BundleEntry(
+        index, method, url, path.rstrip("/"), query, full_url, raw.get("resource"),
+        strings["ifMatch"], strings["ifNoneMatch"], strings["ifNoneExist"], strings["ifModifiedSince"],
+    )
+
+
+def at_entry(entry: BundleEntry, exc: FhirError) -> FhirError:
+    """The same error, naming the entry it comes from."""
+    issues = [
+        Issue(
+            f"{entry.label}: {issue.diagnostics}",
+            issue.code,
+            issue.severity,
+            f"{entry.where}.resource.{issue.expression.partition('.')[2]}".rstrip(".") if issue.expression else entry.where,
+        )
+        for issue in exc.issues
+    ]
+    error = type(exc)(issues[0].diagnostics, issues=issues, headers=exc.headers)
+    error.status = exc.status
+    return error
+
+
+def _version_tag(entry: BundleEntry) -> int | None:
+    if entry.if_match is None:
+        return None
+    value = entry.if_match.strip().removeprefix("W/").strip('"')
+    if not value.isdigit():
+        raise BadRequest(f"ifMatch must be a version ETag such as W/\"3\", not '{entry.if_match}'")
+    return int(value)
+
+
+@dataclass
+class _Target:
+    """What one write entry does: its resource, and a fixed result when nothing is written."""
+
+    entry: BundleEntry
+    type: str
+    id: str | None
+    body: dict[str, Any] | None = None
+    result: Result | None = None  # ifNoneExist matched, or a conditional delete matched nothing
+    read_current: bool = True
+
+
+class TransactionService:
+    def __init__(self, resources: ResourceService) -> None:
+        self.resources = resources
+        self.repository = resources.repository
+        self.searches = resources.searches
+
+    async def transaction(self, entries: list[BundleEntry]) -> dict[int, Result]:
+        """Commit every write entry or none; the result of each, by entry index."""
+        writes = sorted((e for e in entries if e.method not in READS), key=lambda e: (WRITE_ORDER[e.method], e.index))
+        conditions = sorted({(t, q) for e in writes for t, q in [self._condition(e)] if q is not None})
+        for attempt in range(MAX_ATTEMPTS):
+            async with AsyncExitStack() as stack:
+                for resource_type, query in conditions:  # one order for all: no deadlock
+                    criteria = parse_query_string(resource_type, query)
+                    await stack.enter_async_context(self.resources.lock(resource_type, criteria))
+                targets = await self._targets(writes)
+                planned = await self._plan(targets)
+                try:
+                    versions = await self.repository.write_all(planned)
+                except StaleWrite:
+                    pass
+                else:
+                    return self._results(targets, versions)
+            await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+        raise Conflict(f"The resources of this transaction were changed by other writers {MAX_ATTEMPTS} times; try again")
+
+    def _condition(self, entry: BundleEntry) -> tuple[str, str | None]:
+        """The search a write entry depends on (conditional create, update, patch, delete)."""
+        resource_type = entry.parts[0] if entry.parts else ""
+        if entry.method == "POST":
+            return resource_type, entry.if_none_exist
+        return resource_type, entry.query if entry.query and len(entry.parts) == 1 else None
+
+    # -- planning --------------------------------------------------------------------------------
+
+    async def _targets(self, writes: list[BundleEntry]) -> list[_Target]:
+        """Each write entry's resource; conditional ones found by search."""
+        targets: list[_Target] = []
+        for entry in writes:
+            try:
+                targets.append(await self._target(entry))
+            except FhirError as exc:
+                raise at_entry(entry, exc) from exc
+        seen: dict[tuple[str, str], BundleEntry] = {}
+        for target in targets:
+            if target.id is None or target.result is not None:
+                continue
+            key = (target.type, target.id)
+            if key in seen:
+                raise BadRequest(
+                    f"{target.entry.label} and {seen[key].label} both change {target.type}/{target.id}",
+                    expression=target.entry.where,
+                )
+            seen[key] = target.entry
+        references: dict[str, str] = {}
+        for target in targets:
+            if target.entry.full_url and target.id is not None:
+                references[target.entry.full_url] = f"{target.type}/{target.id}"
+        created = {  # conditional references may name a conditional create of the same Bundle
+            lock_key(t.type, parse_query_string(t.type, t.entry.if_none_exist)): f"{t.type}/{t.id}"
+            for t in targets
+            if t.entry.method == "POST" and t.entry.if_none_exist and t.id is not None
+        }
+        resolved: dict[str, str] = {}
+        for target in targets:
+            if target.body is None:
+                continue
+            try:
+                body = await self._rewrite(target.body, references, created, resolved)
+                if target.entry.method == "POST":
+                    target.body = validate_resource(body, target.type, ignore_id=True)
+                elif target.entry.query:  # conditional update: the body's id was checked against the match
+                    target.body = validate_resource(body, target.type)
+                else:
+                    target.body = validate_resource(body, target.type, url_id=target.id)
+            except FhirError as exc:
+                raise at_entry(target.entry, exc) from exc
+        return targets
+
+    async def _target(self, entry: BundleEntry) -> _Target:
+        parts = entry.parts
+        if not parts or any(p.startswith(("$", "_")) for p in parts):
+            raise BadRequest(f"'{entry.url}' is not a resource a transaction can {entry.method}")
+        resource_type = parts[0]
+        check_type(resource_type)
+        needs_body = entry.method in ("POST", "PUT")
+        if needs_body and (not isinstance(entry.resource, dict) or entry.resource.get("resourceType") != resource_type):
+            raise BadRequest(f"The entry needs a {resource_type} resource")
+        if entry.method == "POST":
+            if len(parts) != 1:
+                raise BadRequest("POST takes the type only (Patient, not Patient/id)")
+            if entry.if_none_exist:
+                found = await self._matches(resource_type, entry.if_none_exist, "ifNoneExist")
+                if found:
+                    return _Target(entry, resource_type, found.id, result=Result(200, found, "A matching resource exists; nothing was created"))
+            return _Target(entry, resource_type, str(uuid.uuid4()), dict(entry.resource), read_current=False)
+        if len(parts) == 2:
+            check_id(parts[1])
+            body = dict(entry.resource) if entry.method == "PUT" else None
+            return _Target(entry, resource_type, parts[1], body)
+        if len(parts) != 1 or not entry.query:
+            raise BadRequest(f"{entry.method} takes Type/id or Type?criteria")
+        found = await self._matches(resource_type, entry.query, "criteria")
+        if entry.method == "DELETE" and found is None:
+            return _Target(entry, resource_type, None, result=Result(200, None, f"No {resource_type} matches '{entry.query}'; nothing to delete"))
+        if entry.method == "PATCH" and found is None:
+            raise PreconditionFailed(f"No {resource_type} matches '{entry.query}'")
+        body = dict(entry.resource) if entry.method == "PUT" else None
+        if found is not None:
+            if body is not None and body.get("id") not in (None, found.id):
+                raise BadRequest(f"The id '{body['id']}' in the body is not the id '{found.id}' of the match")
+            return _Target(entry, resource_type, found.id, body)
+        body_id = (body or {}).get("id")
+        if isinstance(body_id, str):
+            check_id(body_id, f"{resource_type}.id")
+            existing = await self.repository.read(resource_type, body_id)
+            if existing is not None and not existing.deleted:
+                raise Conflict(f"{resource_type}/{body_id} exists but does not match '{entry.query}'")
+            return _Target(entry, resource_type, body_id, body)
+        return _Target(entry, resource_type, str(uuid.uuid4()), body, read_current=False)
+
+    async def _matches(self, resource_type: str, query: str, what: str) -> Version | None:
+        """The one match of conditional criteria, None for none; 412 for several."""
+        found = await self.searches.matches(resource_type, parse_query_string(resource_type, query), limit=2)
+        if len(found) > 1:
+            raise PreconditionFailed(f"{what} '{query}' matches {len(found)} resources")
+        return found[0] if found else None
+
+    async def _rewrite(
+        self, body: dict[str, Any], references: dict[str, str], created: dict[str, str], resolved: dict[str, str]
+    ) -> dict[str, Any]:
+        """`fullUrl`s of the Bundle and conditional references → the ids they stand for."""
+
+        async def reference(value: str) -> str:
+            if value in references:
+                return references[value]
+            if PLACEHOLDER.fullmatch(value):
+                raise BadRequest(f"Reference '{value}' is not the fullUrl of any entry of the Bundle")
+            resource_type, question, query = value.partition("?")
+            if not question or resource_type not in supported_types():
+                return value
+            if value not in resolved:
+                criteria = parse_query_string(resource_type, query)
+                key = lock_key(resource_type, criteria)
+                if key in created:
+                    resolved[value] = created[key]
+                else:
+                    found = await self.searches.matches(resource_type, criteria, limit=2)
+                    if len(found) != 1:
+                        raise PreconditionFailed(
+                            f"Conditional reference '{value}' matches {len(found)} resources; it must match one"
+                        )
+                    resolved[value] = f"{resource_type}/{found[0].id}"
+            return resolved[value]
+
+        def narrative(div: str) -> str:
+            return PLACEHOLDER.sub(lambda m: references.get(m.group(0), m.group(0)), div)
+
+        async def walk(node: Any, key: str = "") -> Any:
+            if isinstance(node, dict):
+                return {k: await walk(v, k) for k, v in node.items()}
+            if isinstance(node, list):
+                return [await walk(v, key) for v in node]
+            if isinstance(node, str):
+                if key == "reference":
+                    return await reference(node)
+                if key == "div":
+                    return narrative(node)
+            return node
+
+        return await walk(body)
+
+    async def _plan(self, targets: list[_Target]) -> list[Planned]:
+        """Each change decided against the current version (preconditions checked here)."""
+        planned: list[Planned] = []
+        for target in targets:
+            if target.result is not None or target.id is None:
+                continue
+            entry = target.entry
+            try:
+                current = await self.repository.read(target.type, target.id) if target.read_current else None
+                if entry.method == "POST":
+                    change: Change | None = Change(target.body, "POST")
+                elif entry.method == "PUT":
+                    assert target.body is not None
+                    change = update_decision(target.body, _version_tag(entry))(current)
+                elif entry.method == "PATCH":
+                    change = patch_decision(target.type, target.id, _patch_operations(entry), _version_tag(entry))(current)
+                else:
+                    change = delete_decision(_version_tag(entry))(current)
+            except FhirError as exc:
+                raise at_entry(entry, exc) from exc
+            if change is None:
+                target.result = nothing_deleted(target.type, target.id, current)
+                continue
+            planned.append(Planned(target.type, target.id, current, change))
+        return planned
+
+    def _results(self, targets: list[_Target], versions: list[Version]) -> dict[int, Result]:
+        stored = iter(versions)
+        results: dict[int, Result] = {}
+        for target in targets:
+            if target.result is not None or target.id is None:
+                results[target.entry.index] = target.result or Result(200, None, "")
+                continue
+            version = next(stored)
+            if target.entry.method == "POST":
+                results[target.entry.index] = Result(201, version, "Created")
+            elif target.entry.method == "DELETE":
+                results[target.entry.index] = Result(200, version, f"Deleted {version.type}/{version.id}")
+            else:
+                results[target.entry.index] = written(version, "Patched" if target.entry.method == "PATCH" else "Updated")
+        return results
+
+
+def _patch_operations(entry: BundleEntry) -> Any:
+    """A PATCH entry carries its JSON Patch as a Binary resource (R4 transactions)."""
+    resource = entry.resource
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Binary":
+        raise BadRequest("A PATCH entry carries a Binary resource with an application/json-patch+json document")
+    if resource.get("contentType", "").split(";")[0].strip() != "application/json-patch+json":
+        raise BadRequest("Only JSON Patch (Binary.contentType application/json-patch+json) is supported")
+    try:
+        return fhir_json.loads(base64.b64decode(resource.get("data", ""), validate=True))
+    except ValueError as exc:
+        raise BadRequest(f"The Binary does not hold a JSON Patch document: {exc}") from exc
