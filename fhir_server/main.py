@@ -10,10 +10,11 @@ from fhir_server import __version__
 from fhir_server.config import Settings, get_settings
 from fhir_server.errors import install_error_handlers
 from fhir_server.logs import AccessLogMiddleware
-from fhir_server.routes import resources, system
+from fhir_server.routes import bundles, operations, resources, system
 from fhir_server.services.history import HistoryService
 from fhir_server.services.resources import ResourceService
 from fhir_server.services.search import SearchService
+from fhir_server.services.transactions import TransactionService
 from fhir_server.storage.client import open_database
 from fhir_server.storage.pages import PageStore
 from fhir_server.storage.repository import ResourceRepository
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.resources = ResourceService(
             repository, database.db, app.state.search, settings.conditional_wait_s
         )
+        app.state.transactions = TransactionService(app.state.resources)
         app.state.history = HistoryService(
             repository, settings.default_page_size, settings.max_page_size
         )
@@ -67,5 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AccessLogMiddleware)
     app.include_router(system.probes)
     app.include_router(system.router)
+    app.include_router(bundles.router)
+    app.include_router(operations.router)  # before the resource routes, whose patterns would take its paths
     app.include_router(resources.router)
     return app
