@@ -26,7 +26,14 @@ def test_capability_statement_is_valid_and_says_what_is_served(client: httpx.Cli
     assert patient_caps["conditionalCreate"] and patient_caps["conditionalUpdate"]
     assert patient_caps["conditionalDelete"] == "single"
     assert {"_id", "identifier", "name", "birthdate", "_lastUpdated"} <= {p["name"] for p in patient_caps["searchParam"]}
-    assert {i["code"] for i in rest["interaction"]} == {"history-system", "search-system"}
+    assert {i["code"] for i in rest["interaction"]} == {"transaction", "batch", "history-system", "search-system"}
+    operations = {(o["name"], o["definition"]) for o in patient_caps["operation"]}
+    assert ("everything", "http://hl7.org/fhir/OperationDefinition/Patient-everything") in operations
+    assert ("validate", "http://hl7.org/fhir/OperationDefinition/Resource-validate") in operations
+    assert ("export", "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export") in operations
+    assert {o["name"] for o in by_type["Observation"]["operation"]} == {"validate"}
+    assert {o["name"] for o in by_type["Group"]["operation"]} == {"validate", "export"}
+    assert [o["definition"] for o in rest["operation"]] == ["http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"]
     assert body["implementation"]["url"].endswith("/fhir")
 
 

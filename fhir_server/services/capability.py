@@ -11,6 +11,16 @@ from fhir_server.validation.resource_types import supported_types, unsupported_t
 _STARTED = datetime.now(UTC).isoformat(timespec="seconds")
 INSTANCE_INTERACTIONS = ("read", "vread", "update", "patch", "delete", "history-instance")
 TYPE_INTERACTIONS = ("create", "search-type", "history-type")
+# Operations, with the canonical OperationDefinitions they implement.
+VALIDATE = {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}
+TYPE_OPERATIONS = {
+    "Patient": [
+        {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
+        {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"},
+    ],
+    "Group": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"}],
+}
+SYSTEM_OPERATIONS = [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}]
 
 
 def _resource(resource_type: str) -> dict[str, Any]:
@@ -32,6 +42,7 @@ def _resource(resource_type: str) -> dict[str, Any]:
         "searchInclude": ["*"] + [f"{resource_type}:{p['name']}" for p in params if p["type"] == "reference"],
         "searchRevInclude": ["*"],
         "searchParam": params,
+        "operation": [VALIDATE, *TYPE_OPERATIONS.get(resource_type, [])],
     }
 
 
@@ -62,7 +73,13 @@ def capability_statement(base_url: str) -> dict[str, Any]:
             {
                 "mode": "server",
                 "resource": resources,
-                "interaction": [{"code": "history-system"}, {"code": "search-system"}],
+                "interaction": [
+                    {"code": "transaction"},
+                    {"code": "batch"},
+                    {"code": "history-system"},
+                    {"code": "search-system"},
+                ],
+                "operation": SYSTEM_OPERATIONS,
                 "searchParam": [
                     {"name": p.code, "definition": p.url, "type": p.type, "documentation": p.documentation}
                     for p in sorted(parameters("Patient").values(), key=lambda p: p.code)
