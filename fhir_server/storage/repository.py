@@ -401,7 +401,7 @@ class ResourceRepository:
         self, docs: list[dict[str, Any]], at: tuple[datetime, datetime] | None
     ) -> list[tuple[Version, str]]:
         """Keep the versions not yet replaced when the period starts (all of them without `at`)."""
-        docs = [d for d in docs if await self._committed(d)]
+        docs = await self._visible(docs)
         if not at or not docs:
             return [(_version(d), d["_id"]) for d in docs]
         low = at[0]
@@ -527,7 +527,7 @@ class ResourceRepository:
         marked with the record's id (their unique `_id`s claim the versions, so a racing writer
         of the same resource fails here and nothing is visible yet: readers and history skip
         entries of uncommitted records); the record switched to `committed` (the commit point);
-        then the current documents, the marks removed, the record `applied`. A crash before the
+        then the current documents, and the record `applied`. A crash before the
         commit point leaves claims that the next reader, writer or start-up discards once the
         record's lease ends; after it, the same actors finish the work.
         """
@@ -583,7 +583,10 @@ class ResourceRepository:
         await self._finish(tx, entries, docs)
 
     async def _finish(self, tx: str, entries: list[dict[str, Any]], docs: dict[str, dict[str, Any]] | None = None) -> None:
-        """Apply a committed record's entries (idempotent), then unmark them."""
+        """Apply a committed record's entries (idempotent). The entries keep their mark: a
+        reader meeting it finds the record `applied` (or, once it has expired, the entry still
+        there, since discarded claims are deleted first), and rewriting them would double the
+        cost of the history writes."""
         for resource_type, group in _by_type(entries).items():
             ops = [_current_write(e, (docs or {}).get(e["_id"]) or self._document(e)) for e in group]
             try:
@@ -591,7 +594,6 @@ class ResourceRepository:
             except BulkWriteError as exc:  # versions already applied by a reader or an earlier run
                 if not _duplicates_only(exc):
                     raise
-        await self.history.update_many({"_id": {"$in": [e["_id"] for e in entries]}, "tx": tx}, {"$unset": {"tx": ""}})
         await self.db[TRANSACTIONS].update_one(
             {"_id": tx}, {"$set": {"state": "applied", "exp": _now() + TRANSACTION_KEPT}, "$unset": {"lease": ""}}
         )
@@ -610,19 +612,25 @@ class ResourceRepository:
 
     async def _committed(self, entry: dict[str, Any]) -> bool:
         """Whether a history entry is part of the record: not a claim of an uncommitted write."""
-        tx = entry.get("tx")
-        if tx is None:
-            return True
-        record = await self.db[TRANSACTIONS].find_one({"_id": tx}, {"state": 1, "lease": 1})
-        if record is None:  # long finished: an entry still there was committed
-            return await self.history.find_one({"_id": entry["_id"]}, {"_id": 1}) is not None
-        state = record["state"]
-        if state == "pending" and record["lease"].replace(tzinfo=UTC) < _now():
-            await self._discard(tx)
-            return False
-        if state == "aborted":
-            await self._discard(tx)
-        return state in ("committed", "applied")
+        return bool(await self._visible([entry]))
+
+    async def _visible(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The entries that are not claims of uncommitted writes (discarding abandoned ones)."""
+        marks = {e["tx"] for e in entries if "tx" in e}
+        if not marks:
+            return entries
+        records = {r["_id"]: r async for r in self.db[TRANSACTIONS].find({"_id": {"$in": list(marks)}})}
+        verdicts: dict[str, bool] = {}
+        for tx in marks:
+            record = records.get(tx)
+            # No record: long finished and expired (discarded claims were deleted before).
+            if record is None or record["state"] in ("committed", "applied"):
+                verdicts[tx] = True
+            else:
+                if record["state"] == "aborted" or record["lease"].replace(tzinfo=UTC) < _now():
+                    await self._discard(tx)
+                verdicts[tx] = False
+        return [e for e in entries if "tx" not in e or verdicts[e["tx"]]]
 
     async def recover(self) -> None:
         """Finish committed multi-resource writes and discard abandoned ones (at start-up)."""
