@@ -8,7 +8,7 @@ import hashlib
 from dataclasses import replace
 from typing import Any
 
-from fhir_server.errors import BadRequest, NotFound, TooCostly
+from fhir_server.errors import BadRequest, Gone, NotFound, TooCostly
 from fhir_server.search.criteria import Criterion, Include, SearchRequest, parse_criterion, parse_search
 from fhir_server.search.indexer import references
 from fhir_server.search.registry import parameter, parameters, patient_compartment
@@ -182,8 +182,11 @@ class SearchService:
         path = f"Patient/{patient_id}/$everything" if patient_id else "Patient/$everything"
         if patient_id is not None:
             check_id(patient_id)
-            if await self.repository.fetch("Patient", [patient_id]) == []:
+            found = await self.repository.read("Patient", patient_id)
+            if found is None:
                 raise NotFound(f"Patient/{patient_id} is not known")
+            if found.deleted:
+                raise Gone(f"Patient/{patient_id} was deleted")
         queries = None
         if not request.page:
             queries = await self._everything_queries(base, patient_id, types, values.get("_since"))
