@@ -46,6 +46,17 @@ class Settings(BaseSettings):
     max_bundle_bytes: int = 100 * 1024 * 1024
     # How long a conditional create/update waits for a concurrent one on the same criteria.
     conditional_wait_s: float = 20.0
+    # Bulk export ($export): how long a finished job and its files are kept; the lease a worker
+    # holds on a running job (a job whose lease lapses is resumed by any server process); how
+    # often a worker looks for such jobs; resources read per batch, and a pause between batches
+    # to leave the database to the API; resources per file; runs a job may take before it fails.
+    export_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    export_lease_s: float = Field(default=30.0, gt=0)
+    export_poll_s: float = Field(default=5.0, gt=0)
+    export_batch_size: int = Field(default=500, ge=1)
+    export_pause_s: float = Field(default=0.0, ge=0)
+    export_file_resources: int = Field(default=100_000, ge=1)
+    export_max_attempts: int = Field(default=3, ge=1)
     log_level: str = "INFO"
     # Reserved for the DICOM node.
     dicom_port: int = 11112

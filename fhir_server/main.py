@@ -10,7 +10,8 @@ from fhir_server import __version__
 from fhir_server.config import Settings, get_settings
 from fhir_server.errors import install_error_handlers
 from fhir_server.logs import AccessLogMiddleware
-from fhir_server.routes import bundles, operations, resources, system
+from fhir_server.routes import bundles, export, operations, resources, system
+from fhir_server.services.export import ExportService
 from fhir_server.services.history import HistoryService
 from fhir_server.services.resources import ResourceService
 from fhir_server.services.search import SearchService
@@ -52,10 +53,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.history = HistoryService(
             repository, settings.default_page_size, settings.max_page_size
         )
+        app.state.exports = ExportService(repository, settings)
+        await app.state.exports.start()
         LOGGER.info("FHIR server ready", extra={"database": settings.mongodb_db})
         try:
             yield
         finally:
+            await app.state.exports.stop()
             await database.close()
 
     app = FastAPI(
@@ -71,5 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.router)
     app.include_router(bundles.router)
     app.include_router(operations.router)  # before the resource routes, whose patterns would take its paths
+    app.include_router(export.router)  # likewise
+    app.include_router(export.jobs)
     app.include_router(resources.router)
     return app

@@ -487,6 +487,17 @@ def referencing(codes: list[str], targets: list[str]) -> dict[str, Any]:
     return {INDEX_FIELD: {"$in": reference_keys(codes, targets)}, "del": False}
 
 
+def export_filter(*, ids: list[str] | None = None, changed_from: datetime | None = None) -> dict[str, Any]:
+    """Current documents in any state for a bulk export, by id or changed at or after a moment:
+    the export itself decides on deleted ones and on those changed after its transaction time."""
+    query: dict[str, Any] = {}
+    if ids is not None:
+        query["_id"] = {"$in": ids}
+    if changed_from is not None:
+        query["ts"] = {"$gte": changed_from}
+    return query
+
+
 def referenced_ids(found: list[str], resource_type: str) -> set[str]:
     """The ids of `resource_type` among a reference parameter's stored keys."""
     prefix = f"{keys.EQ}{resource_type}/"
