@@ -18,9 +18,10 @@ test: $(BIN)/.installed  ## lint, then the test suite (starts its own database a
 	$(BIN)/ruff check fhir_server dicom_node mappings tests bench
 	$(BIN)/python -m pytest
 
-bench: $(BIN)/.installed  ## server vs. raw driver: CRUD, then search on 100,000 resources (needs wrk: apt-get install wrk)
+bench: $(BIN)/.installed  ## server vs. raw driver: CRUD, search on 100,000 resources, transactions (needs wrk: apt-get install wrk)
 	$(BIN)/python bench/crud.py
 	$(BIN)/python bench/search.py
+	$(BIN)/python bench/transaction.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

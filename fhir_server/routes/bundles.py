@@ -40,7 +40,10 @@ async def bundle(request: Request, ctx: Ctx, transactions: Transactions) -> Resp
     kind, entries = parse_bundle(body, ctx.base_url, settings.max_bundle_entries)
     answers: dict[int, dict[str, Any]] = {}
     if kind == "transaction":
-        results = await transactions.transaction(entries)
+        # One resource may not be larger than when sent alone; only a large Bundle can hold one.
+        size = int(request.headers.get("content-length") or settings.max_bundle_bytes)
+        entry_limit = settings.max_body_bytes if size > settings.max_body_bytes else None
+        results = await transactions.transaction(entries, entry_limit)
         answers = {index: _result_entry(ctx, result) for index, result in results.items()}
     for entry in entries:
         if kind == "batch" or entry.method in READS:

@@ -188,7 +188,8 @@ class ResourceService:
             check_id(resource_id)
         resource, mode, profile = _validate_parameters(body, mode)
         if mode not in VALIDATION_MODES:
-            raise BadRequest(f"mode must be one of {', '.join(VALIDATION_MODES)}, not '{mode}'", expression="mode")
+            known = ", ".join(m for m in VALIDATION_MODES if m)
+            raise BadRequest(f"mode must be one of {known} (or absent), not '{mode}'", expression="mode")
         if mode == "delete":
             if resource_id is None:
                 raise BadRequest("mode=delete validates an existing resource: use [type]/[id]/$validate")

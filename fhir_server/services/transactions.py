@@ -39,6 +39,8 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 READS = ("GET", "HEAD")
 WRITE_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2}
 MAX_ATTEMPTS = 10
+# Strings that are text, never links, even when they look like an entry's fullUrl.
+TEXT_KEYS = frozenset({"value", "display", "text", "id"})
 PLACEHOLDER = re.compile(r"urn:(?:uuid|oid):[A-Za-z0-9.:\-]+")
 
 
@@ -144,6 +146,7 @@ class _Target:
     body: dict[str, Any] | None = None
     result: Result | None = None  # ifNoneExist matched, or a conditional delete matched nothing
     read_current: bool = True
+    same_as: "_Target | None" = None  # a conditional create repeating an earlier one of the Bundle
 
 
 class TransactionService:
@@ -152,8 +155,9 @@ class TransactionService:
         self.repository = resources.repository
         self.searches = resources.searches
 
-    async def transaction(self, entries: list[BundleEntry]) -> dict[int, Result]:
-        """Commit every write entry or none; the result of each, by entry index."""
+    async def transaction(self, entries: list[BundleEntry], entry_limit: int | None = None) -> dict[int, Result]:
+        """Commit every write entry or none; the result of each, by entry index. `entry_limit`:
+        the most bytes one resource may have (as when sent alone)."""
         writes = sorted((e for e in entries if e.method not in READS), key=lambda e: (WRITE_ORDER[e.method], e.index))
         conditions = sorted({(t, q) for e in writes for t, q in [self._condition(e)] if q is not None})
         for attempt in range(MAX_ATTEMPTS):
@@ -161,7 +165,7 @@ class TransactionService:
                 for resource_type, query in conditions:  # one order for all: no deadlock
                     criteria = parse_query_string(resource_type, query)
                     await stack.enter_async_context(self.resources.lock(resource_type, criteria))
-                targets = await self._targets(writes)
+                targets = await self._targets(writes, entry_limit)
                 planned = await self._plan(targets)
                 try:
                     versions = await self.repository.write_all(planned)
@@ -181,17 +185,31 @@ class TransactionService:
 
     # -- planning --------------------------------------------------------------------------------
 
-    async def _targets(self, writes: list[BundleEntry]) -> list[_Target]:
+    async def _targets(self, writes: list[BundleEntry], entry_limit: int | None) -> list[_Target]:
         """Each write entry's resource; conditional ones found by search."""
         targets: list[_Target] = []
+        deleted: set[tuple[str, str]] = set()  # by earlier entries: later searches no longer find them
+        creates: dict[str, _Target] = {}  # conditional creates by their criteria
         for entry in writes:
             try:
-                targets.append(await self._target(entry))
+                key = None
+                if entry.method == "POST" and entry.if_none_exist and entry.parts:
+                    key = lock_key(entry.parts[0], parse_query_string(entry.parts[0], entry.if_none_exist))
+                if key in creates:
+                    first = creates[key]
+                    targets.append(_Target(entry, first.type, first.id, result=first.result, same_as=first))
+                    continue
+                target = await self._target(entry, deleted)
             except FhirError as exc:
                 raise at_entry(entry, exc) from exc
+            targets.append(target)
+            if key is not None:
+                creates[key] = target
+            if entry.method == "DELETE" and target.id is not None:
+                deleted.add((target.type, target.id))
         seen: dict[tuple[str, str], BundleEntry] = {}
         for target in targets:
-            if target.id is None or target.result is not None:
+            if target.id is None or target.result is not None or target.same_as is not None:
                 continue
             key = (target.type, target.id)
             if key in seen:
@@ -204,16 +222,15 @@ class TransactionService:
         for target in targets:
             if target.entry.full_url and target.id is not None:
                 references[target.entry.full_url] = f"{target.type}/{target.id}"
-        created = {  # conditional references may name a conditional create of the same Bundle
-            lock_key(t.type, parse_query_string(t.type, t.entry.if_none_exist)): f"{t.type}/{t.id}"
-            for t in targets
-            if t.entry.method == "POST" and t.entry.if_none_exist and t.id is not None
-        }
+        # Conditional references may name a conditional create of the same Bundle.
+        created = {key: f"{t.type}/{t.id}" for key, t in creates.items() if t.id is not None}
         resolved: dict[str, str] = {}
         for target in targets:
-            if target.body is None:
+            if target.body is None or target.same_as is not None:
                 continue
             try:
+                if entry_limit is not None and len(fhir_json.dumps(target.body)) > entry_limit:
+                    raise PayloadTooLarge(f"The resource is larger than {entry_limit} bytes")
                 body = await self._rewrite(target.body, references, created, resolved)
                 if target.entry.method == "POST":
                     target.body = validate_resource(body, target.type, ignore_id=True)
@@ -225,7 +242,7 @@ class TransactionService:
                 raise at_entry(target.entry, exc) from exc
         return targets
 
-    async def _target(self, entry: BundleEntry) -> _Target:
+    async def _target(self, entry: BundleEntry, deleted: set[tuple[str, str]]) -> _Target:
         parts = entry.parts
         if not parts or any(p.startswith(("$", "_")) for p in parts):
             raise BadRequest(f"'{entry.url}' is not a resource a transaction can {entry.method}")
@@ -238,7 +255,7 @@ class TransactionService:
             if len(parts) != 1:
                 raise BadRequest("POST takes the type only (Patient, not Patient/id)")
             if entry.if_none_exist:
-                found = await self._matches(resource_type, entry.if_none_exist, "ifNoneExist")
+                found = await self._matches(resource_type, entry.if_none_exist, "ifNoneExist", deleted)
                 if found:
                     return _Target(entry, resource_type, found.id, result=Result(200, found, "A matching resource exists; nothing was created"))
             return _Target(entry, resource_type, str(uuid.uuid4()), dict(entry.resource), read_current=False)
@@ -248,7 +265,7 @@ class TransactionService:
             return _Target(entry, resource_type, parts[1], body)
         if len(parts) != 1 or not entry.query:
             raise BadRequest(f"{entry.method} takes Type/id or Type?criteria")
-        found = await self._matches(resource_type, entry.query, "criteria")
+        found = await self._matches(resource_type, entry.query, "criteria", deleted)
         if entry.method == "DELETE" and found is None:
             return _Target(entry, resource_type, None, result=Result(200, None, f"No {resource_type} matches '{entry.query}'; nothing to delete"))
         if entry.method == "PATCH" and found is None:
@@ -267,9 +284,14 @@ class TransactionService:
             return _Target(entry, resource_type, body_id, body)
         return _Target(entry, resource_type, str(uuid.uuid4()), body, read_current=False)
 
-    async def _matches(self, resource_type: str, query: str, what: str) -> Version | None:
-        """The one match of conditional criteria, None for none; 412 for several."""
-        found = await self.searches.matches(resource_type, parse_query_string(resource_type, query), limit=2)
+    async def _matches(
+        self, resource_type: str, query: str, what: str, deleted: set[tuple[str, str]]
+    ) -> Version | None:
+        """The one match of conditional criteria, None for none; 412 for several. Resources
+        deleted by earlier entries of the transaction are gone for these searches."""
+        criteria = parse_query_string(resource_type, query)
+        found = await self.searches.matches(resource_type, criteria, limit=2 + len(deleted))
+        found = [v for v in found if (resource_type, v.id) not in deleted]
         if len(found) > 1:
             raise PreconditionFailed(f"{what} '{query}' matches {len(found)} resources")
         return found[0] if found else None
@@ -314,6 +336,8 @@ class TransactionService:
                     return await reference(node)
                 if key == "div":
                     return narrative(node)
+                if key not in TEXT_KEYS and node in references:  # uri, url, oid, uuid elements
+                    return references[node]
             return node
 
         return await walk(body)
@@ -322,7 +346,7 @@ class TransactionService:
         """Each change decided against the current version (preconditions checked here)."""
         planned: list[Planned] = []
         for target in targets:
-            if target.result is not None or target.id is None:
+            if target.result is not None or target.id is None or target.same_as is not None:
                 continue
             entry = target.entry
             try:
@@ -348,6 +372,10 @@ class TransactionService:
         stored = iter(versions)
         results: dict[int, Result] = {}
         for target in targets:
+            if target.same_as is not None:
+                first = results[target.same_as.entry.index]
+                results[target.entry.index] = Result(200, first.version, "A matching resource exists; nothing was created")
+                continue
             if target.result is not None or target.id is None:
                 results[target.entry.index] = target.result or Result(200, None, "")
                 continue
