@@ -81,21 +81,17 @@ class ExportJobs:
         return found.matched_count == 1
 
     async def finish(self, job_id: str, owner: str, errors: list[dict[str, Any]], ttl_s: float) -> bool:
-        now = _now()
-        found = await self.jobs.update_one(
-            {"_id": job_id, "owner": owner, "status": "running"},
-            {"$set": {"status": "complete", "errors": errors, "completed": now,
-                      "expires": now + timedelta(seconds=ttl_s)},
-             "$unset": {"lease": "", "progress": ""}},
-        )
-        return found.matched_count == 1
+        return await self._end(job_id, owner, ttl_s, status="complete", errors=errors)
 
     async def fail(self, job_id: str, owner: str, message: str, ttl_s: float) -> bool:
+        return await self._end(job_id, owner, ttl_s, status="failed", error=message)
+
+    async def _end(self, job_id: str, owner: str, ttl_s: float, **fields: Any) -> bool:
+        """A running job this worker owns, ended: kept `ttl_s` for its status and files."""
         now = _now()
         found = await self.jobs.update_one(
             {"_id": job_id, "owner": owner, "status": "running"},
-            {"$set": {"status": "failed", "error": message, "completed": now,
-                      "expires": now + timedelta(seconds=ttl_s)},
+            {"$set": {**fields, "completed": now, "expires": now + timedelta(seconds=ttl_s)},
              "$unset": {"lease": "", "progress": ""}},
         )
         return found.matched_count == 1
