@@ -23,6 +23,7 @@ import argparse
 import copy
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -191,8 +192,12 @@ def main() -> None:
         raw, documents = driver_rates(database.uri, source, args.rounds)
     finally:
         server.terminate()
-        server.wait(30)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
         database.stop()
+        shutil.rmtree(work, ignore_errors=True)
     count = sum(n for _, n in bodies)
     print(f"{len(bodies)} Synthea bundles ({count} resources) x {args.rounds} rounds, {args.clients} client(s), "
           f"w=majority j=true, embedded database, transactions={args.transactions}")

@@ -85,22 +85,31 @@ def test_a_writer_meeting_an_abandoned_claim_discards_it(client: httpx.Client, m
     assert client.get(f"/Patient/{rid}").json().get("active") is True
 
 
-def test_a_committed_transaction_is_finished_by_a_reader_and_at_start_up(
-    client: httpx.Client, mongo: pymongo.database.Database, tmp_path: Path
+def test_a_committed_transaction_whose_writer_died_is_finished_by_a_reader(
+    client: httpx.Client, mongo: pymongo.database.Database
 ) -> None:
     tx, rid, oid = _plant(client, mongo, "committed", datetime.now(UTC) - timedelta(seconds=1))
-    read = client.get(f"/Patient/{rid}")  # the reader rolls the committed version forward
+    read = client.get(f"/Patient/{rid}")  # the reader rolls the whole committed transaction forward
     assert read.json()["gender"] == "male" and read.headers["ETag"] == 'W/"2"'
-    assert mongo["Observation"].find_one({"_id": oid}) is None  # not read yet: not applied yet
+    assert mongo["transactions"].find_one({"_id": tx})["state"] == "applied"
+    found = client.get("/Observation", params={"subject": f"Patient/{rid}"}).json()
+    assert [e["resource"]["id"] for e in found["entry"]] == [oid]
 
-    uri = mongo.client.address
-    restarted = ServerProcess(tmp_path, {"MONGODB_URI": f"mongodb://{uri[0]}:{uri[1]}/?directConnection=true",
+
+def test_start_up_finishes_committed_transactions(
+    client: httpx.Client, mongo: pymongo.database.Database, tmp_path: Path
+) -> None:
+    tx, rid, oid = _plant(client, mongo, "committed", datetime.now(UTC) + timedelta(minutes=5))
+    assert mongo["Observation"].find_one({"_id": oid}) is None
+    host, port = mongo.client.address
+    restarted = ServerProcess(tmp_path, {"MONGODB_URI": f"mongodb://{host}:{port}/?directConnection=true",
                                          "FHIR_MONGODB_DB": mongo.name}).start()
-    try:  # start-up finishes every committed transaction
+    try:
         assert mongo["transactions"].find_one({"_id": tx})["state"] == "applied"
         assert client.get(f"/Observation/{oid}/_history/1").json()["code"]["text"] == "planted"
         found = client.get("/Observation", params={"subject": f"Patient/{rid}"}).json()
         assert [e["resource"]["id"] for e in found["entry"]] == [oid]
+        assert mongo["Patient"].find_one({"_id": rid})["v"] == 2
     finally:
         restarted.stop()
 
@@ -128,3 +137,19 @@ def test_an_acknowledged_transaction_survives_kill_9_of_the_database(tmp_path: P
     finally:
         server.stop()
         database.stop()
+
+
+def test_history_pages_skip_uncommitted_claims_without_ending_early(
+    client: httpx.Client, mongo: pymongo.database.Database
+) -> None:
+    rid = post(client, patient(gender="female")).json()["id"]
+    client.put(f"/Patient/{rid}", json=patient(id=rid, gender="other"), headers={"Content-Type": FHIR_JSON})
+    second = mongo["history"].find_one({"_id": f"Patient/{rid}/{2:010d}"})
+    claim = {**copy.deepcopy(second), "_id": f"Patient/{rid}/{3:010d}", "v": 3, "tx": unique()}
+    mongo["history"].insert_one(claim)
+    mongo["transactions"].insert_one({"_id": claim["tx"], "state": "pending", "ts": claim["ts"],
+                                      "lease": datetime.now(UTC) + timedelta(minutes=5), "claims": [claim["_id"]]})
+    page = client.get(f"/Patient/{rid}/_history", params={"_count": 1}).json()
+    assert [e["response"]["etag"] for e in page["entry"]] == ['W/"2"']
+    following = next(link["url"] for link in page["link"] if link["relation"] == "next")
+    assert [e["response"]["etag"] for e in httpx.get(following).json()["entry"]] == ['W/"1"']

@@ -800,3 +800,77 @@ def test_synthea_bundles_as_transactions(client: httpx.Client, mongo: pymongo.da
             expected = len(by_type.get(resource_type, {}))
             response = client.get(f"/{resource_type}", params={"subject": f"Patient/{patient_id}", "_summary": "count"})
             assert response.json()["total"] == expected, (path.name, resource_type)
+
+
+# -- review findings: input that must not crash, locks, deletions, HEAD ------------------------------
+
+
+@pytest.mark.parametrize("kind", ["batch", "transaction"])
+def test_malformed_patch_binaries_and_if_match_are_400(client: httpx.Client, kind: str) -> None:
+    rid = created(client, with_identifier(unique()))["id"]
+    for binary in (
+        {"resourceType": "Binary", "contentType": 5, "data": "e30="},
+        {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": 5},
+        {"resourceType": "Binary", "contentType": "application/json-patch+json"},
+    ):
+        response = send(client, bundle(kind, entry("PATCH", f"Patient/{rid}", binary)))
+        if kind == "batch":
+            assert status(answered(response, kind)[0]) == 400
+        else:
+            assert_outcome(response, 400, "Bundle.entry[0]")
+    bad_tag = send(client, bundle(kind, entry("PUT", f"Patient/{rid}", with_identifier("x", id=rid), ifMatch='W/"²"')))
+    if kind == "batch":
+        assert status(answered(bad_tag, kind)[0]) == 400
+    else:
+        assert_outcome(bad_tag, 400, "Bundle.entry[0]")
+
+
+def test_deeply_nested_resource_in_a_transaction_is_400(client: httpx.Client) -> None:
+    deep = '{"url": "urn:x", "valueString": "leaf"}'
+    for _ in range(600):
+        deep = '{"url": "urn:x", "extension": [' + deep + "]}"
+    text = ('{"resourceType": "Bundle", "type": "transaction", "entry": [{"request": {"method": "POST", "url": "Patient"},'
+            ' "resource": {"resourceType": "Patient", "extension": [' + deep + "]}}]}")
+    response = client.post("", content=text, headers={"Content-Type": FHIR_JSON})
+    assert_outcome(response, 400)
+
+
+def test_two_conditions_with_one_lock_key_do_not_block_each_other(client: httpx.Client) -> None:
+    value = unique()
+    existing = created(client, with_identifier(value, system="urn:test:b"))
+    response = send(client, bundle(
+        "transaction",
+        entry("POST", "Patient", with_identifier(value, system="urn:test:a"), ifNoneExist=f"identifier=urn:test:a|{value}"),
+        entry("PUT", f"Patient?identifier=urn:test:b|{value}", with_identifier(value, system="urn:test:b", active=True)),
+        entry("POST", "Patient", with_identifier(value, system="urn:test:b"), ifNoneExist=f"identifier=urn:test:b|{value}"),
+    ))
+    found = answered(response, "transaction")
+    assert status(found[0]) == 201  # not taken for the urn:test:b patient
+    assert location(found[1])[1] == existing["id"] and status(found[1]) == 200
+    assert status(found[2]) == 200 and location(found[2])[1] == existing["id"]
+
+
+def test_duplicate_full_urls_are_refused(client: httpx.Client) -> None:
+    urn = uuid_urn()
+    response = send(client, bundle("transaction", entry("POST", "Patient", with_identifier(unique()), urn),
+                                   entry("POST", "Patient", with_identifier(unique()), urn)))
+    assert_outcome(response, 400, "used twice")
+
+
+def test_conditional_reference_to_a_resource_deleted_by_the_same_transaction_fails(client: httpx.Client) -> None:
+    value = unique()
+    doomed = created(client, with_identifier(value))
+    response = send(client, bundle(
+        "transaction",
+        entry("DELETE", f"Patient/{doomed['id']}"),
+        entry("POST", "Observation", observation(subject={"reference": f"Patient?identifier=urn:test:tx-id|{value}"})),
+    ))
+    assert_outcome(response, 412, "Bundle.entry[1]")
+    assert client.get(f"/Patient/{doomed['id']}").status_code == 200  # rolled back
+
+
+def test_head_entries_answer_like_get_without_a_body(client: httpx.Client) -> None:
+    rid = created(client, with_identifier(unique()))["id"]
+    found = answered(send(client, bundle("batch", entry("HEAD", f"Patient/{rid}"))), "batch")
+    assert status(found[0]) == 200 and found[0]["response"]["etag"] == 'W/"1"'
+    assert "resource" not in found[0]

@@ -5,7 +5,6 @@ batch, and the reads of a transaction) is answered by this same application as a
 request, so an entry means exactly what the same request sent alone would mean.
 """
 
-import base64
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from typing import Annotated, Any
@@ -19,7 +18,14 @@ from fhir_server.errors import BadRequest, FhirError, Issue, operation_outcome
 from fhir_server.routes.deps import Ctx
 from fhir_server.routes.http import JSON_PATCH, fhir_response, json_body
 from fhir_server.services.resources import Result
-from fhir_server.services.transactions import READS, BundleEntry, TransactionService, at_entry, parse_bundle
+from fhir_server.services.transactions import (
+    READS,
+    BundleEntry,
+    TransactionService,
+    at_entry,
+    json_patch_bytes,
+    parse_bundle,
+)
 from fhir_server.storage.repository import instant
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(request_context)], tags=["system"])
@@ -86,7 +92,10 @@ async def _dispatch(request: Request, ctx: RequestContext, entry: BundleEntry) -
     except FhirError as exc:
         error = at_entry(entry, exc)
         return {"response": {"status": _status(error.status), "outcome": operation_outcome(error.issues)}}
-    status, answer_headers, content = await _call(request, entry.method, path, entry.query, headers, body)
+    method = "GET" if entry.method == "HEAD" else entry.method  # HEAD: the GET's answer without its body
+    status, answer_headers, content = await _call(request, method, path, entry.query, headers, body)
+    if entry.method == "HEAD":
+        content = b""
     response: dict[str, Any] = {"status": _status(status)}
     location = answer_headers.get("location") or answer_headers.get("content-location")
     if location:
@@ -96,7 +105,12 @@ async def _dispatch(request: Request, ctx: RequestContext, entry: BundleEntry) -
     if "last-modified" in answer_headers:
         response["lastModified"] = instant(parsedate_to_datetime(answer_headers["last-modified"]))
     result: dict[str, Any] = {}
-    resource = fhir_json.loads(content) if content else None
+    resource = None
+    if content and "json" in answer_headers.get("content-type", ""):
+        try:
+            resource = fhir_json.loads(content)
+        except (ValueError, RecursionError):
+            resource = None
     if isinstance(resource, dict) and resource.get("resourceType") == "OperationOutcome" and (
         status >= 400 or entry.method not in READS
     ):
@@ -114,7 +128,7 @@ async def _dispatch(request: Request, ctx: RequestContext, entry: BundleEntry) -
 def _sub_request(request: Request, ctx: RequestContext, entry: BundleEntry) -> tuple[str, list[tuple[bytes, bytes]], bytes]:
     """Path, headers and body of an entry's request; 400 for what cannot be one."""
     if not entry.path and entry.method != "GET":
-        raise _bad("A Bundle cannot contain another batch or transaction")
+        raise BadRequest("A Bundle cannot contain another batch or transaction")
     headers = [
         (b"host", request.headers.get("host", "localhost").encode("latin-1")),
         (b"accept", b"application/fhir+json"),
@@ -133,24 +147,17 @@ def _sub_request(request: Request, ctx: RequestContext, entry: BundleEntry) -> t
             headers.append((name.encode(), value.encode("utf-8")))
     body = b""
     if entry.method == "PATCH":
-        resource = entry.resource
-        if not isinstance(resource, dict) or resource.get("resourceType") != "Binary":
-            raise _bad("A PATCH entry carries a Binary resource with a JSON Patch document")
-        try:
-            body = base64.b64decode(resource.get("data", ""), validate=True)
-        except ValueError as exc:
-            raise _bad(f"Binary.data is not base64: {exc}") from exc
-        headers.append((b"content-type", resource.get("contentType", JSON_PATCH).encode("latin-1")))
+        body = json_patch_bytes(entry.resource)
+        headers.append((b"content-type", JSON_PATCH.encode()))
     elif entry.method in ("POST", "PUT"):
         if entry.resource is None:
-            raise _bad(f"{entry.method} needs a resource")
-        body = fhir_json.dumps(entry.resource)
+            raise BadRequest(f"{entry.method} needs a resource")
+        try:
+            body = fhir_json.dumps(entry.resource)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise BadRequest(f"The resource cannot be read: {exc}") from exc
         headers.append((b"content-type", b"application/fhir+json"))
     return f"/fhir/{entry.path}".rstrip("/"), headers, body
-
-
-def _bad(message: str) -> FhirError:
-    return BadRequest(message)
 
 
 async def _call(

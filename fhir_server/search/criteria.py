@@ -313,5 +313,10 @@ def lock_key(resource_type: str, criteria: list[Criterion]) -> str:
             if criterion.param is not None and criterion.code == code and not criterion.modifier:
                 values = sorted({v.rsplit("|", 1)[-1] or v for v in criterion.values})
                 return f"{resource_type}:{code}:{','.join(values)}"
+    return criteria_key(resource_type, criteria)
+
+
+def criteria_key(resource_type: str, criteria: list[Criterion]) -> str:
+    """One text for the same criteria however they were written (order of parameters and values)."""
     parts = sorted(f"{c.name}={','.join(sorted(c.values))}" for c in criteria)
     return f"{resource_type}?{'&'.join(parts)}"

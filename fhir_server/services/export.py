@@ -14,7 +14,7 @@ from typing import Any
 
 from fhir_server.config import Settings
 from fhir_server.errors import BadRequest, FhirError, Gone, NotFound
-from fhir_server.search.dates import date_range
+from fhir_server.search.dates import ONE_MS, date_range
 from fhir_server.search.indexer import reference_value
 from fhir_server.search.registry import patient_compartment
 from fhir_server.services.export_worker import ExportWorker
@@ -170,9 +170,13 @@ class ExportService:
         types = await self._types(level, request.types, warnings)
         job_id = uuid.uuid4().hex
         now = _now()
+        # Before any transaction still being applied: its versions are stamped earlier than they
+        # appear, and this export (and a later one `_since` this time) must hold them.
+        in_flight = await self.repository.in_flight_since()
+        moment = now if in_flight is None else min(now, in_flight - ONE_MS)
         await self.jobs.create({
             "_id": job_id, "request": url, "level": level, "group": group_id, "types": types,
-            "since": request.since, "transactionTime": now, "members": members, "warnings": warnings,
+            "since": request.since, "transactionTime": moment, "members": members, "warnings": warnings,
             "created": now,
         })
         self.worker.wake()

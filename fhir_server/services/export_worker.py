@@ -236,10 +236,19 @@ class ExportWorker:
                 LOGGER.warning("export %s: lease not renewed (%s)", job_id, exc)
 
     async def _settle(self, transaction_time: datetime) -> None:
+        """Wait until the writes stamped up to the transaction time have been applied: single
+        writes within `SETTLE`, transactions once their commit records are (the committed ones of
+        writers that died are finished, the abandoned ones discarded, after their lease)."""
         wait = (transaction_time + SETTLE - datetime.now(UTC)).total_seconds()
         if wait > 0:
             await asyncio.sleep(wait)
-        self._check()
+        while True:
+            self._check()
+            oldest = await self.repository.in_flight_since()
+            if oldest is None or oldest > transaction_time:
+                return
+            await asyncio.sleep(1.0)
+            await self.repository.recover()
 
     async def _export_type(
         self, job: dict[str, Any], resource_type: str, scope: Scope, progress: Progress

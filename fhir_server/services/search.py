@@ -190,7 +190,8 @@ class SearchService:
         queries = None
         if not request.page:
             queries = await self._everything_queries(base, patient_id, types, values.get("_since"))
-        return await self._run(base, path, request, queries, skip_included=frozenset(compartment) | {"Patient"})
+        return await self._run(base, path, request, queries, skip_included=frozenset(compartment) | {"Patient"},
+                               complete=True)
 
     async def _everything_queries(
         self, base: str, patient_id: str | None, types: list[str], since: str | None
@@ -199,7 +200,8 @@ class SearchService:
         if patient_id is not None:
             patients = [patient_id]
         else:
-            patients = await self.repository.find_ids("Patient", {"del": False}, [("_id", 1)], limit=self.max_results + 1)
+            every = await self.filter_for("Patient", [], base)
+            patients = await self.repository.find_ids("Patient", every, [("_id", 1)], limit=self.max_results + 1)
             if len(patients) > self.max_results:
                 raise TooCostly(f"More than {self.max_results} patients: export them with Patient/$export")
         queries: dict[str, dict[str, Any]] = {}
@@ -221,9 +223,11 @@ class SearchService:
         queries: dict[str, dict[str, Any]] | None,
         *,
         skip_included: frozenset[str] = frozenset(),
+        complete: bool = False,
     ) -> dict[str, Any]:
         """One page: from a new query (`queries`, per type) or from the snapshot `_page` names.
-        `skip_included`: types `_include` does not add (they are matches already)."""
+        `skip_included`: types `_include` does not add (they are matches already). `complete`:
+        refuse (rather than page through only the first `max_results`) when there are more."""
         fingerprint = _fingerprint(path, request.applied)
         count = request.count
         offset = 0
@@ -240,13 +244,15 @@ class SearchService:
             refs = await self._ordered_refs(queries, request.sort, self.max_results + 1)
             stored = min(len(refs), self.max_results)
             total = stored
+            if len(refs) > self.max_results and complete:
+                raise TooCostly(f"More than {self.max_results} resources: export them with $export")
             if len(refs) > self.max_results:
                 total = await self._count(queries, listed=False)
             if len(refs) > count:
                 snapshot = await self.pages.save(refs[:stored], total)
             refs = refs[:count]
         found = await self._fetch(refs)
-        included = [v for v in await self._include(found, request.includes) if v.type not in skip_included]
+        included = await self._include(found, request.includes, skip_included)
         return self._bundle(base, path, request, found, included, total, snapshot, offset, stored, fingerprint)
 
     async def _count(self, queries: dict[str, dict[str, Any]], *, listed: bool = True) -> int:
@@ -284,7 +290,9 @@ class SearchService:
                 found[f"{resource_type}/{version.id}"] = version
         return [found[r] for r in refs if r in found]
 
-    async def _include(self, matches: list[Version], includes: list[Include]) -> list[Version]:
+    async def _include(
+        self, matches: list[Version], includes: list[Include], skip: frozenset[str] = frozenset()
+    ) -> list[Version]:
         """`_include` and `_revinclude`, then their `:iterate` forms over what was added."""
         if not includes or not matches:
             return []
@@ -296,7 +304,7 @@ class SearchService:
             for include in includes:
                 if round_ > 0 and not include.iterate:
                     continue
-                fetched = await (self._reverse(frontier, include) if include.reverse else self._forward(frontier, include))
+                fetched = await (self._reverse(frontier, include) if include.reverse else self._forward(frontier, include, skip))
                 for version in fetched:
                     if (version.type, version.id) not in seen:
                         seen.add((version.type, version.id))
@@ -307,7 +315,7 @@ class SearchService:
                 break
         return added[: self.max_included]
 
-    async def _forward(self, frontier: list[Version], include: Include) -> list[Version]:
+    async def _forward(self, frontier: list[Version], include: Include, skip: frozenset[str]) -> list[Version]:
         params = _reference_params(include.source, include.param)
         refs: list[str] = []
         for version in frontier:
@@ -316,7 +324,7 @@ class SearchService:
             for param in params:
                 for ref in references(param, version.resource, self.repository.base_url):
                     kind = ref.split("/")[0]
-                    if ref.count("/") == 1 and kind in supported_types() and include.target in (None, kind):
+                    if ref.count("/") == 1 and kind in supported_types() and kind not in skip and include.target in (None, kind):
                         refs.append(ref)
         return await self._fetch(list(dict.fromkeys(refs))[: self.max_included])
 

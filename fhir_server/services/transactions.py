@@ -21,8 +21,9 @@ from urllib.parse import unquote
 
 from fhir_server import fhir_json
 from fhir_server.errors import BadRequest, Conflict, FhirError, Issue, PayloadTooLarge, PreconditionFailed
-from fhir_server.search.criteria import lock_key, parse_query_string
+from fhir_server.search.criteria import criteria_key, lock_key, parse_query_string
 from fhir_server.services.resources import (
+    VERSION_ID,
     ResourceService,
     Result,
     delete_decision,
@@ -131,7 +132,7 @@ def _version_tag(entry: BundleEntry) -> int | None:
     if entry.if_match is None:
         return None
     value = entry.if_match.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
+    if not VERSION_ID.fullmatch(value):
         raise BadRequest(f"ifMatch must be a version ETag such as W/\"3\", not '{entry.if_match}'")
     return int(value)
 
@@ -147,6 +148,7 @@ class _Target:
     result: Result | None = None  # ifNoneExist matched, or a conditional delete matched nothing
     read_current: bool = True
     same_as: "_Target | None" = None  # a conditional create repeating an earlier one of the Bundle
+    matched: int | None = None  # the version a conditional entry's search found
 
 
 class TransactionService:
@@ -159,15 +161,22 @@ class TransactionService:
         """Commit every write entry or none; the result of each, by entry index. `entry_limit`:
         the most bytes one resource may have (as when sent alone)."""
         writes = sorted((e for e in entries if e.method not in READS), key=lambda e: (WRITE_ORDER[e.method], e.index))
-        conditions = sorted({(t, q) for e in writes for t, q in [self._condition(e)] if q is not None})
+        conditions: dict[str, tuple[str, list[Any]]] = {}  # one lock per key, even for two queries
+        for entry in writes:
+            resource_type, query = self._condition(entry)
+            if query is not None:
+                try:
+                    criteria = parse_query_string(resource_type, query)
+                except FhirError as exc:
+                    raise at_entry(entry, exc) from exc
+                conditions[lock_key(resource_type, criteria)] = (resource_type, criteria)
         for attempt in range(MAX_ATTEMPTS):
             async with AsyncExitStack() as stack:
-                for resource_type, query in conditions:  # one order for all: no deadlock
-                    criteria = parse_query_string(resource_type, query)
-                    await stack.enter_async_context(self.resources.lock(resource_type, criteria))
+                for key in sorted(conditions):  # one order for all: no deadlock
+                    await stack.enter_async_context(self.resources.lock(*conditions[key]))
                 targets = await self._targets(writes, entry_limit)
-                planned = await self._plan(targets)
                 try:
+                    planned = await self._plan(targets)
                     versions = await self.repository.write_all(planned)
                 except StaleWrite:
                     pass
@@ -194,7 +203,7 @@ class TransactionService:
             try:
                 key = None
                 if entry.method == "POST" and entry.if_none_exist and entry.parts:
-                    key = lock_key(entry.parts[0], parse_query_string(entry.parts[0], entry.if_none_exist))
+                    key = criteria_key(entry.parts[0], parse_query_string(entry.parts[0], entry.if_none_exist))
                 if key in creates:
                     first = creates[key]
                     targets.append(_Target(entry, first.type, first.id, result=first.result, same_as=first))
@@ -221,6 +230,9 @@ class TransactionService:
         references: dict[str, str] = {}
         for target in targets:
             if target.entry.full_url and target.id is not None:
+                if target.entry.full_url in references and target.same_as is None:
+                    raise BadRequest(f"{target.entry.label}: fullUrl '{target.entry.full_url}' is used twice",
+                                     expression=f"{target.entry.where}.fullUrl")
                 references[target.entry.full_url] = f"{target.type}/{target.id}"
         # Conditional references may name a conditional create of the same Bundle.
         created = {key: f"{t.type}/{t.id}" for key, t in creates.items() if t.id is not None}
@@ -229,9 +241,12 @@ class TransactionService:
             if target.body is None or target.same_as is not None:
                 continue
             try:
-                if entry_limit is not None and len(fhir_json.dumps(target.body)) > entry_limit:
+                if entry_limit is not None and len(_serialised(target.body)) > entry_limit:
                     raise PayloadTooLarge(f"The resource is larger than {entry_limit} bytes")
-                body = await self._rewrite(target.body, references, created, resolved)
+                try:
+                    body = await self._rewrite(target.body, references, created, resolved, deleted)
+                except RecursionError as exc:
+                    raise BadRequest("The resource is nested too deeply") from exc
                 if target.entry.method == "POST":
                     target.body = validate_resource(body, target.type, ignore_id=True)
                 elif target.entry.query:  # conditional update: the body's id was checked against the match
@@ -274,7 +289,7 @@ class TransactionService:
         if found is not None:
             if body is not None and body.get("id") not in (None, found.id):
                 raise BadRequest(f"The id '{body['id']}' in the body is not the id '{found.id}' of the match")
-            return _Target(entry, resource_type, found.id, body)
+            return _Target(entry, resource_type, found.id, body, matched=found.vid)
         body_id = (body or {}).get("id")
         if isinstance(body_id, str):
             check_id(body_id, f"{resource_type}.id")
@@ -297,7 +312,12 @@ class TransactionService:
         return found[0] if found else None
 
     async def _rewrite(
-        self, body: dict[str, Any], references: dict[str, str], created: dict[str, str], resolved: dict[str, str]
+        self,
+        body: dict[str, Any],
+        references: dict[str, str],
+        created: dict[str, str],
+        resolved: dict[str, str],
+        deleted: set[tuple[str, str]],
     ) -> dict[str, Any]:
         """`fullUrl`s of the Bundle and conditional references → the ids they stand for."""
 
@@ -311,11 +331,12 @@ class TransactionService:
                 return value
             if value not in resolved:
                 criteria = parse_query_string(resource_type, query)
-                key = lock_key(resource_type, criteria)
+                key = criteria_key(resource_type, criteria)
                 if key in created:
                     resolved[value] = created[key]
                 else:
-                    found = await self.searches.matches(resource_type, criteria, limit=2)
+                    found = await self.searches.matches(resource_type, criteria, limit=2 + len(deleted))
+                    found = [v for v in found if (resource_type, v.id) not in deleted]
                     if len(found) != 1:
                         raise PreconditionFailed(
                             f"Conditional reference '{value}' matches {len(found)} resources; it must match one"
@@ -351,6 +372,8 @@ class TransactionService:
             entry = target.entry
             try:
                 current = await self.repository.read(target.type, target.id) if target.read_current else None
+                if target.matched is not None and (current is None or current.vid != target.matched):
+                    raise StaleWrite("the match changed after the search")  # search again
                 if entry.method == "POST":
                     change: Change | None = Change(target.body, "POST")
                 elif entry.method == "PUT":
@@ -389,14 +412,31 @@ class TransactionService:
         return results
 
 
-def _patch_operations(entry: BundleEntry) -> Any:
-    """A PATCH entry carries its JSON Patch as a Binary resource (R4 transactions)."""
-    resource = entry.resource
+def _serialised(resource: dict[str, Any]) -> bytes:
+    try:
+        return fhir_json.dumps(resource)
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"The resource cannot be read: {exc}") from exc
+
+
+def json_patch_bytes(resource: Any) -> bytes:
+    """A PATCH entry's JSON Patch document: R4 Bundles carry it as a Binary."""
     if not isinstance(resource, dict) or resource.get("resourceType") != "Binary":
         raise BadRequest("A PATCH entry carries a Binary resource with an application/json-patch+json document")
-    if resource.get("contentType", "").split(";")[0].strip() != "application/json-patch+json":
+    content_type = resource.get("contentType")
+    if not isinstance(content_type, str) or content_type.split(";")[0].strip() != "application/json-patch+json":
         raise BadRequest("Only JSON Patch (Binary.contentType application/json-patch+json) is supported")
+    data = resource.get("data", "")
+    if not isinstance(data, str):
+        raise BadRequest("Binary.data must be base64 text")
     try:
-        return fhir_json.loads(base64.b64decode(resource.get("data", ""), validate=True))
+        return base64.b64decode(data, validate=True)
     except ValueError as exc:
+        raise BadRequest(f"Binary.data is not base64: {exc}") from exc
+
+
+def _patch_operations(entry: BundleEntry) -> Any:
+    try:
+        return fhir_json.loads(json_patch_bytes(entry.resource))
+    except (ValueError, RecursionError) as exc:
         raise BadRequest(f"The Binary does not hold a JSON Patch document: {exc}") from exc

@@ -373,24 +373,21 @@ class ResourceRepository:
         total = None if at or cursor else await self.history.count_documents(query)
         if count == 0:
             return HistoryPage([], None, total)
-        if cursor:
-            ts, key = decode_cursor(cursor)
-            query = {"$and": [query, {"$or": [{"ts": {"$lt": ts}}, {"ts": ts, "_id": {"$lt": key}}]}]}
-        found = self.history.find(query).sort([("ts", DESCENDING), ("_id", DESCENDING)])
-        if not at:
-            found = found.limit(count + 1)
-        # Without `_at` the query stops at count + 1; with it, versions are filtered a batch at a
-        # time until one more than a page is kept.
+        after: tuple[datetime, str] | None = decode_cursor(cursor) if cursor else None
+        # Rounds of count + 1 entries, until one more than a page is kept: `_at` drops the
+        # versions replaced before its period, and claims of uncommitted writes are skipped.
         versions: list[tuple[Version, str]] = []
-        batch: list[dict[str, Any]] = []
-        async for doc in found.batch_size(count + 1):
-            batch.append(doc)
-            if len(batch) > count:
-                versions.extend(await self._current_during(batch, at))
-                batch = []
-                if len(versions) > count:
-                    break
-        versions.extend(await self._current_during(batch, at))
+        while True:
+            round_query = query
+            if after is not None:
+                ts, key = after
+                round_query = {"$and": [query, {"$or": [{"ts": {"$lt": ts}}, {"ts": ts, "_id": {"$lt": key}}]}]}
+            found = self.history.find(round_query).sort([("ts", DESCENDING), ("_id", DESCENDING)]).limit(count + 1)
+            docs = await found.to_list(None)
+            versions.extend(await self._current_during(docs, at))
+            if len(versions) > count or len(docs) <= count:
+                break
+            after = (docs[-1]["ts"], docs[-1]["_id"])
         next_cursor = None
         if len(versions) > count:
             last_version, last_key = versions[count - 1]
@@ -456,7 +453,10 @@ class ResourceRepository:
                     )
             except DuplicateKeyError:  # another writer claimed this version: start again
                 await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))
-        raise Conflict(f"{resource_type}/{resource_id} is being changed by too many writers; try again")
+        raise Conflict(
+            f"{resource_type}/{resource_id} is being changed by other writers (or a transaction); try again",
+            headers={"Retry-After": "1"},
+        )
 
     async def _attempt(
         self,
@@ -557,7 +557,11 @@ class ResourceRepository:
                         result = await self.db[resource_type].bulk_write(ops, ordered=True, session=session)
                         if result.inserted_count + result.matched_count != len(ops):
                             raise StaleWrite("a resource changed meanwhile")
-            except (DuplicateKeyError, BulkWriteError) as exc:
+            except DuplicateKeyError as exc:
+                raise StaleWrite(str(exc)) from exc
+            except BulkWriteError as exc:
+                if not _duplicates_only(exc):
+                    raise
                 raise StaleWrite(str(exc)) from exc
             except OperationFailure as exc:
                 if exc.has_error_label("TransientTransactionError"):
@@ -568,19 +572,26 @@ class ResourceRepository:
         records = self.db[TRANSACTIONS]
         tx = uuid.uuid4().hex
         claims = [e["_id"] for e in entries]
-        await records.insert_one({"_id": tx, "state": "pending", "lease": _now() + TRANSACTION_LEASE, "claims": claims})
+        await records.insert_one(
+            {"_id": tx, "state": "pending", "lease": _now() + TRANSACTION_LEASE, "ts": entries[0]["ts"], "claims": claims}
+        )
         try:
-            await self.history.insert_many([{**e, "tx": tx} for e in entries], ordered=True)
-        except BulkWriteError as exc:
-            await self._discard(tx)
-            if not _duplicates_only(exc):
-                raise
-            raise StaleWrite("another writer claimed a version first") from exc
-        committed = await records.update_one({"_id": tx, "state": "pending"}, {"$set": {"state": "committed"}})
-        if committed.modified_count != 1:  # taken for abandoned after its lease: not committed
-            await self._discard(tx)
-            raise StaleWrite("the commit record expired before the commit")
-        await self._finish(tx, entries, docs)
+            try:
+                await self.history.insert_many([{**e, "tx": tx} for e in entries], ordered=True)
+            except BulkWriteError as exc:
+                if not _duplicates_only(exc):
+                    raise
+                raise StaleWrite("another writer claimed a version first") from exc
+            committed = await records.update_one({"_id": tx, "state": "pending"}, {"$set": {"state": "committed"}})
+            if committed.modified_count != 1:  # taken for abandoned after its lease: not committed
+                raise StaleWrite("the commit record expired before the commit")
+        except BaseException:
+            await self._discard(tx, owner=True)
+            raise
+        try:
+            await self._finish(tx, entries, docs)
+        except Exception:  # committed: readers, later writers and start-up finish it
+            LOGGER.exception("transaction %s committed; applying it failed and is left to recovery", tx)
 
     async def _finish(self, tx: str, entries: list[dict[str, Any]], docs: dict[str, dict[str, Any]] | None = None) -> None:
         """Apply a committed record's entries (idempotent). The entries keep their mark: a
@@ -598,17 +609,18 @@ class ResourceRepository:
             {"_id": tx}, {"$set": {"state": "applied", "exp": _now() + TRANSACTION_KEPT}, "$unset": {"lease": ""}}
         )
 
-    async def _discard(self, tx: str) -> None:
-        """Abort a record that is still pending, and remove the claims of an aborted one."""
+    async def _discard(self, tx: str, owner: bool = False) -> None:
+        """Abort a record that is still pending, and remove the claims of an aborted one (also
+        those its owner inserted after someone else aborted it: `owner`, or met later). A
+        discarded record is kept, so that its claims are never taken for committed ones."""
         records = self.db[TRANSACTIONS]
         await records.update_one({"_id": tx, "state": "pending"}, {"$set": {"state": "aborted"}})
         record = await records.find_one({"_id": tx})
-        if record is None or record["state"] != "aborted":
+        if record is None or record["state"] not in ("aborted", "discarded"):
             return
         await self.history.delete_many({"_id": {"$in": record["claims"]}, "tx": tx})
-        await records.update_one(
-            {"_id": tx, "state": "aborted"}, {"$set": {"state": "discarded", "exp": _now() + TRANSACTION_KEPT}}
-        )
+        if record["state"] == "aborted" or owner:
+            await records.update_one({"_id": tx}, {"$set": {"state": "discarded"}, "$unset": {"lease": ""}})
 
     async def _committed(self, entry: dict[str, Any]) -> bool:
         """Whether a history entry is part of the record: not a claim of an uncommitted write."""
@@ -623,11 +635,13 @@ class ResourceRepository:
         verdicts: dict[str, bool] = {}
         for tx in marks:
             record = records.get(tx)
-            # No record: long finished and expired (discarded claims were deleted before).
+            # No record: applied long ago (discarded records are kept).
             if record is None or record["state"] in ("committed", "applied"):
                 verdicts[tx] = True
+                if record is not None and record["state"] == "committed" and _lapsed(record):
+                    await self._finish_record(record)  # its writer died after the commit point
             else:
-                if record["state"] == "aborted" or record["lease"].replace(tzinfo=UTC) < _now():
+                if record["state"] != "pending" or _lapsed(record):
                     await self._discard(tx)
                 verdicts[tx] = False
         return [e for e in entries if "tx" not in e or verdicts[e["tx"]]]
@@ -637,11 +651,28 @@ class ResourceRepository:
         records = self.db[TRANSACTIONS]
         async for record in records.find({"state": {"$in": ["pending", "committed", "aborted"]}}):
             if record["state"] == "committed":
-                entries = await self.history.find({"_id": {"$in": record["claims"]}}).to_list(None)
-                LOGGER.warning("finishing transaction %s interrupted after its commit", record["_id"])
-                await self._finish(record["_id"], entries)
-            elif record["state"] == "aborted" or record["lease"].replace(tzinfo=UTC) < _now():
+                await self._finish_record(record)
+            elif record["state"] == "aborted" or _lapsed(record):
                 await self._discard(record["_id"])
+
+    async def _finish_record(self, record: dict[str, Any]) -> None:
+        LOGGER.warning("finishing transaction %s interrupted after its commit", record["_id"])
+        entries = await self.history.find({"_id": {"$in": record["claims"]}}).to_list(None)
+        await self._finish(record["_id"], entries)
+
+    async def in_flight_since(self) -> datetime | None:
+        """The earliest timestamp of a multi-resource write not yet applied (None: none is):
+        its versions are stamped then but reach the current collections later."""
+        oldest = None
+        async for record in self.db[TRANSACTIONS].find({"state": {"$in": ["pending", "committed"]}}, {"ts": 1}):
+            if "ts" in record and (oldest is None or record["ts"] < oldest):
+                oldest = record["ts"].replace(tzinfo=UTC)
+        return oldest
+
+
+def _lapsed(record: dict[str, Any]) -> bool:
+    lease = record.get("lease")
+    return lease is None or lease.replace(tzinfo=UTC) < _now()
 
 
 def _by_type(entries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
