@@ -48,7 +48,7 @@ def _response_media_type(request: Request) -> str:
     raise NotAcceptable(f"Cannot answer in '{accept}': this server speaks JSON (application/fhir+json)")
 
 
-def _preferences(request: Request) -> dict[str, str]:
+def preferences(request: Request) -> dict[str, str]:
     """The Prefer header(s) (RFC 7240: comma-separated preferences, each with `;` parameters)."""
     found: dict[str, str] = {}
     for header in request.headers.getlist("prefer"):
@@ -66,8 +66,8 @@ def base_url(request: Request) -> str:
 
 
 async def request_context(request: Request) -> RequestContext:
-    preferences = _preferences(request)
-    prefer_return = preferences.get("return", "representation")
+    prefer = preferences(request)
+    prefer_return = prefer.get("return", "representation")
     return RequestContext(
         request_id=getattr(request.state, "request_id", "-"),
         base_url=base_url(request),
@@ -77,5 +77,5 @@ async def request_context(request: Request) -> RequestContext:
         media_type=_response_media_type(request),
         # A preference the server does not know is ignored (RFC 7240).
         prefer_return=prefer_return if prefer_return in PREFER_RETURN else "representation",
-        strict=preferences.get("handling") == "strict",
+        strict=prefer.get("handling") == "strict",
     )

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import FileResponse, Response
 
 from fhir_server import fhir_json
-from fhir_server.context import base_url, request_context
+from fhir_server.context import base_url, preferences, request_context
 from fhir_server.errors import BadRequest, Issue, operation_outcome
 from fhir_server.routes.deps import Ctx
 from fhir_server.routes.http import fhir_response, json_body
@@ -30,15 +30,6 @@ async def export_service(request: Request) -> ExportService:
 
 
 Exports = Annotated[ExportService, Depends(export_service)]
-
-
-def _respond_async(request: Request) -> bool:
-    """`Prefer: respond-async` among the preferences (RFC 7240)."""
-    return any(
-        preference.split(";")[0].strip().lower() == "respond-async"
-        for header in request.headers.getlist("prefer")
-        for preference in header.split(",")
-    )
 
 
 async def _parameters(request: Request) -> list[tuple[str, str]]:
@@ -65,12 +56,16 @@ async def _parameters(request: Request) -> list[tuple[str, str]]:
 async def _kick_off(
     request: Request, ctx: Ctx, exports: ExportService, level: str, group_id: str | None = None
 ) -> Response:
-    if not _respond_async(request):
+    prefer = preferences(request)
+    if "respond-async" not in prefer:
         raise BadRequest("$export runs asynchronously: send 'Prefer: respond-async'")
     params = await _parameters(request) if request.method == "POST" else list(request.query_params.multi_items())
     query = f"?{request.url.query}" if request.url.query else ""
     url = ctx.base_url + request.url.path.removeprefix("/fhir") + query
-    job_id, warnings = await exports.kick_off(level, params, url=url, strict=ctx.strict, group_id=group_id)
+    # The Bulk Data IG: parameters the server does not apply are errors, unless the client
+    # asks for lenient handling (then they are ignored, with a warning).
+    strict = prefer.get("handling") != "lenient"
+    job_id, warnings = await exports.kick_off(level, params, url=url, strict=strict, group_id=group_id)
     issues = [Issue(f"Export job {job_id} accepted: poll its status at the Content-Location URL",
                     "informational", "information")]
     issues += [Issue(w["diagnostics"], w["code"], "warning") for w in warnings]

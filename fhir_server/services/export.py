@@ -24,7 +24,7 @@ from fhir_server.validation.resource import check_id
 from fhir_server.validation.resource_types import supported_types
 
 OUTPUT_FORMATS = frozenset({"application/fhir+ndjson", "application/ndjson", "ndjson"})
-# IG v2 parameters this server does not apply: ignored with a warning, or 400 when strict.
+# IG v2 parameters this server does not apply: 400, or ignored with a warning with lenient handling.
 NOT_APPLIED = ("_typeFilter", "_elements", "includeAssociatedData", "organizeOutputBy", "allowPartialManifests")
 FORMAT_PARAMETERS = frozenset({"_format", "_pretty"})  # of the kick-off's own answer
 SINGLE = ("_outputFormat", "_since")
@@ -95,7 +95,7 @@ def _patients(values: list[str], base_url: str) -> tuple[str, ...]:
 
 def parse_export(level: str, params: list[tuple[str, str]], *, strict: bool, base_url: str = "") -> ExportRequest:
     """Check the kick-off parameters: unknown types and formats are errors; parameters this
-    server does not apply are errors with `Prefer: handling=strict`, warnings otherwise."""
+    server does not apply are errors when `strict`, warnings otherwise."""
     given: dict[str, list[str]] = {}
     for name, value in params:
         given.setdefault(name, []).append(value)
