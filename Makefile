@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean dcmtk
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,10 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed  ## FHIR API on :8080, embedded database under ./data
 	$(BIN)/fhir-server serve
 
-test: $(BIN)/.installed  ## lint, then the test suite (starts its own database and servers)
+dcmtk:  ## DCMTK (echoscu, storescu), the modality the DICOM tests use
+	command -v storescu >/dev/null || { apt-get update -qq && apt-get install -y -qq dcmtk; }
+
+test: $(BIN)/.installed dcmtk  ## lint, then the test suite (starts its own database and servers)
 	$(BIN)/ruff check fhir_server dicom_node mappings tests bench
 	$(BIN)/python -m pytest
 

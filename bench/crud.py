@@ -163,7 +163,8 @@ def main() -> None:
     env = {**os.environ, "MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "bench_server", "FHIR_LOG_LEVEL": "WARNING",
            "FHIR_WRITE_TRANSACTIONS": args.transactions}
     server = subprocess.Popen(
-        [sys.executable, "-m", "fhir_server", "serve", "--port", str(port), "--data-dir", str(work / "server")],
+        [sys.executable, "-m", "fhir_server", "serve", "--port", str(port), "--data-dir", str(work / "server"),
+         "--dicom-port", "0"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"

@@ -188,7 +188,7 @@ def indexing_cost(port: int, work: Path, rounds: int = 3) -> tuple[float, float]
 def start_server(uri: str, port: int, work: Path, db: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     log = open(work / f"server-{db}.log", "ab")  # noqa: SIM115
     server = subprocess.Popen(
-        [sys.executable, "-m", "fhir_server", "serve", "--port", str(port), "--data-dir", str(work)],
+        [sys.executable, "-m", "fhir_server", "serve", "--port", str(port), "--data-dir", str(work), "--dicom-port", "0"],
         env={**os.environ, "MONGODB_URI": uri, "FHIR_MONGODB_DB": db, "FHIR_LOG_LEVEL": "WARNING", **(env or {})},
         stdout=log, stderr=log,
     )

@@ -166,7 +166,7 @@ def main() -> None:
     log = open(work / "server.log", "ab")  # noqa: SIM115
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "fhir_server", "serve", "--port", str(port), "--data-dir", str(work)],
+        [sys.executable, "-m", "fhir_server", "serve", "--port", str(port), "--data-dir", str(work), "--dicom-port", "0"],
         env={**os.environ, "MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "bench_tx", "FHIR_LOG_LEVEL": "WARNING",
              "FHIR_WRITE_TRANSACTIONS": args.transactions},
         stdout=log, stderr=log,

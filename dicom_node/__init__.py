@@ -1,1 +1,43 @@
-"""DICOM Application Entity (C-ECHO, C-STORE): built by the DICOM node issue."""
+"""The DICOM node: a Storage SCP whose instances are kept as received and indexed live in FHIR.
+
+`start_node` builds it over the FHIR server's repository and search service, reconciles what a
+crash left unindexed, and starts listening.
+"""
+
+import asyncio
+
+from dicom_node.files import FileStore
+from dicom_node.indexing import DicomIndexer
+from dicom_node.node import DicomNode
+from fhir_server.config import Settings
+from fhir_server.services.search import SearchService
+from fhir_server.storage.repository import ResourceRepository
+
+
+def dicomweb_address(settings: Settings) -> str:
+    """Where the studies are retrieved from (the Endpoint of every ImagingStudy)."""
+    if settings.base_url:
+        return settings.base_url.rstrip("/").removesuffix("/fhir") + "/dicomweb"
+    return f"http://{settings.host}:{settings.port}/dicomweb"
+
+
+def indexer_for(settings: Settings, repository: ResourceRepository, searches: SearchService) -> DicomIndexer:
+    files = FileStore(settings.data_dir / "dicom")
+    files.prepare()
+    return DicomIndexer(
+        repository, searches, files,
+        patient_system=settings.dicom_patient_system, endpoint_address=dicomweb_address(settings),
+    )
+
+
+async def start_node(settings: Settings, repository: ResourceRepository, searches: SearchService) -> DicomNode:
+    indexer = indexer_for(settings, repository, searches)
+    await indexer.reconcile()
+    node = DicomNode(
+        indexer, indexer.files, asyncio.get_running_loop(),
+        ae_title=settings.dicom_aet, host=settings.dicom_host or settings.host, port=settings.dicom_port,
+        allowed=settings.dicom_allowed, max_associations=settings.dicom_max_associations,
+        max_pdu_bytes=settings.dicom_max_pdu_bytes, fsync=settings.dicom_fsync,
+    )
+    await asyncio.to_thread(node.start)
+    return node

@@ -1,5 +1,6 @@
-"""`fhir-server` command line: `serve` runs the FHIR API (and, later, the DICOM node);
-`reindex` rebuilds the search index of stored resources."""
+"""`fhir-server` command line: `serve` runs the FHIR API and the DICOM node; `dicom` runs the
+node alone (`dicom reindex`: index every stored instance again); `reindex` rebuilds the search
+index of stored resources."""
 
 import argparse
 import asyncio
@@ -21,6 +22,7 @@ def _serve(args: argparse.Namespace) -> None:
             "port": args.port,
             "data_dir": args.data_dir,
             "dicom_port": args.dicom_port,
+            "dicom_aet": args.dicom_aet,
         }.items()
         if v is not None
     }
@@ -68,6 +70,51 @@ async def _reindex_all(settings: Settings, everything: bool) -> None:
         await database.close()
 
 
+def _dicom(args: argparse.Namespace) -> None:
+    overrides = {
+        k: v
+        for k, v in {"data_dir": args.data_dir, "dicom_port": args.dicom_port, "dicom_aet": args.dicom_aet}.items()
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level if args.action == "serve" else "WARNING")
+    asyncio.run(_run_dicom(settings, args.action))
+
+
+async def _run_dicom(settings: Settings, action: str) -> None:
+    """The node alone, over the same database and services as `serve`."""
+    import signal
+
+    from dicom_node import indexer_for, start_node
+    from fhir_server.services.search import SearchService
+    from fhir_server.storage.client import open_database
+    from fhir_server.storage.pages import PageStore
+    from fhir_server.storage.repository import ResourceRepository
+
+    database = await open_database(settings)
+    try:
+        repository = ResourceRepository(database.db, base_url=settings.base_url or "")
+        await repository.prepare(settings.write_transactions)
+        pages = PageStore(database.db, settings.page_ttl_s)
+        await pages.prepare()
+        searches = SearchService(repository, pages, default_count=settings.default_page_size,
+                                 max_count=settings.max_page_size, max_results=settings.max_search_results,
+                                 max_included=settings.max_included)
+        if action == "reindex":
+            indexed = await indexer_for(settings, repository, searches).reconcile(everything=True)
+            print(f"{indexed} instances indexed")
+            return
+        node = await start_node(settings, repository, searches)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await asyncio.to_thread(node.stop)
+    finally:
+        await database.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fhir-server", description="FHIR R4 server on MongoDB")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,8 +122,15 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1, env FHIR_HOST)")
     serve.add_argument("--port", type=int, help="HTTP port (default 8080, env FHIR_PORT)")
     serve.add_argument("--data-dir", type=Path, help="data folder (default ./data, env FHIR_DATA_DIR)")
-    serve.add_argument("--dicom-port", type=int, help="DICOM port (default 11112; the DICOM node is not built yet)")
+    serve.add_argument("--dicom-port", type=int, help="DICOM port (default 11112, env FHIR_DICOM_PORT; 0: no node)")
+    serve.add_argument("--dicom-aet", help="the node's AE title (default FHIRSERVER, env FHIR_DICOM_AET)")
     serve.set_defaults(handler=_serve)
+    dicom = commands.add_parser("dicom", help="run the DICOM node alone; `dicom reindex` indexes every stored instance")
+    dicom.add_argument("action", nargs="?", choices=("serve", "reindex"), default="serve")
+    dicom.add_argument("--data-dir", type=Path, help="data folder (default ./data, env FHIR_DATA_DIR)")
+    dicom.add_argument("--dicom-port", type=int, help="DICOM port (default 11112, env FHIR_DICOM_PORT)")
+    dicom.add_argument("--dicom-aet", help="the node's AE title (default FHIRSERVER, env FHIR_DICOM_AET)")
+    dicom.set_defaults(handler=_dicom)
     reindex = commands.add_parser(
         "reindex",
         help="recompute the search index of stored resources after the search parameters changed "

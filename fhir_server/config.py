@@ -58,9 +58,19 @@ class Settings(BaseSettings):
     export_file_resources: int = Field(default=100_000, ge=1)
     export_max_attempts: int = Field(default=3, ge=1)
     log_level: str = "INFO"
-    # Reserved for the DICOM node.
-    dicom_port: int = 11112
-    dicom_aet: str = "FHIRSERVER"
+    # The DICOM node: port (0: no node), AE title, listening address (default: `host`).
+    dicom_port: int = Field(default=11112, ge=0, le=65535)
+    dicom_aet: str = Field(default="FHIRSERVER", min_length=1, max_length=16)
+    dicom_host: str | None = None
+    # Calling AE titles allowed to associate, `AET` or `AET@host`, comma-separated (empty: any).
+    dicom_allowed: str = ""
+    dicom_max_associations: int = Field(default=16, ge=1)
+    # The largest PDU (and A-ASSOCIATE-RQ: at most 1 MiB) a peer may send; larger drops the peer.
+    dicom_max_pdu_bytes: int = Field(default=64 * 1024 * 1024, ge=16 * 1024)
+    # fsync each received file before answering (survives power loss, not only a crash).
+    dicom_fsync: bool = True
+    # identifier.system of a Patient whose PatientID comes without IssuerOfPatientID.
+    dicom_patient_system: str = "urn:fhir-server:dicom:patient-id"
 
 
 @lru_cache

@@ -1,5 +1,7 @@
-"""The FastAPI application: routers, error handlers, and the database lifespan."""
+"""The FastAPI application: routers, error handlers, and the database lifespan (which also
+starts the DICOM node)."""
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -55,10 +57,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.exports = ExportService(repository, settings)
         await app.state.exports.start()
+        node = None
+        if settings.dicom_port:
+            from dicom_node import start_node
+
+            node = await start_node(settings, repository, app.state.search)
         LOGGER.info("FHIR server ready", extra={"database": settings.mongodb_db})
         try:
             yield
         finally:
+            if node is not None:
+                await asyncio.to_thread(node.stop)
             await app.state.exports.stop()
             await database.close()
 

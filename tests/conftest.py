@@ -28,9 +28,12 @@ def free_port() -> int:
 class ServerProcess:
     """`fhir-server serve` in a child process, as a user would run it."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, env: dict[str, str] | None = None, port: int | None = None, dicom_port: int | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.dicom_port = dicom_port or free_port()
         self.env = {**os.environ, **(env or {})}
         if not (env or {}).get("MONGODB_URI"):
             self.env.pop("MONGODB_URI", None)
@@ -46,7 +49,7 @@ class ServerProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "fhir_server", "serve", "--port", str(self.port),
-                 "--data-dir", str(self.data_dir)],
+                 "--data-dir", str(self.data_dir), "--dicom-port", str(self.dicom_port)],
                 env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + timeout

@@ -1,0 +1,183 @@
+"""Stored instances → the FHIR Patient and ImagingStudy they belong to, through the same
+repository as the REST API (one code path for versions, history and the search index).
+
+Runs on the server's event loop. Instances of one study are coalesced: while the study's
+ImagingStudy is being written, the next instances queue up and go into the following version
+together, so a sender streaming a study costs one FHIR write per batch, not per instance. The
+write itself is a read-merge-write under the repository's version check, so concurrent stores
+of one study (from several associations or server processes) never lose an instance.
+"""
+
+import asyncio
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pymongo.errors import ConnectionFailure
+
+from dicom_node.files import FileStore
+from fhir_server.search.criteria import parse_query_string
+from fhir_server.services.search import SearchService
+from fhir_server.storage.repository import Change, ResourceRepository, Version
+from fhir_server.validation.resource import validate_resource
+from mappings.dicom import (
+    endpoint_resource,
+    imaging_study,
+    instance_facts,
+    patient_identifier,
+    patient_resource,
+)
+
+LOGGER = logging.getLogger(__name__)
+ENDPOINT_ID = "dicomweb"
+PATIENT_NAMESPACE = uuid.UUID("5b0c2d3e-8f1a-4c55-9a57-3d6f0f1c2a10")  # ids of Patients the node creates
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal but for the server-owned meta."""
+    return {k: v for k, v in a.items() if k != "meta"} == {k: v for k, v in b.items() if k != "meta"}
+
+
+class DicomIndexer:
+    def __init__(
+        self,
+        repository: ResourceRepository,
+        searches: SearchService,
+        files: FileStore,
+        *,
+        patient_system: str,
+        endpoint_address: str,
+    ) -> None:
+        self.repository = repository
+        self.searches = searches
+        self.files = files
+        self.patient_system = patient_system
+        self.endpoint_address = endpoint_address
+        self.database_ok = True  # cleared by a lost connection, set again by a successful write
+        self._pending: dict[str, list[tuple[dict[str, Any], asyncio.Future[None]]]] = {}
+        self._running: set[str] = set()
+
+    async def add(self, facts: dict[str, Any]) -> None:
+        """Index one placed instance; returns once FHIR has it."""
+        study = facts["study"]["uid"]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(study, []).append((facts, done))
+        if study not in self._running:
+            self._running.add(study)
+            asyncio.create_task(self._drain(study))
+        await done
+
+    async def _drain(self, study: str) -> None:
+        try:
+            while self._pending.get(study):
+                batch = self._pending.pop(study)
+                try:
+                    await self.index_study(study, [facts for facts, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - every waiter hears of it
+                    if isinstance(exc, ConnectionFailure):
+                        self.database_ok = False
+                    LOGGER.error("indexing study %s failed: %s", study, exc)
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                    continue
+                self.database_ok = True
+                for facts, done in batch:
+                    self.files.indexed(facts["instance"]["uid"])
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._running.discard(study)
+
+    async def index_study(self, study: str, instances: list[dict[str, Any]]) -> Version | None:
+        """Merge `instances` (facts of one study) into its ImagingStudy, whose id is the Study
+        Instance UID (a valid FHIR id), creating it and its Patient when needed."""
+        patient = await self._patient(instances[0])
+        endpoint = await self._endpoint()
+
+        def decide(current: Version | None) -> Change | None:
+            existing = current.resource if current is not None and not current.deleted else None
+            merged = imaging_study(existing, patient, instances, endpoint)
+            merged["id"] = study
+            merged = validate_resource(merged, "ImagingStudy", url_id=study)
+            if existing is not None and _same(existing, merged):
+                return None  # the same instances again: no new version
+            return Change(merged, "PUT")
+
+        version, _ = await self.repository.write("ImagingStudy", study, decide)
+        return version
+
+    async def _patient(self, facts: dict[str, Any]) -> str:
+        """The Patient of the header's PatientID (and issuer): found by identifier, else created
+        with an id derived from that identifier, so that racing nodes create one."""
+        identifier = patient_identifier(facts, self.patient_system)
+        if identifier is None:  # no PatientID: a patient of this study alone
+            key = f"study|{facts['study']['uid']}"
+        else:
+            query = f"identifier={_escape(identifier['system'])}|{_escape(identifier['value'])}"
+            found = await self.searches.matches("Patient", parse_query_string("Patient", query), limit=2)
+            if found:
+                if len(found) > 1:
+                    LOGGER.warning("several Patients have identifier %s; using %s", query, found[0].id)
+                return f"Patient/{found[0].id}"
+            key = f"{identifier['system']}|{identifier['value']}"
+        patient_id = str(uuid.uuid5(PATIENT_NAMESPACE, key))
+        resource = validate_resource(patient_resource(facts, self.patient_system), "Patient", ignore_id=True)
+
+        def decide(current: Version | None) -> Change | None:
+            if current is not None and not current.deleted:
+                return None  # created meanwhile (or earlier): the EHR's data wins
+            return Change(resource, "PUT")
+
+        await self.repository.write("Patient", patient_id, decide)
+        return f"Patient/{patient_id}"
+
+    async def _endpoint(self) -> str:
+        resource = validate_resource(endpoint_resource(self.endpoint_address), "Endpoint", ignore_id=True)
+
+        def decide(current: Version | None) -> Change | None:
+            if current is not None and current.resource is not None and current.resource.get("address") == resource["address"]:
+                return None
+            return Change(resource, "PUT")
+
+        current = await self.repository.read("Endpoint", ENDPOINT_ID)
+        if current is None or current.deleted or decide(current) is not None:
+            await self.repository.write("Endpoint", ENDPOINT_ID, decide)
+        return f"Endpoint/{ENDPOINT_ID}"
+
+    async def reconcile(self, everything: bool = False) -> int:
+        """Index the instances placed but not indexed (a crash in between), or with
+        `everything` every file of the store; returns how many were indexed."""
+        if everything:
+            paths = [(p.stem, p) for p in await asyncio.to_thread(self.files.all_files)]
+        else:
+            paths = await asyncio.to_thread(self.files.pending)
+        by_study: dict[str, list[dict[str, Any]]] = {}
+        for sop, path in paths:
+            if not path.is_file():
+                self.files.indexed(sop)  # the placing never happened
+                continue
+            try:
+                facts = instance_facts(await asyncio.to_thread(_header, path))
+            except (ValueError, OSError) as exc:
+                LOGGER.error("cannot index %s: %s", path, exc)
+                continue
+            by_study.setdefault(facts["study"]["uid"], []).append(facts)
+        for study, instances in by_study.items():
+            await self.index_study(study, instances)
+            for facts in instances:
+                self.files.indexed(facts["instance"]["uid"])
+        if by_study:
+            LOGGER.info("reconciled %d instances of %d studies", sum(map(len, by_study.values())), len(by_study))
+        return sum(map(len, by_study.values()))
+
+
+def _header(path: Path) -> Any:
+    return dcmread(path, stop_before_pixels=True)
+
+
+def _escape(value: str) -> str:
+    """A token part for a search string: `,`, `|`, `$` and `\\` escaped."""
+    return "".join("\\" + c if c in ",|$\\" else c for c in value)

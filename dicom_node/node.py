@@ -1,0 +1,229 @@
+"""The DICOM Application Entity: Verification (C-ECHO) and Storage (C-STORE) SCP.
+
+pynetdicom serves each association in its own thread; FHIR indexing belongs to the server's
+event loop. The C-STORE handler checks the received file, places it in the file store and hands
+the instance to the indexer on that loop (`run_coroutine_threadsafe`), answering at once; the
+association's A-RELEASE is answered only when all its instances are in FHIR, so a sender that
+has finished finds its studies indexed.
+
+What a peer can make the node hold is bounded: datasets are received to disk
+(`STORE_RECV_CHUNKED_DATASET`), and no PDU (an A-ASSOCIATE-RQ included) may be larger than the
+configured limit, or the connection is dropped before it is read.
+"""
+
+import asyncio
+import concurrent.futures
+import errno
+import logging
+import socket
+import tempfile
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.pdu_primitives import A_RELEASE
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+
+from dicom_node.files import BadInstance, FileStore, check_instance
+from dicom_node.indexing import DicomIndexer
+from mappings.dicom import instance_facts
+
+LOGGER = logging.getLogger(__name__)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC210
+PROCESSING_FAILURE = 0xC211
+RELEASE_WAIT_S = 120.0  # the longest an A-RELEASE waits for its instances' indexing
+REQUEST_LIMIT = 1 << 20  # an A-ASSOCIATE-RQ larger than this is not a real one
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+
+def parse_allowed(text: str) -> dict[str, set[str] | None]:
+    """`AET,AET2@host,AET2@10.0.0.5` → {AET: None (any host), AET2: {addresses}}."""
+    allowed: dict[str, set[str] | None] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        title, _, host = item.partition("@")
+        if not host:
+            allowed[title] = None
+            continue
+        hosts = allowed.get(title, set())
+        if hosts is not None:
+            try:
+                hosts.update(info[4][0] for info in socket.getaddrinfo(host, None))
+            except OSError:
+                LOGGER.warning("DICOM allow-list: host %s of %s does not resolve", host, title)
+            allowed[title] = hosts
+    return allowed
+
+
+class _BoundedSocket:
+    """pynetdicom reads a whole PDU of any declared length, 4 KiB at a time: bound it, and read
+    in large pieces."""
+
+    limit = 64 << 20
+    _installed = False
+
+    @classmethod
+    def install(cls, limit: int) -> None:
+        cls.limit = limit
+        if not cls._installed:
+            AssociationSocket.recv = cls.recv  # type: ignore[method-assign]
+            cls._installed = True
+
+    @staticmethod
+    def recv(self: AssociationSocket, nr_bytes: int) -> bytearray:  # noqa: N805 - replaces a method
+        assoc = getattr(self, "_assoc", None)
+        limit = _BoundedSocket.limit if assoc is not None and assoc.is_established else min(REQUEST_LIMIT, _BoundedSocket.limit)
+        if nr_bytes > limit:
+            raise OSError(f"a PDU of {nr_bytes} bytes is over the node's limit of {limit}")
+        raw = self.socket
+        assert raw is not None
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        read = 0
+        while read < nr_bytes:
+            count = raw.recv_into(view[read:], min(nr_bytes - read, 1 << 20))
+            if not count:  # the peer closed: what was read
+                return buffer[:read]
+            read += count
+        return buffer
+
+
+class DicomNode:
+    def __init__(
+        self,
+        indexer: DicomIndexer,
+        files: FileStore,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        ae_title: str,
+        host: str,
+        port: int,
+        allowed: str = "",
+        max_associations: int = 16,
+        max_pdu_bytes: int = 64 << 20,
+        fsync: bool = True,
+    ) -> None:
+        self.indexer = indexer
+        self.files = files
+        self.loop = loop
+        self.address = (host, port)
+        self.allowed = parse_allowed(allowed)
+        self.fsync = fsync
+        self._waiting: dict[int, list[concurrent.futures.Future[None]]] = {}
+        self._lock = threading.Lock()
+        self.ae = AE(ae_title=ae_title)
+        self.ae.maximum_pdu_size = 0  # unlimited: peers send large PDUs (bounded by max_pdu_bytes)
+        self.ae.maximum_associations = max_associations
+        self.ae.network_timeout = 60
+        self.ae.acse_timeout = 30
+        self.ae.dimse_timeout = 60
+        self.ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
+        for context in AllStoragePresentationContexts:
+            self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        self.max_pdu_bytes = max_pdu_bytes
+        self.server: ThreadedAssociationServer | None = None
+
+    def start(self) -> None:
+        """Listen (in pynetdicom's threads); received datasets go to the store's incoming folder."""
+        self.files.prepare()
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self.files.incoming)  # pynetdicom's temporary files: then placing is a rename
+        _BoundedSocket.install(self.max_pdu_bytes)
+        handlers: list[tuple[Any, Callable[..., Any]]] = [
+            (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACSE_RECV, self._on_acse),
+            (evt.EVT_RELEASED, self._forget),
+            (evt.EVT_ABORTED, self._forget),
+            (evt.EVT_CONN_CLOSE, self._forget),
+        ]
+        self.server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
+        LOGGER.info("DICOM node %s listening on %s:%d", self.ae.ae_title, *self.address)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    # -- association ------------------------------------------------------------------------------
+
+    def _on_open(self, event: evt.Event) -> None:
+        """pynetdicom leaves Nagle's algorithm on: 40 ms more per response without this."""
+        sock = event.assoc.dul.socket
+        if sock is not None and sock.socket is not None:
+            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """The allow-list: an unknown calling AE title, or a known one from another host, is
+        rejected with 'calling AE title not recognised'."""
+        if not self.allowed:
+            return
+        title = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+        hosts = self.allowed.get(title, set())
+        address = event.assoc.requestor.address
+        if title not in self.allowed or (hosts is not None and address not in hosts):
+            LOGGER.warning("DICOM association from %s at %s refused: not on the allow-list", title, address)
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            event.assoc.kill()  # waits until the A-ASSOCIATE-RJ is out, as pynetdicom's own rejections do
+
+    def _on_acse(self, event: evt.Event) -> None:
+        """Hold the A-RELEASE response until the association's instances are indexed."""
+        primitive = event.primitive
+        if not isinstance(primitive, A_RELEASE) or primitive.result is not None:
+            return
+        with self._lock:
+            waiting = self._waiting.pop(id(event.assoc), [])
+        done, not_done = concurrent.futures.wait(waiting, timeout=RELEASE_WAIT_S)
+        failed = sum(1 for f in done if f.exception() is not None)
+        if failed or not_done:
+            LOGGER.error("%d instances of an association are not indexed yet (they will be on reconcile)",
+                         failed + len(not_done))
+
+    def _forget(self, event: evt.Event) -> None:
+        with self._lock:
+            self._waiting.pop(id(event.assoc), None)
+
+    # -- C-STORE ----------------------------------------------------------------------------------
+
+    def _on_store(self, event: evt.Event) -> int:
+        if not self.indexer.database_ok:
+            return OUT_OF_RESOURCES  # FHIR cannot be told: let the sender try again later
+        path = event.dataset_path
+        try:
+            dataset = check_instance(path, str(event.request.AffectedSOPInstanceUID))
+            facts = instance_facts(dataset)
+        except BadInstance as exc:
+            LOGGER.warning("C-STORE refused (0x%04X): %s", exc.status, exc)
+            return exc.status
+        except ValueError as exc:
+            LOGGER.warning("C-STORE refused: %s", exc)
+            return CANNOT_UNDERSTAND
+        try:
+            self.files.place(path, dataset, self.fsync)
+        except OSError as exc:
+            LOGGER.error("C-STORE not stored: %s", exc)
+            return OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else PROCESSING_FAILURE
+        future = asyncio.run_coroutine_threadsafe(self.indexer.add(facts), self.loop)
+        with self._lock:
+            self._waiting.setdefault(id(event.assoc), []).append(future)
+        return SUCCESS
