@@ -32,6 +32,9 @@ from mappings.dicom import (
 
 LOGGER = logging.getLogger(__name__)
 ENDPOINT_ID = "dicomweb"
+# How long a study's next ImagingStudy version waits for more instances: a sender streaming a
+# study then costs a few FHIR writes, not one per instance (the A-RELEASE still waits for all).
+COALESCE_S = 0.05
 PATIENT_NAMESPACE = uuid.UUID("5b0c2d3e-8f1a-4c55-9a57-3d6f0f1c2a10")  # ids of Patients the node creates
 
 
@@ -72,6 +75,7 @@ class DicomIndexer:
     async def _drain(self, study: str) -> None:
         try:
             while self._pending.get(study):
+                await asyncio.sleep(COALESCE_S)  # let the instances arriving meanwhile join the batch
                 batch = self._pending.pop(study)
                 try:
                     await self.index_study(study, [facts for facts, _ in batch])

@@ -18,10 +18,12 @@ import logging
 import socket
 import tempfile
 import threading
+import time
+import types
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, association, evt
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
@@ -106,6 +108,20 @@ class _BoundedSocket:
         return buffer
 
 
+POLL_S = 0.0002  # pynetdicom's reactors poll every 1 ms, several times per instance
+
+
+def _poll_faster() -> None:
+    """pynetdicom's association reactor sleeps a fixed 1 ms per loop (and its DUL reactor its
+    `_run_loop_delay`): at several loops per C-STORE that is most of a small instance's time."""
+    if getattr(association.time, "poll_s", None) == POLL_S:
+        return
+    clock = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__")})
+    clock.sleep = lambda seconds: time.sleep(min(seconds, POLL_S))
+    clock.poll_s = POLL_S
+    association.time = clock  # type: ignore[assignment]
+
+
 class DicomNode:
     def __init__(
         self,
@@ -147,6 +163,7 @@ class DicomNode:
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.files.incoming)  # pynetdicom's temporary files: then placing is a rename
         _BoundedSocket.install(self.max_pdu_bytes)
+        _poll_faster()
         handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -172,6 +189,7 @@ class DicomNode:
         sock = event.assoc.dul.socket
         if sock is not None and sock.socket is not None:
             sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        event.assoc.dul._run_loop_delay = POLL_S
 
     def _on_requested(self, event: evt.Event) -> None:
         """The allow-list: an unknown calling AE title, or a known one from another host, is
