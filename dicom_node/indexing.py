@@ -80,8 +80,9 @@ class DicomIndexer:
                 try:
                     await self.index_study(study, [facts for facts, _ in batch])
                 except Exception as exc:  # noqa: BLE001 - every waiter hears of it
-                    if isinstance(exc, ConnectionFailure):
+                    if isinstance(exc, ConnectionFailure) and self.database_ok:
                         self.database_ok = False
+                        asyncio.create_task(self._watch_database())
                     LOGGER.error("indexing study %s failed: %s", study, exc)
                     for _, done in batch:
                         if not done.done():
@@ -94,6 +95,19 @@ class DicomIndexer:
                         done.set_result(None)
         finally:
             self._running.discard(study)
+
+    async def _watch_database(self) -> None:
+        """While the database is unreachable the node refuses instances (0xA700): ping it
+        until it answers again."""
+        while not self.database_ok:
+            await asyncio.sleep(2.0)
+            try:
+                await self.repository.db.client.admin.command("ping")
+            except ConnectionFailure:
+                continue
+            self.database_ok = True
+            LOGGER.info("database reachable again: the DICOM node accepts instances")
+            await self.reconcile()
 
     async def index_study(self, study: str, instances: list[dict[str, Any]]) -> Version | None:
         """Merge `instances` (facts of one study) into its ImagingStudy, whose id is the Study
