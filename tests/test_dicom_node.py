@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from conftest import ServerProcess, unique
+from conftest import ServerProcess, free_port, unique
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -306,3 +306,29 @@ def test_an_instance_placed_but_not_indexed_is_indexed_at_start_and_by_reindex(
             assert study(client, other.StudyInstanceUID)["numberOfInstances"] == 1
     finally:
         proc.stop()
+
+
+def test_database_down_refuses_instances_and_nothing_is_lost(tmp_path: Path) -> None:
+    database = EmbeddedDatabase(tmp_path / "db", port=free_port()).start()
+    proc = ServerProcess(tmp_path / "server", {"MONGODB_URI": database.uri}).start()
+    try:
+        assert scu_store(proc.dicom_port, [fresh("CT_small.dcm")]) == [0]
+        database.kill()
+        first = fresh("MR_small.dcm")
+        # Placed and answered before the indexer finds the database gone; kept for later.
+        assert scu_store(proc.dicom_port, [first]) == [0]
+        refused = fresh("MR_small.dcm")
+        assert scu_store(proc.dicom_port, [refused]) == [0xA700]
+        assert echo(proc.dicom_port)  # still serving
+        database.start()
+        with httpx.Client(base_url=f"{proc.url}/fhir", timeout=60) as client:
+            for _ in range(100):  # the node pings every 2 s, then indexes what was left
+                if client.get(f"/ImagingStudy/{first.StudyInstanceUID}").status_code == 200:
+                    break
+                threading.Event().wait(0.5)
+            assert study(client, first.StudyInstanceUID)["numberOfInstances"] == 1
+            assert scu_store(proc.dicom_port, [refused]) == [0]
+            assert study(client, refused.StudyInstanceUID)["numberOfInstances"] == 1
+    finally:
+        proc.stop()
+        database.stop()
