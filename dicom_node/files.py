@@ -11,15 +11,21 @@ store without either being in FHIR or having a marker that says it is not yet.
 
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float and Double Float Pixel Data
+SPECTROSCOPY = 0x56000020  # Spectroscopy Data: MR Spectroscopy has Rows and Columns but no pixels
+MAX_INFLATED = 1 << 30
 
 
 class BadInstance(ValueError):
@@ -32,6 +38,7 @@ class BadInstance(ValueError):
 
 CANNOT_UNDERSTAND = 0xC210
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
+OUT_OF_RESOURCES = 0xA700
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
@@ -42,21 +49,51 @@ def _uid(ds: Dataset, keyword: str) -> str:
 
 
 def _raw(ds: Dataset, tag: int) -> RawDataElement | None:
+    """The element as read, its value not loaded when it was deferred."""
     if tag not in ds:
         return None
-    element = ds.get_item(tag)
+    element = ds.get_item(tag, keep_deferred=True)
     return element if isinstance(element, RawDataElement) else None
+
+
+def _check_deflated(path: Path) -> None:
+    """A deflated dataset inflates whole in memory when read: refuse one that would inflate
+    beyond MAX_INFLATED (a small C-STORE could otherwise ask for gigabytes) or is cut short."""
+    data = path.read_bytes()
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, chunk = 0, data[_dataset_offset(data):]
+    try:
+        while chunk:
+            total += len(inflater.decompress(chunk, 1 << 20))
+            if total > MAX_INFLATED:
+                raise BadInstance(f"The deflated dataset inflates beyond {MAX_INFLATED} bytes", OUT_OF_RESOURCES)
+            chunk = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise BadInstance(f"The deflated dataset cannot be inflated: {exc}", CANNOT_UNDERSTAND) from exc
+    if not inflater.eof:
+        raise BadInstance("The deflated dataset is cut short", CANNOT_UNDERSTAND)
+
+
+def _dataset_offset(data: bytes) -> int:
+    """Where the dataset starts: after the preamble, prefix and File Meta group (whose first
+    element, the group length, gives its size)."""
+    group_length = int.from_bytes(data[140:144], "little")
+    return 144 + group_length
 
 
 def check_instance(path: Path, sop_instance_uid: str | None = None) -> Dataset:
     """The header of a received file (large values not loaded), or BadInstance."""
     size = path.stat().st_size
     try:
+        deflated = read_file_meta_info(path).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        if deflated:
+            _check_deflated(path)
         ds = dcmread(path, defer_size=1024)
         elements = list(ds.keys())  # parses every top-level element to the end of the file
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError) as exc:
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError,
+            zlib.error, AttributeError) as exc:
         raise BadInstance(f"The dataset cannot be decoded: {exc}", CANNOT_UNDERSTAND) from exc
-    for tag in elements:
+    for tag in elements if not deflated else ():  # deflated positions count inflated bytes
         raw = _raw(ds, tag)
         if raw is not None and raw.value is None and raw.length != 0xFFFFFFFF and raw.value_tell + raw.length > size:
             raise BadInstance(f"Element {tag} is cut short: the dataset is truncated", CANNOT_UNDERSTAND)
@@ -64,31 +101,37 @@ def check_instance(path: Path, sop_instance_uid: str | None = None) -> Dataset:
         _uid(ds, keyword)
     if sop_instance_uid is not None and ds.SOPInstanceUID != sop_instance_uid:
         raise BadInstance("SOP Instance UID of the dataset differs from the request's", DOES_NOT_MATCH_SOP_CLASS)
-    _check_pixels(ds, size)
+    _check_pixels(ds)
     return ds
 
 
-def _check_pixels(ds: Dataset, size: int) -> None:
-    """An image's pixels are all there: for native (uncompressed) data, at least
-    Rows × Columns × Samples × Bits Allocated × Frames; encapsulated data was parsed whole."""
-    if "Rows" not in ds or "Columns" not in ds:
+def _check_pixels(ds: Dataset) -> None:
+    """An image's pixels are all there: native (uncompressed) Pixel Data at least as long as
+    the image needs (pydicom's expected length: samples, bits, frames, YBR 4:2:2 subsampling);
+    encapsulated data was parsed to its end."""
+    if "Rows" not in ds or "Columns" not in ds or SPECTROSCOPY in ds:
         return
     pixels = next((t for t in PIXEL_TAGS if t in ds), None)
     if pixels is None:
         raise BadInstance("An image without Pixel Data", DOES_NOT_MATCH_SOP_CLASS)
     raw = _raw(ds, pixels)
     length = raw.length if raw is not None else len(ds[pixels].value or b"")
-    if length == 0xFFFFFFFF or ds.file_meta.TransferSyntaxUID.is_compressed:
+    if length == 0xFFFFFFFF or ds.file_meta.TransferSyntaxUID.is_compressed or pixels != 0x7FE00010:
         return
     try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        bits = int(ds.get("BitsAllocated", 8) or 8)
-        needed = (int(ds.Rows) * int(ds.Columns) * samples * frames * bits + 7) // 8
-    except (TypeError, ValueError) as exc:
+        needed = get_expected_length(ds, "bytes")
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
         raise BadInstance(f"Image attributes cannot be read: {exc}", CANNOT_UNDERSTAND) from exc
     if length < needed:
         raise BadInstance(f"Pixel Data holds {length} bytes where the image needs {needed}", CANNOT_UNDERSTAND)
+
+
+def _fsync_directory(folder: Path) -> None:
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 @dataclass(frozen=True)
@@ -116,18 +159,24 @@ class FileStore:
         target = self.path_of(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
         target.parent.mkdir(parents=True, exist_ok=True)
         marker = self.unindexed / ds.SOPInstanceUID
-        marker.write_text(str(target.relative_to(self.root)))
+        with open(marker, "w") as handle:
+            handle.write(str(target.relative_to(self.root)))
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
         if fsync:
+            _fsync_directory(self.unindexed)  # the marker is on disk before the file is placed
             with open(received, "rb+") as handle:
                 os.fsync(handle.fileno())
         os.replace(received, target)
         if fsync:
-            directory = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            _fsync_directory(target.parent)
         return target
+
+    def sweep_incoming(self) -> None:
+        """Drop what pynetdicom left half-received (a peer gone mid-dataset, a crash)."""
+        for leftover in self.incoming.iterdir():
+            leftover.unlink(missing_ok=True)
 
     def indexed(self, sop_instance_uid: str) -> None:
         (self.unindexed / sop_instance_uid).unlink(missing_ok=True)

@@ -61,6 +61,7 @@ class DicomIndexer:
         self.database_ok = True  # cleared by a lost connection, set again by a successful write
         self._pending: dict[str, list[tuple[dict[str, Any], asyncio.Future[None]]]] = {}
         self._running: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def add(self, facts: dict[str, Any]) -> None:
         """Index one placed instance; returns once FHIR has it."""
@@ -69,32 +70,58 @@ class DicomIndexer:
         self._pending.setdefault(study, []).append((facts, done))
         if study not in self._running:
             self._running.add(study)
-            asyncio.create_task(self._drain(study))
+            self._spawn(self._drain(study))
         await done
 
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+
     async def _drain(self, study: str) -> None:
+        batch: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         try:
             while self._pending.get(study):
                 await asyncio.sleep(COALESCE_S)  # let the instances arriving meanwhile join the batch
                 batch = self._pending.pop(study)
-                try:
-                    await self.index_study(study, [facts for facts, _ in batch])
-                except Exception as exc:  # noqa: BLE001 - every waiter hears of it
-                    if isinstance(exc, ConnectionFailure) and self.database_ok:
-                        self.database_ok = False
-                        asyncio.create_task(self._watch_database())
-                    LOGGER.error("indexing study %s failed: %s", study, exc)
-                    for _, done in batch:
-                        if not done.done():
-                            done.set_exception(exc)
-                    continue
-                self.database_ok = True
-                for facts, done in batch:
-                    self.files.indexed(facts["instance"]["uid"])
-                    if not done.done():
-                        done.set_result(None)
+                await self._index_batch(study, batch)
+                batch = []
         finally:
             self._running.discard(study)
+            for _, done in batch:  # cancelled midway: nobody waits forever
+                if not done.done():
+                    done.set_exception(RuntimeError("indexing was interrupted"))
+
+    async def _index_batch(self, study: str, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
+        """One version for the batch; if that fails for another reason than the connection,
+        each instance alone, so that one bad instance does not hold the others back."""
+        try:
+            await self.index_study(study, [facts for facts, _ in batch])
+            outcomes: list[Exception | None] = [None] * len(batch)
+        except ConnectionFailure as exc:
+            self._lost_database(exc)
+            outcomes = [exc] * len(batch)
+        except Exception:  # noqa: BLE001 - find the instance at fault
+            outcomes = []
+            for facts, _ in batch:
+                try:
+                    await self.index_study(study, [facts])
+                    outcomes.append(None)
+                except Exception as exc:  # noqa: BLE001 - recorded, the marker stays for reconcile
+                    LOGGER.error("instance %s of study %s cannot be indexed: %s", facts["instance"]["uid"], study, exc)
+                    outcomes.append(exc)
+        for (facts, done), failure in zip(batch, outcomes, strict=True):
+            if failure is None:
+                self.database_ok = True
+                self.files.indexed(facts["instance"]["uid"])
+            if not done.done():
+                done.set_result(None) if failure is None else done.set_exception(failure)
+
+    def _lost_database(self, exc: Exception) -> None:
+        LOGGER.error("indexing failed, database unreachable: %s", exc)
+        if self.database_ok:
+            self.database_ok = False
+            self._spawn(self._watch_database())
 
     async def _watch_database(self) -> None:
         """While the database is unreachable the node refuses instances (0xA700): ping it
@@ -184,7 +211,11 @@ class DicomIndexer:
                 continue
             by_study.setdefault(facts["study"]["uid"], []).append(facts)
         for study, instances in by_study.items():
-            await self.index_study(study, instances)
+            try:
+                await self.index_study(study, instances)
+            except Exception as exc:  # noqa: BLE001 - one study must not stop the others, nor the start
+                LOGGER.error("reconcile: study %s not indexed: %s", study, exc)
+                continue
             for facts in instances:
                 self.files.indexed(facts["instance"]["uid"])
         if by_study:

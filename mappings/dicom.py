@@ -423,14 +423,17 @@ def _uid(ds: pydicom.Dataset, keyword: str) -> str:
     return text
 
 
+UNSIGNED_INT_MAX = 2_147_483_647  # FHIR's unsignedInt is a 32-bit signed integer's range
+
+
 def _number(ds: pydicom.Dataset, keyword: str) -> int | None:
-    """An IS attribute as a FHIR unsignedInt; None when absent, malformed or negative."""
+    """An IS attribute as a FHIR unsignedInt; None when absent, malformed or out of its range."""
     text = _text(ds, keyword)
     try:
         number = int(text) if text is not None else None
     except ValueError:
         return None
-    return number if number is not None and number >= 0 else None
+    return number if number is not None and 0 <= number <= UNSIGNED_INT_MAX else None
 
 
 # --- dates and times ----------------------------------------------------------------------------

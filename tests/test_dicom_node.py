@@ -68,11 +68,13 @@ def save(ds: Dataset, folder: Path) -> Path:
     return path
 
 
-def storescu(port: int, paths: list[Path], folder: Path) -> subprocess.CompletedProcess[bytes]:
+def storescu(
+    port: int, paths: list[Path], folder: Path, datasets: list[Dataset] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     """DCMTK storescu proposing each file's own transfer syntax (a config profile: plain `-R`
     would still propose only uncompressed syntaxes)."""
-    contexts = sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID))
-                       for d in (pydicom.dcmread(p, stop_before_pixels=True) for p in paths)})
+    datasets = datasets or [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    contexts = sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets})
     syntaxes = sorted({ts for _, ts in contexts})
     lines = ["[[TransferSyntaxes]]"]
     for k, ts in enumerate(syntaxes, start=1):
@@ -332,3 +334,26 @@ def test_database_down_refuses_instances_and_nothing_is_lost(tmp_path: Path) -> 
     finally:
         proc.stop()
         database.stop()
+
+
+def test_an_instance_fhir_cannot_hold_does_not_hold_back_its_study(node: ServerProcess, fhir: httpx.Client) -> None:
+    study_uid = generate_uid()
+    good = [fresh("CT_small.dcm", study_uid, generate_uid()) for _ in range(2)]
+    odd = fresh("CT_small.dcm", study_uid, good[0].SeriesInstanceUID)
+    odd.InstanceNumber = "99999999999"  # valid DICOM, more than FHIR's unsignedInt holds
+    assert scu_store(node.dicom_port, [*good, odd]) == [0, 0, 0]
+    resource = study(fhir, study_uid)
+    assert resource["numberOfInstances"] == 3
+    numbers = [i.get("number") for s in resource["series"] for i in s["instance"] if i["uid"] == odd.SOPInstanceUID]
+    assert numbers == [None]  # left out, not the study refused
+
+
+def test_deflated_datasets_that_are_cut_or_inflate_too_far_are_refused(node: ServerProcess, tmp_path: Path) -> None:
+    ds = fresh("image_dfl.dcm")
+    path = save(ds, tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 300])
+    storescu(node.dicom_port, [path], tmp_path, [ds])
+    assert not stored(node, ds).exists()
+    assert not list((node.data_dir / "dicom" / "incoming").iterdir())  # nothing left half-received
+    assert echo(node.dicom_port)
