@@ -1,0 +1,65 @@
+"""What every mapping of a replaced system's records shares: identifiers for source ids, the
+transaction entries a record becomes, and references to resources of earlier records.
+
+A system's module (`mappings/interactions.py`, …) declares:
+
+- `KINDS`: record kind → the pydantic model of the source system's schema, in import order
+  (a kind may refer to records of the kinds before it);
+- `bundle_entries(kind, record)`: the transaction entries of one validated record, every
+  resource created conditionally on its source identifier (so a re-import creates nothing new),
+  the record's own resources linked by `urn:uuid:` fullUrls, earlier records' resources by
+  conditional references;
+- `CODE_SYSTEMS`: the CodeSystem resources of ours its codes come from (loaded first).
+"""
+
+import uuid
+from typing import Any
+from urllib.parse import quote
+
+SOURCE = "urn:fhir-server:source"  # identifiers of source records: urn:fhir-server:source:<system>:<kind>
+
+
+def source_system(system: str, kind: str) -> str:
+    return f"{SOURCE}:{system}:{kind}"
+
+
+def source_identifier(system: str, kind: str, source_id: object) -> dict[str, str]:
+    """The identifier that keeps a source record's id on the resource made from it."""
+    return {"system": source_system(system, kind), "value": str(source_id)}
+
+
+def _escape(value: str) -> str:
+    """A token part of a search value: `,`, `|`, `$` and `\\` escaped."""
+    return "".join("\\" + c if c in ",|$\\" else c for c in value)
+
+
+def identifier_query(identifier: dict[str, str]) -> str:
+    """`identifier=system|value`, as a search's query string (the server URL-decodes it)."""
+    return "identifier=" + quote(f"{_escape(identifier['system'])}|{_escape(identifier['value'])}", safe=":/|")
+
+
+def conditional_reference(resource_type: str, identifier: dict[str, str]) -> dict[str, str]:
+    """A Reference to the one resource with that identifier (resolved by the transaction)."""
+    return {"reference": f"{resource_type}?{identifier_query(identifier)}"}
+
+
+def placeholder() -> str:
+    return f"urn:uuid:{uuid.uuid4()}"
+
+
+def create_entry(resource: dict[str, Any], full_url: str, identifier: dict[str, str] | None = None) -> dict[str, Any]:
+    """A POST entry, conditional on `identifier` (default: the resource's first identifier)."""
+    identifier = identifier or resource["identifier"][0]
+    return {
+        "fullUrl": full_url,
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": identifier_query(identifier)},
+    }
+
+
+def code_system_entry(code_system: dict[str, Any]) -> dict[str, Any]:
+    """A CodeSystem of ours, created once (conditional on its canonical url)."""
+    return {
+        "resource": code_system,
+        "request": {"method": "POST", "url": "CodeSystem", "ifNoneExist": f"url={quote(code_system['url'], safe=':/')}"},
+    }
