@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     # Batch and transaction Bundles: at most this many entries and bytes (then 413).
     max_bundle_entries: int = 10000
     max_bundle_bytes: int = 100 * 1024 * 1024
+    # The image upload service (`Patient/{id}/$upload-image`): the largest file accepted.
+    upload_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     # How long a conditional create/update waits for a concurrent one on the same criteria.
     conditional_wait_s: float = 20.0
     # Bulk export ($export): how long a finished job and its files are kept; the lease a worker

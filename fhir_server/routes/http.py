@@ -38,6 +38,11 @@ async def json_body(request: Request, allowed: frozenset[str] = FHIR_BODY_TYPES,
         raise BadRequest(f"The body is not valid JSON: {exc}") from exc
 
 
+async def raw_body(request: Request, limit: int) -> bytes:
+    """The body as it came (any media type), at most `limit` bytes (413 beyond)."""
+    return await _body(request, frozenset(), limit=limit, any_type=True)
+
+
 async def form_params(request: Request) -> list[tuple[str, str]]:
     """Search parameters of `POST [type]/_search`: the form body, then the query string."""
     raw = await _body(request, frozenset({FORM}), required=True)
@@ -48,10 +53,12 @@ async def form_params(request: Request) -> list[tuple[str, str]]:
     return body + list(request.query_params.multi_items())
 
 
-async def _body(request: Request, allowed: frozenset[str], required: bool = False, limit: int | None = None) -> bytes:
+async def _body(
+    request: Request, allowed: frozenset[str], required: bool = False, limit: int | None = None, any_type: bool = False
+) -> bytes:
     content_type = request.headers.get("content-type", "")
     kind = content_type.split(";")[0].strip().lower()
-    if (kind or required) and kind not in allowed:
+    if not any_type and (kind or required) and kind not in allowed:
         raise UnsupportedMediaType(
             f"Content-Type '{content_type}' is not supported here; send {', '.join(sorted(allowed))}"
         )

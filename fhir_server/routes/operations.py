@@ -1,4 +1,5 @@
-"""FHIR operations on types and instances: `$validate`, `Patient/$everything`.
+"""FHIR operations on types and instances: `$validate`, `Patient/$everything`, and the image
+upload service (`Patient/{id}/$upload-image`).
 
 Registered before the resource routes, whose `/{type}/{id}` patterns would take these paths.
 """
@@ -7,9 +8,13 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from fhir_server.context import request_context
-from fhir_server.errors import Issue, operation_outcome
+from fhir_server.errors import Issue, UnsupportedMediaType, operation_outcome
+from fhir_server.routes.bundles import Transactions
 from fhir_server.routes.deps import Ctx, Resources, Searches
-from fhir_server.routes.http import fhir_response, json_body
+from fhir_server.routes.http import fhir_response, json_body, raw_body, write_response
+from fhir_server.services.resources import Result
+from fhir_server.services.transactions import parse_bundle
+from mappings.uploads import RejectedFile, check_image, image_entries
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(request_context)], tags=["operations"])
 
@@ -47,3 +52,25 @@ async def everything_all(request: Request, ctx: Ctx, searches: Searches) -> Resp
 async def everything(patient_id: str, request: Request, ctx: Ctx, searches: Searches) -> Response:
     params = list(request.query_params.multi_items())
     return fhir_response(ctx, await searches.everything(ctx.base_url, patient_id, params))
+
+
+@router.post("/Patient/{patient_id}/$upload-image", summary="an image for a patient: Binary + DocumentReference")
+async def upload_image(patient_id: str, request: Request, ctx: Ctx, resources: Resources, transactions: Transactions) -> Response:
+    """The upload service: the raw file as the body; its type is judged by its content."""
+    limit = request.app.state.settings.upload_max_bytes
+    data = await raw_body(request, limit)
+    try:
+        media_type = check_image(data, limit)
+    except RejectedFile as exc:
+        raise UnsupportedMediaType(str(exc), expression="body") from exc
+    await resources.read("Patient", patient_id)  # 404 / 410 for a patient that is not there
+    query = request.query_params
+    entries = image_entries(
+        data, media_type, f"Patient/{patient_id}",
+        title=query.get("title"), date=query.get("date"), description=query.get("description"),
+    )
+    _, parsed = parse_bundle({"resourceType": "Bundle", "type": "transaction", "entry": entries}, ctx.base_url, len(entries))
+    results = await transactions.transaction(parsed)
+    document = results[1].version
+    assert document is not None
+    return write_response(ctx, Result(201, document, "Created"))
