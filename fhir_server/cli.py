@@ -1,6 +1,6 @@
 """`fhir-server` command line: `serve` runs the FHIR API and the DICOM node; `dicom` runs the
-node alone (`dicom reindex`: index every stored instance again); `reindex` rebuilds the search
-index of stored resources."""
+node alone (`dicom reindex`: index every stored instance again); `import` loads the records of a
+replaced system into a running server; `reindex` rebuilds the search index of stored resources."""
 
 import argparse
 import asyncio
@@ -115,6 +115,30 @@ async def _run_dicom(settings: Settings, action: str) -> None:
         await database.close()
 
 
+def _import(args: argparse.Namespace) -> None:
+    import sys
+
+    from fhir_server.importer import dumps_summary, import_files, import_generated
+
+    configure_logging("WARNING")
+    if args.randomize:
+        if args.system != "retinal":
+            raise SystemExit("--randomize generates data for the retinal system only")
+        from mappings.retinal_generate import generate
+
+        generated = generate(args.num_sites, args.num_patients, args.max_images_per_patient, args.seed)
+        summary = import_generated(args.system, generated, args.url, progress=not args.json)
+    else:
+        if not args.files:
+            raise SystemExit("give the files to import (JSON or CSV), or --randomize for the retinal system")
+        try:
+            summary = import_files(args.system, args.files, args.url, args.kind, progress=not args.json)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from exc
+    print(dumps_summary(summary) if args.json else summary.report())
+    sys.exit(1 if summary.rejected else 0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fhir-server", description="FHIR R4 server on MongoDB")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +155,20 @@ def main(argv: list[str] | None = None) -> None:
     dicom.add_argument("--dicom-port", type=int, help="DICOM port (default 11112, env FHIR_DICOM_PORT)")
     dicom.add_argument("--dicom-aet", help="the node's AE title (default FHIRSERVER, env FHIR_DICOM_AET)")
     dicom.set_defaults(handler=_dicom)
+    importing = commands.add_parser(
+        "import", help="import the records of a replaced system (one FHIR transaction each) into a running server"
+    )
+    importing.add_argument("system", choices=("interactions", "ehr", "assessment", "retinal"))
+    importing.add_argument("files", nargs="*", type=Path, help="JSON ({kind: [records]}) or CSV files (one kind each)")
+    importing.add_argument("--url", default="http://127.0.0.1:8080/fhir", help="the server's FHIR base")
+    importing.add_argument("--kind", help="the kind of record of a CSV file or JSON list (default: from the file name)")
+    importing.add_argument("--json", action="store_true", help="the summary as JSON, no progress bar")
+    importing.add_argument("--randomize", action="store_true", help="retinal: generate a realistic data set")
+    importing.add_argument("--num-sites", type=int, default=5)
+    importing.add_argument("--num-patients", type=int, default=0)
+    importing.add_argument("--max-images-per-patient", type=int, default=4)
+    importing.add_argument("--seed", type=int, default=None)
+    importing.set_defaults(handler=_import)
     reindex = commands.add_parser(
         "reindex",
         help="recompute the search index of stored resources after the search parameters changed "
