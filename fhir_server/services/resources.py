@@ -25,6 +25,7 @@ from fhir_server.errors import (
     Unprocessable,
 )
 from fhir_server.search.criteria import Criterion, lock_key, parse_query_string
+from fhir_server.services.scheduling import APPOINTMENT, Scheduling
 from fhir_server.services.search import SearchService
 from fhir_server.storage import locks
 from fhir_server.storage.repository import Change, Decide, ResourceRepository, Version
@@ -32,6 +33,11 @@ from fhir_server.validation.resource import check_id, check_type, validate_resou
 
 # A version number as it may appear in a URL or an ETag.
 VERSION_ID = re.compile(r"[0-9]{1,12}")
+MAX_PATCH_ATTEMPTS = 10
+
+
+class _Moved(Exception):
+    """The resource changed between a patch's check and its write."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,7 @@ class ResourceService:
         self.db = db
         self.searches = searches
         self.conditional_wait_s = conditional_wait_s
+        self.scheduling = Scheduling(searches, db, conditional_wait_s)  # no double booking of Appointments
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -239,7 +246,8 @@ class ResourceService:
         def decide(current: Version | None) -> Change:
             return Change(resource, "POST")
 
-        version, _ = await self.repository.write(resource_type, new_id, decide, new_id=True)
+        async with self.scheduling.booked(resource_type, {new_id: resource}):
+            version, _ = await self.repository.write(resource_type, new_id, decide, new_id=True)
         assert version is not None
         return Result(201, version, "Created")
 
@@ -255,7 +263,8 @@ class ResourceService:
     async def _update(
         self, resource_type: str, resource_id: str, resource: dict[str, Any], if_match: int | None
     ) -> Result:
-        version, _ = await self.repository.write(resource_type, resource_id, update_decision(resource, if_match))
+        async with self.scheduling.booked(resource_type, {resource_id: resource}):
+            version, _ = await self.repository.write(resource_type, resource_id, update_decision(resource, if_match))
         assert version is not None
         return written(version)
 
@@ -296,9 +305,34 @@ class ResourceService:
         check_type(resource_type)
         check_id(resource_id)
         decide = patch_decision(resource_type, resource_id, operations, if_match)
+        if resource_type == APPOINTMENT:  # the result is checked against double booking first
+            return await self._patch_booking(resource_type, resource_id, decide)
         version, _ = await self.repository.write(resource_type, resource_id, decide)
         assert version is not None
         return written(version, "Patched")
+
+    async def _patch_booking(self, resource_type: str, resource_id: str, decide: Decide) -> Result:
+        """A patch whose result must be checked before it is written: patched from the version
+        read, checked, and written only if that version is still the current one."""
+        for _ in range(MAX_PATCH_ATTEMPTS):
+            current = await self.repository.read(resource_type, resource_id)
+            change = decide(current)
+            assert change is not None and current is not None
+
+            def pinned(now: Version | None, read: Version = current, change: Change = change) -> Change:
+                if now is None or now.vid != read.vid:
+                    raise _Moved
+                return change
+
+            try:
+                async with self.scheduling.booked(resource_type, {resource_id: change.resource}):
+                    version, _ = await self.repository.write(resource_type, resource_id, pinned)
+            except _Moved:
+                continue
+            assert version is not None
+            return written(version, "Patched")
+        raise Conflict(f"{resource_type}/{resource_id} is being changed by other writers; try again",
+                       headers={"Retry-After": "1"})
 
     async def delete(
         self, resource_type: str, resource_id: str, if_match: int | None = None

@@ -4,9 +4,11 @@ A transaction is planned, then committed in one `write_all`: every entry's targe
 (DELETE, then POST, then PUT/PATCH, as FHIR orders them; conditional targets by search, under
 the same locks as single conditional interactions), `fullUrl` placeholders and conditional
 references are rewritten to those targets, each resource is validated, and each change is
-decided against the current version. Nothing is written before every entry has passed, so a
-failing entry leaves no trace; a resource changed meanwhile by another writer makes the plan
-start again, a bounded number of times. Read entries (GET, HEAD) run after the commit.
+decided against the current version; the Appointments written are checked against double
+booking (`scheduling`) under their practitioners' locks. Nothing is written before every entry
+has passed, so a failing entry leaves no trace; a resource changed meanwhile by another writer
+makes the plan start again, a bounded number of times. Read entries (GET, HEAD) run after the
+commit.
 """
 
 import asyncio
@@ -14,7 +16,8 @@ import base64
 import random
 import re
 import uuid
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -32,6 +35,7 @@ from fhir_server.services.resources import (
     update_decision,
     written,
 )
+from fhir_server.services.scheduling import APPOINTMENT, DoubleBooking
 from fhir_server.storage.repository import Change, Planned, StaleWrite, Version
 from fhir_server.validation.resource import check_id, check_type, validate_resource
 from fhir_server.validation.resource_types import supported_types
@@ -177,13 +181,32 @@ class TransactionService:
                 targets = await self._targets(writes, entry_limit)
                 try:
                     planned = await self._plan(targets)
-                    versions = await self.repository.write_all(planned)
+                    async with self._bookings(targets, planned):
+                        versions = await self.repository.write_all(planned)
                 except StaleWrite:
                     pass
                 else:
                     return self._results(targets, versions)
             await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))
         raise Conflict(f"The resources of this transaction were changed by other writers {MAX_ATTEMPTS} times; try again")
+
+    @asynccontextmanager
+    async def _bookings(self, targets: list[_Target], planned: list[Planned]) -> AsyncIterator[None]:
+        """The Appointments written checked against double booking (see `scheduling`), their
+        practitioners locked while the transaction commits."""
+        changes = {p.id: p.change.resource for p in planned if p.type == APPOINTMENT}
+        if not changes:
+            yield
+            return
+        entries = {t.id: t.entry for t in targets if t.type == APPOINTMENT and t.id in changes and t.same_as is None}
+        labels = {i: entry.label for i, entry in entries.items()}
+        try:
+            async with self.resources.scheduling.booked(APPOINTMENT, changes, labels):
+                yield
+        except DoubleBooking as exc:
+            if exc.appointment_id not in entries:
+                raise
+            raise at_entry(entries[exc.appointment_id], exc) from exc
 
     def _condition(self, entry: BundleEntry) -> tuple[str, str | None]:
         """The search a write entry depends on (conditional create, update, patch, delete)."""

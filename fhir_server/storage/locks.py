@@ -1,7 +1,8 @@
 """Short-lived named locks kept in MongoDB, so that every server process sees them.
 
 Used to serialise conditional creates and updates of the same criteria: without one, two
-simultaneous `If-None-Exist` creates both find nothing and both create.
+simultaneous `If-None-Exist` creates both find nothing and both create. Also held per
+practitioner while an Appointment is checked against double booking and written.
 """
 
 import asyncio
