@@ -34,6 +34,7 @@ class SourceRecord:
     kind: str
     where: str  # file and row, for the report
     data: dict[str, Any]
+    folder: Path | None = None  # of the input file: the files a record names are relative to it
 
 
 @dataclass
@@ -76,7 +77,8 @@ def read_records(path: Path, kinds: list[str], kind: str | None = None) -> Itera
             raise ValueError(f"{path}: which kind of record? name the file after one ({', '.join(kinds)}) or give --kind")
         with path.open(newline="", encoding="utf-8-sig") as handle:
             for row, data in enumerate(csv.DictReader(handle), start=2):  # row 1 is the header
-                yield SourceRecord(found, f"{path.name} row {row}", {k: v for k, v in data.items() if v not in ("", None)})
+                yield SourceRecord(found, f"{path.name} row {row}", {k: v for k, v in data.items() if v not in ("", None)},
+                                   path.parent)
         return
     document = fhir_json.loads(path.read_bytes())
     if isinstance(document, list):
@@ -93,7 +95,8 @@ def read_records(path: Path, kinds: list[str], kind: str | None = None) -> Itera
         groups[found] = items
     for found in kinds:
         for index, data in enumerate(groups.get(found, []), start=1):
-            yield SourceRecord(found, f"{path.name} {found} #{index}", data if isinstance(data, dict) else {"_": data})
+            yield SourceRecord(found, f"{path.name} {found} #{index}", data if isinstance(data, dict) else {"_": data},
+                               path.parent)
 
 
 def _reason(error: ValidationError) -> str:
@@ -127,7 +130,7 @@ class Importer:
         for record in tqdm(records, total=total, unit="rec", disable=not progress):
             summary.records += 1
             try:
-                model = self.kinds[record.kind].model_validate(record.data)
+                model = self.kinds[record.kind].model_validate(self._with_files(record))
                 entries = self.module.bundle_entries(record.kind, model)
             except ValidationError as exc:
                 summary.rejected.append((record.where, _reason(exc)))
@@ -144,6 +147,21 @@ class Importer:
                 status = answered.get("response", {}).get("status", "")
                 (summary.created if status.startswith("201") else summary.existing)[kind] += 1
         return summary
+
+    def _with_files(self, record: SourceRecord) -> dict[str, Any]:
+        """The record with the files it names read in (the system's `FILES`: kind → (path
+        field, content field)), each at most one byte over the system's limit, so that the
+        model can tell a file too large."""
+        fields = getattr(self.module, "FILES", {}).get(record.kind)
+        name = record.data.get(fields[0]) if fields else None
+        if not fields or not isinstance(name, str) or record.folder is None:
+            return record.data
+        limit = getattr(self.module, "MAX_FILE_BYTES", 10 * 1024 * 1024)
+        path = (record.folder / name).resolve()
+        if not path.is_relative_to(record.folder.resolve()) or not path.is_file():
+            raise ValueError(f"{fields[0]}: '{name}' is not a file beside the input file")
+        with path.open("rb") as handle:
+            return {**record.data, fields[1]: handle.read(limit + 1)}
 
     def _post(self, entries: list[dict[str, Any]]) -> httpx.Response:
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}

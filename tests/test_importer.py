@@ -1,5 +1,6 @@
 """`fhir-server import`: sample files of the replaced systems through a running server, twice."""
 
+import base64
 import json
 import subprocess
 import sys
@@ -78,3 +79,21 @@ def test_rejected_records_are_reported_and_make_the_exit_status_fail(server: Ser
     result = subprocess.run([sys.executable, "-m", "fhir_server", "import", "interactions", str(unknown),
                              "--url", f"{server.url}/fhir"], capture_output=True, timeout=60)
     assert result.returncode != 0 and b"which kind" in result.stderr
+
+
+def test_ehr_import_with_images_and_csv(server: ServerProcess, client: httpx.Client) -> None:
+    folder = DATA / "ehr"
+    source = json.loads((folder / "ehr.json").read_text())
+    status, summary = run_import(server, "ehr", str(folder / "ehr.json"), str(folder / "patients.csv"),
+                                 str(folder / "laboratory_results.csv"))
+    assert status == 0 and not summary["rejected"], summary
+    assert summary["created"]["DocumentReference"] == len(source["radiology_imaging"])
+    assert summary["created"]["Binary"] == len(source["radiology_imaging"])
+    status, again = run_import(server, "ehr", str(folder / "ehr.json"))
+    assert status == 0 and not again["created"], again
+    first = source["radiology_imaging"][0]
+    documents = client.get("/DocumentReference", params={
+        "identifier": f"urn:fhir-server:source:ehr:radiology_imaging|{first['id']}"}).json()
+    url = documents["entry"][0]["resource"]["content"][0]["attachment"]["url"]
+    binary = client.get(f"/{url}").json()
+    assert base64.b64decode(binary["data"]) == (folder / first["file_path"]).read_bytes()
