@@ -35,11 +35,9 @@ Source format: JSON `{"practitioner": [...], "patient": [...], ...}`, or a CSV f
 as JSON). Dates are YYYY-MM-DD; an assessment's date may have a time, then with its UTC offset.
 """
 
-import json
 import re
 import unicodedata
-from datetime import date, datetime, timedelta
-from decimal import Decimal
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
@@ -47,16 +45,14 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     PlainValidator,
-    StringConstraints,
     ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from mappings import records
+from mappings.schema import DATE, EMAIL, SourceRecord, Text, When, check_kind, iso_date, json_text
 
 SYSTEM = "assessment"
 QUESTIONNAIRE_BASE = "https://fhir-server.local/Questionnaire/"
@@ -108,92 +104,23 @@ CODE_SYSTEMS: list[dict[str, Any]] = [
 
 SCORE_DISPLAYS = {concept["code"]: concept["display"] for concept in CODE_SYSTEMS[0]["concept"]}
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}.*")
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
-_MAX_OFFSET = timedelta(hours=14)
-
-
 # --- the source schema --------------------------------------------------------------------------
-
-
-def _number_as_text(value: object) -> object:
-    """Ids and answers may come as JSON numbers."""
-    return str(value) if isinstance(value, int | float | Decimal) and not isinstance(value, bool) else value
-
-
-def _no_control_characters(value: str) -> str:
-    if _CONTROL.search(value):
-        raise ValueError("contains control characters")
-    return value
-
-
-Text = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=1),
-    BeforeValidator(_number_as_text),
-    AfterValidator(_no_control_characters),
-]
 
 
 def _day(value: object) -> date:
     if isinstance(value, date) and not isinstance(value, datetime):
         return value
     text = value.strip() if isinstance(value, str) else None
-    if text is None or not _DATE.fullmatch(text):
+    if text is None or not DATE.fullmatch(text):
         raise ValueError(f"{str(value)[:40]!r} is not a date (YYYY-MM-DD)")
-    try:
-        return date.fromisoformat(text)
-    except ValueError as exc:
-        raise ValueError(f"'{text}' is not a date: {exc}") from None
-
-
-def _when(value: object) -> date | datetime:
-    """A date (YYYY-MM-DD), or a date and time with its UTC offset (FHIR's dateTime needs one)."""
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            if _DATE.fullmatch(text):
-                return date.fromisoformat(text)
-            if not _DATE_TIME.fullmatch(text):
-                raise ValueError("expected YYYY-MM-DD or YYYY-MM-DDThh:mm:ss+hh:mm")
-            value = datetime.fromisoformat(text)
-        except ValueError as exc:
-            raise ValueError(f"'{text[:40]}' is not a date or a date and time: {exc}") from None
-    if isinstance(value, datetime):
-        offset = value.utcoffset()
-        if offset is None:
-            raise ValueError(
-                f"'{value.isoformat()}' has a time but no UTC offset (+hh:mm or Z); give the date alone "
-                "when the time zone is unknown"
-            )
-        if abs(offset) > _MAX_OFFSET or offset.seconds % 60:
-            raise ValueError(
-                f"'{value.isoformat()}' has a UTC offset FHIR cannot hold (at most ±14:00, whole minutes)"
-            )
-        return value
-    if isinstance(value, date):
-        return value
-    raise ValueError("must be a date (YYYY-MM-DD) or a date and time with its UTC offset")
+    return iso_date(text)
 
 
 Day = Annotated[date, PlainValidator(_day)]
-When = Annotated[date | datetime, PlainValidator(_when)]
-
-
-def _json_text(value: object) -> object:
-    """A list or object given as JSON text (a CSV cell)."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value, parse_float=Decimal)  # decimals keep their digits: 37.20
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"is not valid JSON: {exc.msg} at character {exc.pos}") from None
-    return value
 
 
 def _email(value: str) -> str:
-    if not _EMAIL.fullmatch(value):
+    if not EMAIL.fullmatch(value):
         raise ValueError(f"'{value[:80]}' is not an e-mail address")
     return value
 
@@ -212,21 +139,6 @@ def _has_slug(value: str) -> str:
     if not slug(value):
         raise ValueError(f"'{value[:80]}' has no letter or digit to name its Questionnaire by")
     return value
-
-
-class SourceRecord(BaseModel):
-    """A record as JSON or a CSV row gives it: unknown fields are refused, blank cells are absent."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _blank_is_absent(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {
-                k: v for k, v in data.items() if v is not None and not (isinstance(v, str) and not v.strip())
-            }
-        return data
 
 
 class Practitioner(SourceRecord):
@@ -286,7 +198,7 @@ class Assessment(SourceRecord):
     practitioner_id: Text
     date: When
     type: Annotated[Text, AfterValidator(_has_slug)]
-    items: Annotated[list[AssessmentItem], BeforeValidator(_json_text), Field(min_length=1)]
+    items: Annotated[list[AssessmentItem], BeforeValidator(json_text), Field(min_length=1)]
     total_score: int | None = None
 
 
@@ -304,8 +216,7 @@ KINDS: dict[str, type[BaseModel]] = {
 
 def bundle_entries(kind: str, record: BaseModel) -> list[dict[str, Any]]:
     """The transaction entries of one record."""
-    if kind not in KINDS or not isinstance(record, KINDS[kind]):
-        raise ValueError(f"Not a record of a kind of {SYSTEM}: {kind!r} {type(record).__name__}")
+    check_kind(SYSTEM, KINDS, kind, record)
     if isinstance(record, Assessment):
         return _assessment_entries(record)
     resource = {

@@ -47,7 +47,6 @@ validation, at most `MAX_FILE_BYTES` + 1 bytes.
 
 import base64
 import hashlib
-import json
 import re
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -69,7 +68,17 @@ from pydantic import (
     model_validator,
 )
 
-from mappings import records
+from mappings import records, schema
+from mappings.schema import (
+    DATE,
+    EMAIL,
+    NUMBER,
+    check_kind,
+    iso_date,
+    json_text,
+    no_control_characters,
+    offset_checked,
+)
 from mappings.uploads import sniff
 
 SYSTEM = "ehr"
@@ -229,15 +238,10 @@ CODE_SYSTEMS: list[dict[str, Any]] = [
     }
 ]
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}.*")
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}.*")  # with a T: no space, unlike schema.DATE_TIME
 _PHONE = re.compile(r"\+?[0-9 ()./\-]{3,30}(\s*(x|ext\.?)\s*[0-9]{1,6})?")
 _LOINC_CODE = re.compile(r"\d{1,7}-\d")
 _UCUM_UNIT = re.compile(r"[!-~]{1,40}")  # UCUM case-sensitive codes: printable ASCII, no spaces
-_MAX_OFFSET = timedelta(hours=14)
 
 
 # --- the source schema --------------------------------------------------------------------------
@@ -248,17 +252,13 @@ def _number_as_text(value: object) -> object:
     return str(value) if isinstance(value, int | Decimal) and not isinstance(value, bool) else value
 
 
-def _no_control_characters(value: str) -> str:
-    if _CONTROL.search(value):
-        raise ValueError("contains control characters")
-    return value
-
-
+# Not schema.Text, to keep the results as they were: a float is not text here, and with the number check
+# first, min_length is checked before stripping (so text of spaces in a list becomes "").
 Text = Annotated[
     str,
     BeforeValidator(_number_as_text),
     StringConstraints(strip_whitespace=True, min_length=1),
-    AfterValidator(_no_control_characters),
+    AfterValidator(no_control_characters),
 ]
 SourceId = Annotated[Text, StringConstraints(max_length=64)]
 
@@ -272,7 +272,7 @@ def _pattern(regex: re.Pattern[str], what: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-Email = Annotated[Text, _pattern(_EMAIL, "an email address")]
+Email = Annotated[Text, _pattern(EMAIL, "an email address")]
 Phone = Annotated[Text, _pattern(_PHONE, "a phone number")]
 LoincCode = Annotated[Text, _pattern(_LOINC_CODE, "a LOINC code (such as 2345-7)")]
 UcumUnit = Annotated[Text, _pattern(_UCUM_UNIT, "a UCUM unit code (such as mg/dL, no spaces)")]
@@ -299,12 +299,7 @@ def _instant(value: object) -> datetime:
             raise ValueError(f"'{text[:40]}' is not a date and time: {exc}") from None
     if not isinstance(value, datetime):
         raise ValueError("must be a date and time with its UTC offset (YYYY-MM-DDThh:mm:ss+hh:mm)")
-    offset = value.utcoffset()
-    if offset is None:
-        raise ValueError(f"'{value.isoformat()}' has no UTC offset (+hh:mm or Z): the instant would be a guess")
-    if abs(offset) > _MAX_OFFSET or offset.seconds % 60:
-        raise ValueError(f"'{value.isoformat()}' has a UTC offset FHIR cannot hold (at most ±14:00, whole minutes)")
-    return value
+    return offset_checked(value, "has no UTC offset (+hh:mm or Z): the instant would be a guess")
 
 
 def _day(value: object) -> date:
@@ -312,12 +307,9 @@ def _day(value: object) -> date:
         raise ValueError("must be a date (YYYY-MM-DD) without a time")
     if isinstance(value, str):
         text = value.strip()
-        if not _DATE.fullmatch(text):
+        if not DATE.fullmatch(text):
             raise ValueError(f"'{text[:40]}' is not a date (YYYY-MM-DD)")
-        try:
-            return date.fromisoformat(text)
-        except ValueError as exc:
-            raise ValueError(f"'{text}' is not a date: {exc}") from None
+        return iso_date(text)
     if isinstance(value, date):
         return value
     raise ValueError("must be a date (YYYY-MM-DD)")
@@ -343,7 +335,7 @@ def _decimal(value: object) -> Decimal:
     if isinstance(value, int):
         value = str(value)
     if isinstance(value, str):
-        if not _NUMBER.fullmatch(value.strip()):
+        if not NUMBER.fullmatch(value.strip()):
             raise ValueError(f"'{value[:40]}' is not a number")
         try:
             value = Decimal(value.strip())
@@ -356,8 +348,8 @@ def _decimal(value: object) -> Decimal:
 
 def _number_or_text(value: object) -> Decimal | str:
     """A result: a number (JSON, or text that reads as one: CSV cells are text) or text."""
-    if isinstance(value, str) and not _NUMBER.fullmatch(value.strip()):
-        text = _no_control_characters(value.strip())
+    if isinstance(value, str) and not NUMBER.fullmatch(value.strip()):
+        text = no_control_characters(value.strip())
         if not text:
             raise ValueError("is blank")
         return text
@@ -369,26 +361,16 @@ Result = Annotated[Decimal | str, PlainValidator(_number_or_text)]
 
 
 def _json_text(value: object) -> object:
-    """A list or object given as JSON text (a CSV cell)."""
+    """A list or object given as JSON text (a CSV cell); other text as it is (an address as written)."""
     if isinstance(value, str) and value.lstrip().startswith(("[", "{")):
-        try:
-            return json.loads(value, parse_float=Decimal)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"is not valid JSON: {exc.msg} at character {exc.pos}") from None
+        return json_text(value)
     return value
 
 
-class SourceRecord(BaseModel):
-    """A record as JSON or a CSV row gives it: unknown fields are refused, blank cells are absent."""
+class SourceRecord(schema.SourceRecord):
+    """As `schema.SourceRecord`, and frozen: a validated record is not changed."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _blank_is_absent(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None and not (isinstance(v, str) and not v.strip())}
-        return data
+    model_config = ConfigDict(frozen=True)
 
 
 class Record(SourceRecord):
@@ -576,8 +558,7 @@ KINDS: dict[str, type[BaseModel]] = {
 
 def bundle_entries(kind: str, record: BaseModel) -> list[dict[str, Any]]:
     """The transaction entries of one validated record (a model of `KINDS[kind]`)."""
-    if kind not in KINDS or not isinstance(record, KINDS[kind]):
-        raise ValueError(f"Not a record of a kind of {SYSTEM}: {kind!r} {type(record).__name__}")
+    check_kind(SYSTEM, KINDS, kind, record)
     return _MAPPERS[kind](record)
 
 

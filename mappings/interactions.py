@@ -41,24 +41,23 @@ one comma-separated string (or a JSON array), metrics and qa are JSON, and next_
 array or one step per line. A time of day needs its UTC offset; without one, give the date alone.
 """
 
-import json
 import re
-from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, NamedTuple
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    PlainValidator,
-    StringConstraints,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, PlainValidator
 
 from mappings import records
+from mappings.schema import (
+    NUMBER,
+    SourceRecord,
+    Text,
+    When,
+    check_kind,
+    json_text,
+    no_control_characters,
+    present,
+)
 
 SYSTEM = "interactions"
 INSURANCE_SYSTEM = "urn:fhir-server:insurance-number"
@@ -159,83 +158,17 @@ CODE_SYSTEMS: list[dict[str, Any]] = [
     }
 ]
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}.*")
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")
 _PRESSURE = re.compile(r"(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)")
-_MAX_OFFSET = timedelta(hours=14)
 
 
 # --- the source schema --------------------------------------------------------------------------
-
-
-def _number_as_text(value: object) -> object:
-    """Ids and answers may come as JSON numbers."""
-    return str(value) if isinstance(value, int | float | Decimal) and not isinstance(value, bool) else value
-
-
-def _no_control_characters(value: str) -> str:
-    if _CONTROL.search(value):
-        raise ValueError("contains control characters")
-    return value
-
-
-Text = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=1),
-    BeforeValidator(_number_as_text),
-    AfterValidator(_no_control_characters),
-]
-
-
-def _when(value: object) -> date | datetime:
-    """A date (YYYY-MM-DD), or a date and time with its UTC offset (FHIR's dateTime needs one)."""
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            if _DATE.fullmatch(text):
-                return date.fromisoformat(text)
-            if not _DATE_TIME.fullmatch(text):
-                raise ValueError("expected YYYY-MM-DD or YYYY-MM-DDThh:mm:ss+hh:mm")
-            value = datetime.fromisoformat(text)
-        except ValueError as exc:
-            raise ValueError(f"'{text[:40]}' is not a date or a date and time: {exc}") from None
-    if isinstance(value, datetime):
-        offset = value.utcoffset()
-        if offset is None:
-            raise ValueError(
-                f"'{value.isoformat()}' has a time but no UTC offset (+hh:mm or Z); give the date alone "
-                "when the time zone is unknown"
-            )
-        if abs(offset) > _MAX_OFFSET or offset.seconds % 60:
-            raise ValueError(
-                f"'{value.isoformat()}' has a UTC offset FHIR cannot hold (at most ±14:00, whole minutes)"
-            )
-        return value
-    if isinstance(value, date):
-        return value
-    raise ValueError("must be a date (YYYY-MM-DD) or a date and time with its UTC offset")
-
-
-When = Annotated[date | datetime, PlainValidator(_when)]
-
-
-def _json_text(value: object) -> object:
-    """A list or object given as JSON text (a CSV cell)."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value, parse_float=Decimal)  # decimals keep their digits: 37.20
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"is not valid JSON: {exc.msg} at character {exc.pos}") from None
-    return value
 
 
 def _symptom_list(value: object) -> object:
     """A JSON array, or one comma-separated string."""
     if isinstance(value, str):
         if value.lstrip().startswith("["):
-            return _json_text(value)
+            return json_text(value)
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
 
@@ -244,19 +177,15 @@ def _step_list(value: object) -> object:
     """A JSON array, or one step per line."""
     if isinstance(value, str):
         if value.lstrip().startswith("["):
-            return _json_text(value)
+            return json_text(value)
         return [line.strip() for line in value.splitlines() if line.strip()]
     return value
 
 
 def _recorded_metrics(value: object) -> object:
     """JSON text of an object; metrics without a value (null, blank) are not recorded ones."""
-    value = _json_text(value)
-    if isinstance(value, dict):
-        return {
-            k: v for k, v in value.items() if v is not None and not (isinstance(v, str) and not v.strip())
-        }
-    return value
+    value = json_text(value)
+    return present(value) if isinstance(value, dict) else value
 
 
 def _distinct(values: list[str]) -> list[str]:
@@ -283,26 +212,11 @@ def _metric_value(value: object) -> bool | int | Decimal | str:
             raise ValueError("must be a finite number")
         return value
     if isinstance(value, str):
-        return _no_control_characters(value.strip())
+        return no_control_characters(value.strip())
     raise ValueError(f"must be a number, a string or a boolean, not {type(value).__name__}")
 
 
 MetricValue = Annotated[bool | int | Decimal | str, PlainValidator(_metric_value)]
-
-
-class SourceRecord(BaseModel):
-    """A record as JSON or a CSV row gives it: unknown fields are refused, blank cells are absent."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _blank_is_absent(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {
-                k: v for k, v in data.items() if v is not None and not (isinstance(v, str) and not v.strip())
-            }
-        return data
 
 
 class QuestionAnswer(SourceRecord):
@@ -324,7 +238,7 @@ class Interaction(SourceRecord):
     )
     health_status: Text | None = None
     remarks: Text | None = None
-    qa: Annotated[list[QuestionAnswer], BeforeValidator(_json_text)] = Field(default_factory=list)
+    qa: Annotated[list[QuestionAnswer], BeforeValidator(json_text)] = Field(default_factory=list)
     next_steps: Annotated[list[Text], BeforeValidator(_step_list)] = Field(default_factory=list)
 
 
@@ -336,8 +250,7 @@ KINDS: dict[str, type[BaseModel]] = {"interaction": Interaction}
 
 def bundle_entries(kind: str, record: BaseModel) -> list[dict[str, Any]]:
     """The transaction entries of one interaction: Patient, Encounter, then what the visit recorded."""
-    if kind not in KINDS or not isinstance(record, KINDS[kind]):
-        raise ValueError(f"Not a record of a kind of {SYSTEM}: {kind!r} {type(record).__name__}")
+    check_kind(SYSTEM, KINDS, kind, record)
     assert isinstance(record, Interaction)
     patient_url, encounter_url = records.placeholder(), records.placeholder()
     visit = _Visit(record, {"reference": patient_url}, {"reference": encounter_url})
@@ -506,7 +419,7 @@ def _number(value: object) -> int | Decimal | None:
         return None
     if isinstance(value, int | Decimal):
         return value
-    if isinstance(value, str) and _NUMBER.fullmatch(text := value.strip()):
+    if isinstance(value, str) and NUMBER.fullmatch(text := value.strip()):
         return int(text) if text.lstrip("+-").isdigit() else Decimal(text)
     return None
 

@@ -5,22 +5,19 @@ Pure: no server, no database. `UPDATE_GOLDEN=1` writes the golden files again (r
 """
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fhir.resources.R4B import get_fhir_model_class
+from golden import PLACEHOLDER, assert_golden, code_systems_used, first_identifier, normalised, valid
 from pydantic import ValidationError
 
 from fhir_server import fhir_json
-from fhir_server.validation.resource import validate_resource
 from mappings import assessment, records
 from mappings.assessment import KINDS, bundle_entries
 
 DATA = Path(__file__).parent / "data" / "assessment"
-PLACEHOLDER = re.compile(r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 SOURCE = "urn:fhir-server:source:assessment"
 
 
@@ -36,26 +33,6 @@ def first(kind: str, **changes: Any) -> dict[str, Any]:
 
 def entries_of(kind: str, source: dict[str, Any]) -> list[dict[str, Any]]:
     return bundle_entries(kind, KINDS[kind].model_validate(source))
-
-
-def normalised(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The entries as JSON would carry them, each placeholder replaced by `urn:uuid:<n>`, n by first use."""
-    tokens: dict[str, str] = {}
-    text = fhir_json.dumps(entries).decode()
-    text = PLACEHOLDER.sub(
-        lambda match: tokens.setdefault(match.group(0), f"urn:uuid:{len(tokens) + 1}"), text
-    )
-    return fhir_json.loads(text.encode())
-
-
-def valid(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`entries` after the server's checks and the R4B models accepted each resource, and the Bundle."""
-    for entry in entries:
-        resource = entry["resource"]
-        validate_resource(resource, resource["resourceType"], ignore_id=True)
-        get_fhir_model_class(resource["resourceType"]).model_validate(resource)
-    validate_resource({"resourceType": "Bundle", "type": "transaction", "entry": entries}, "Bundle")
-    return entries
 
 
 def as_csv_row(source: dict[str, Any]) -> dict[str, str]:
@@ -75,12 +52,7 @@ def all_records() -> list[tuple[str, dict[str, Any]]]:
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_golden(kind: str) -> None:
-    got = normalised(valid(entries_of(kind, first(kind))))
-    golden = DATA / "golden" / f"{kind}.json"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.parent.mkdir(exist_ok=True)
-        golden.write_bytes(fhir_json.dumps(got, pretty=True) + b"\n")
-    assert got == fhir_json.loads(golden.read_bytes())
+    assert_golden(normalised(valid(entries_of(kind, first(kind)))), DATA / "golden" / f"{kind}.json")
 
 
 def test_sample_file() -> None:
@@ -109,8 +81,7 @@ def test_conditional_creates_and_references_to_earlier_kinds(kind: str, source: 
         if resource["resourceType"] == "Questionnaire":
             assert entry["request"]["ifNoneExist"] == f"url={resource['url']}"
             continue
-        identifier = resource["identifier"]
-        identifier = identifier[0] if isinstance(identifier, list) else identifier
+        identifier = first_identifier(resource)
         assert entry["request"]["ifNoneExist"] == records.identifier_query(identifier)
         assert identifier["system"].startswith(f"{SOURCE}:")
         assert identifier["value"].split(":")[0] == source["id"]
@@ -130,22 +101,9 @@ def test_mapping_is_deterministic() -> None:
 
 
 def test_code_systems() -> None:
-    ours = {}
-    for code_system in assessment.CODE_SYSTEMS:
-        validate_resource(code_system, "CodeSystem")
-        get_fhir_model_class("CodeSystem").model_validate(code_system)
-        assert code_system["url"].startswith("https://fhir-server.local/CodeSystem/")
-        assert (code_system["status"], code_system["content"]) == ("active", "complete")
-        assert code_system["count"] == len(code_system["concept"])
-        assert all(concept["display"] and concept["definition"] for concept in code_system["concept"])
-        ours[code_system["url"]] = {concept["code"]: concept["display"] for concept in code_system["concept"]}
     mapped = [entries_of(kind, source) for kind, source in all_records()]
-    used = re.findall(
-        r'"system":"(https://fhir-server\.local/[^"]+)","code":"([^"]+)","display":"([^"]+)"',
-        fhir_json.dumps(mapped).decode(),
-    )
+    used = code_systems_used(assessment.CODE_SYSTEMS, mapped)
     assert {code for _, code, _ in used} == {"item-score", "total-score"}
-    assert all(ours[system][code] == display for system, code, display in used)
 
 
 def test_a_record_of_another_kind_is_refused() -> None:

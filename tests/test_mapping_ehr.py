@@ -3,23 +3,21 @@ expected FHIR JSON (`tests/data/ehr/golden/<kind>.json`), every sample resource 
 server's validation and the R4B models), CSV rows mapped as their JSON twins, every rejection
 naming its field, and the sample imported through the server as one transaction per record.
 
-Set EHR_GOLDEN_UPDATE=1 to rewrite the golden files from the mapping (then read the diff).
+Set UPDATE_GOLDEN=1 to rewrite the golden files from the mapping (then read the diff).
 """
 
 import csv
-import os
-import re
 from pathlib import Path
 from typing import Any
 
+import golden
 import httpx
 import pytest
 from conftest import FHIR_JSON, assert_outcome
-from fhir.resources.R4B import get_fhir_model_class
+from golden import assert_golden, valid_resource
 from pydantic import BaseModel, ValidationError
 
 from fhir_server import fhir_json
-from fhir_server.validation.resource import validate_resource
 from mappings import ehr
 
 DATA = Path(__file__).parent / "data" / "ehr"
@@ -35,7 +33,6 @@ GOLDEN_RECORDS = {
     "allergy": "G001",
     "prescription": "RX002",
 }
-PLACEHOLDER = re.compile(r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 SOURCE = "urn:fhir-server:source:ehr"
 
 
@@ -65,10 +62,7 @@ def entries_of(kind: str, data: dict[str, Any]) -> list[dict[str, Any]]:
 
 def normalised(value: Any) -> Any:
     """`urn:uuid:` placeholders as urn:uuid:placeholder-1, -2… in order of first appearance."""
-    text = fhir_json.dumps(value).decode()
-    tokens: dict[str, str] = {}
-    text = PLACEHOLDER.sub(lambda m: tokens.setdefault(m.group(0), f"urn:uuid:placeholder-{len(tokens) + 1}"), text)
-    return fhir_json.loads(text.encode())
+    return golden.normalised(value, "urn:uuid:placeholder-{}")
 
 
 def resources(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -110,11 +104,7 @@ def test_a_record_of_another_kind_is_refused() -> None:
 
 @pytest.mark.parametrize("kind", list(GOLDEN_RECORDS))
 def test_golden(kind: str) -> None:
-    found = normalised(entries_of(kind, record(kind, GOLDEN_RECORDS[kind])))
-    path = GOLDEN / f"{kind}.json"
-    if os.environ.get("EHR_GOLDEN_UPDATE"):
-        path.write_bytes(fhir_json.dumps(found, pretty=True) + b"\n")
-    assert found == fhir_json.loads(path.read_bytes())
+    assert_golden(normalised(entries_of(kind, record(kind, GOLDEN_RECORDS[kind]))), GOLDEN / f"{kind}.json")
 
 
 # -- validity and coverage of the sample --------------------------------------------------------
@@ -133,17 +123,14 @@ def test_every_resource_is_valid() -> None:
     checked = 0
     for kind, source_id, entry in sample_entries():
         resource = entry["resource"]
-        kind_name = resource["resourceType"]
         try:
-            validate_resource(resource, kind_name, ignore_id=True)
-            get_fhir_model_class(kind_name).model_validate(resource)
+            valid_resource(resource)
         except Exception as exc:  # noqa: BLE001 - name the record in the failure
-            pytest.fail(f"{kind} {source_id}: {kind_name} is not valid: {exc}")
+            pytest.fail(f"{kind} {source_id}: {resource['resourceType']} is not valid: {exc}")
         assert entry["request"]["method"] == "POST" and entry["request"]["ifNoneExist"], entry["request"]
         checked += 1
     for code_system in ehr.CODE_SYSTEMS:
-        validate_resource(code_system, "CodeSystem", ignore_id=True)
-        get_fhir_model_class("CodeSystem").model_validate(code_system)
+        valid_resource(code_system)
     assert checked == 61
 
 

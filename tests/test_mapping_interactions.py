@@ -5,23 +5,19 @@ Pure: no server, no database. `UPDATE_GOLDEN=1` writes the golden files again (r
 """
 
 import csv
-import os
-import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fhir.resources.R4B import get_fhir_model_class
+from golden import PLACEHOLDER, assert_golden, code_systems_used, first_identifier, normalised, valid
 from pydantic import ValidationError
 
 from fhir_server import fhir_json
-from fhir_server.validation.resource import validate_resource
 from mappings import interactions, records
 from mappings.interactions import INSURANCE_SYSTEM, LABEL_SYSTEM, Interaction, bundle_entries
 
 DATA = Path(__file__).parent / "data" / "interactions"
-PLACEHOLDER = re.compile(r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 LOINC = "http://loinc.org"
 MINIMAL = {
     "insurance_no": "123",
@@ -45,16 +41,6 @@ def entries_of(source: dict[str, Any]) -> list[dict[str, Any]]:
     return bundle_entries("interaction", Interaction.model_validate(source))
 
 
-def normalised(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The entries as JSON would carry them, each placeholder replaced by `urn:uuid:<n>`, n by first use."""
-    tokens: dict[str, str] = {}
-    text = fhir_json.dumps(entries).decode()
-    text = PLACEHOLDER.sub(
-        lambda match: tokens.setdefault(match.group(0), f"urn:uuid:{len(tokens) + 1}"), text
-    )
-    return fhir_json.loads(text.encode())
-
-
 def resources(entries: list[dict[str, Any]], resource_type: str) -> list[dict[str, Any]]:
     return [entry["resource"] for entry in entries if entry["resource"]["resourceType"] == resource_type]
 
@@ -62,33 +48,17 @@ def resources(entries: list[dict[str, Any]], resource_type: str) -> list[dict[st
 def by_identifier(entries: list[dict[str, Any]], suffix: str) -> dict[str, Any]:
     """The resource whose source identifier ends with `:<suffix>`."""
     for entry in entries:
-        identifier = entry["resource"].get("identifier")
-        identifier = identifier[0] if isinstance(identifier, list) else identifier
+        identifier = first_identifier(entry["resource"])
         if identifier and identifier["value"].endswith(f":{suffix}"):
             return entry["resource"]
     raise AssertionError(f"no resource with identifier …:{suffix}")
-
-
-def valid(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`entries` after the server's checks and the R4B models accepted each resource, and the Bundle."""
-    for entry in entries:
-        resource = entry["resource"]
-        validate_resource(resource, resource["resourceType"], ignore_id=True)
-        get_fhir_model_class(resource["resourceType"]).model_validate(resource)
-    validate_resource({"resourceType": "Bundle", "type": "transaction", "entry": entries}, "Bundle")
-    return entries
 
 
 # --- golden ---------------------------------------------------------------------------------------
 
 
 def test_golden_interaction() -> None:
-    got = normalised(valid(entries_of(json_records()[0])))
-    golden = DATA / "golden" / "interaction.json"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.parent.mkdir(exist_ok=True)
-        golden.write_bytes(fhir_json.dumps(got, pretty=True) + b"\n")
-    assert got == fhir_json.loads(golden.read_bytes())
+    assert_golden(normalised(valid(entries_of(json_records()[0]))), DATA / "golden" / "interaction.json")
 
 
 def test_sample_files() -> None:
@@ -131,8 +101,7 @@ def test_every_resource_is_conditional_linked_and_tagged(source: dict[str, Any])
     identifier_values = set()
     for entry in entries:
         resource = entry["resource"]
-        identifier = resource["identifier"]
-        identifier = identifier[0] if isinstance(identifier, list) else identifier
+        identifier = first_identifier(resource)
         assert entry["request"] == {
             "method": "POST",
             "url": resource["resourceType"],
@@ -338,20 +307,7 @@ def test_label_whitespace_collapsed_for_the_tag_code() -> None:
 
 
 def test_code_systems() -> None:
-    ours = {}
-    for code_system in interactions.CODE_SYSTEMS:
-        validate_resource(code_system, "CodeSystem")
-        get_fhir_model_class("CodeSystem").model_validate(code_system)
-        assert code_system["url"].startswith("https://fhir-server.local/CodeSystem/")
-        assert (code_system["status"], code_system["content"]) == ("active", "complete")
-        assert code_system["count"] == len(code_system["concept"])
-        assert all(concept["display"] and concept["definition"] for concept in code_system["concept"])
-        ours[code_system["url"]] = {concept["code"]: concept["display"] for concept in code_system["concept"]}
-    used = re.findall(
-        r'"system":"(https://fhir-server\.local/[^"]+)","code":"([^"]+)","display":"([^"]+)"',
-        fhir_json.dumps([entries_of(source) for source in json_records()]).decode(),
-    )
-    assert used and all(ours[system][code] == display for system, code, display in used)
+    assert code_systems_used(interactions.CODE_SYSTEMS, [entries_of(source) for source in json_records()])
 
 
 def test_a_record_of_another_kind_is_refused() -> None:
