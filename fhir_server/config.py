@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     max_bundle_bytes: int = 100 * 1024 * 1024
     # The image upload service (`Patient/{id}/$upload-image`): the largest file accepted.
     upload_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    # `$ai-readiness`: the retinal image scores an AI-ready image may have (the retinal system's
+    # terms, comma-separated), and whether an over-illuminated image may be AI-ready.
+    ai_ready_quality: str = "ACCEPTABLE,HIGH"
+    ai_ready_anatomy: str = "ACCEPTABLE,GOOD"
+    ai_ready_allow_over_illuminated: bool = False
     # How long a conditional create/update waits for a concurrent one on the same criteria.
     conditional_wait_s: float = 20.0
     # Bulk export ($export): how long a finished job and its files are kept; the lease a worker

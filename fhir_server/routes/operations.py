@@ -1,8 +1,10 @@
-"""FHIR operations on types and instances: `$validate`, `Patient/$everything`, and the image
-upload service (`Patient/{id}/$upload-image`).
+"""FHIR operations on types and instances: `$validate`, `Patient/$everything`, the image upload
+service (`Patient/{id}/$upload-image`) and `$ai-readiness` (system and Organization level).
 
 Registered before the resource routes, whose `/{type}/{id}` patterns would take these paths.
 """
+
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
@@ -12,6 +14,7 @@ from fhir_server.errors import Issue, UnsupportedMediaType, operation_outcome
 from fhir_server.routes.bundles import Transactions
 from fhir_server.routes.deps import Ctx, Resources, Searches
 from fhir_server.routes.http import fhir_response, json_body, raw_body, write_response
+from fhir_server.services.ai_readiness import AiReadinessService, ReadinessRule
 from fhir_server.services.resources import Result
 from fhir_server.services.transactions import parse_bundle
 from mappings.uploads import RejectedFile, check_image, image_entries
@@ -74,3 +77,35 @@ async def upload_image(patient_id: str, request: Request, ctx: Ctx, resources: R
     document = results[1].version
     assert document is not None
     return write_response(ctx, Result(201, document, "Created"))
+
+
+# -- $ai-readiness (retinal images fit for AI grading; fhir_server/services/ai_readiness.py) ------
+
+
+def _readiness_service(request: Request) -> AiReadinessService:
+    """The service, made at first use from the app's own (its rule from the settings)."""
+    state = request.app.state
+    service = getattr(state, "ai_readiness", None)
+    if service is None:
+        rule = ReadinessRule.from_settings(state.settings)
+        service = state.ai_readiness = AiReadinessService(state.search.repository, state.resources, state.search, rule)
+    return service
+
+
+async def _readiness(request: Request, organization_id: str | None) -> dict[str, Any]:
+    body = None
+    if request.method == "POST" and request.headers.get("content-length", "0") != "0":
+        body = await json_body(request)
+    params = list(request.query_params.multi_items())
+    return await _readiness_service(request).report(organization_id, params, body)
+
+
+@router.api_route("/$ai-readiness", methods=["GET", "POST"], summary="$ai-readiness: AI-ready retinal images per site")
+async def ai_readiness(request: Request, ctx: Ctx) -> Response:
+    return fhir_response(ctx, await _readiness(request, None))
+
+
+@router.api_route("/Organization/{organization_id}/$ai-readiness", methods=["GET", "POST"],
+                  summary="$ai-readiness of one site")
+async def ai_readiness_site(organization_id: str, request: Request, ctx: Ctx) -> Response:
+    return fhir_response(ctx, await _readiness(request, organization_id))

@@ -344,6 +344,12 @@ class ResourceRepository:
         cursor = self.db[resource_type].find(query, {f"p.{code}": 1}).limit(limit)
         return [doc.get("p", {}).get(code, []) async for doc in cursor]
 
+    async def aggregate(self, resource_type: str, pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The results of an aggregation pipeline (built in `fhir_server.search`) over the
+        current versions of a type."""
+        cursor = await self.db[resource_type].aggregate(pipeline)
+        return [doc async for doc in cursor]
+
     async def history_page(
         self,
         *,
