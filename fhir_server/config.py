@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     max_bundle_entries: int = 10000
     max_bundle_bytes: int = 100 * 1024 * 1024
     # The image upload service (`Patient/{id}/$upload-image`): the largest file accepted.
-    upload_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    # At most 11 MiB: the Binary holds it as base64 (4/3) in one MongoDB document (16 MiB).
+    upload_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1, le=11 * 1024 * 1024)
     # `$ai-readiness`: the retinal image scores an AI-ready image may have (the retinal system's
     # terms, comma-separated), and whether an over-illuminated image may be AI-ready.
     ai_ready_quality: str = "ACCEPTABLE,HIGH"

@@ -157,11 +157,14 @@ class Importer:
         if not fields or not isinstance(name, str) or record.folder is None:
             return record.data
         limit = getattr(self.module, "MAX_FILE_BYTES", 10 * 1024 * 1024)
-        path = (record.folder / name).resolve()
-        if not path.is_relative_to(record.folder.resolve()) or not path.is_file():
-            raise ValueError(f"{fields[0]}: '{name}' is not a file beside the input file")
-        with path.open("rb") as handle:
-            return {**record.data, fields[1]: handle.read(limit + 1)}
+        try:
+            path = (record.folder / name).resolve()
+            if not path.is_relative_to(record.folder.resolve()) or not path.is_file():
+                raise ValueError(f"{fields[0]}: '{name}' is not a file beside the input file")
+            with path.open("rb") as handle:
+                return {**record.data, fields[1]: handle.read(limit + 1)}
+        except OSError as exc:
+            raise ValueError(f"{fields[0]}: '{name}' cannot be read: {exc.strerror}") from exc
 
     def _post(self, entries: list[dict[str, Any]]) -> httpx.Response:
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}

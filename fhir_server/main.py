@@ -13,6 +13,7 @@ from fhir_server.config import Settings, get_settings
 from fhir_server.errors import install_error_handlers
 from fhir_server.logs import AccessLogMiddleware
 from fhir_server.routes import bundles, export, operations, resources, system
+from fhir_server.services.ai_readiness import ReadinessRule
 from fhir_server.services.export import ExportService
 from fhir_server.services.history import HistoryService
 from fhir_server.services.resources import ResourceService
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.history = HistoryService(
             repository, settings.default_page_size, settings.max_page_size
         )
+        ReadinessRule.from_settings(settings)  # a wrong FHIR_AI_READY_* setting stops the start, not each request
         app.state.exports = ExportService(repository, settings)
         await app.state.exports.start()
         node = None

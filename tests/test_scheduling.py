@@ -294,3 +294,13 @@ def test_what_holds_a_slot() -> None:
     absolute["participant"][1]["actor"]["reference"] = "https://fhir.example/fhir/Practitioner/a/_history/2"
     found = booking(absolute, "https://fhir.example/fhir")
     assert found is not None and found.practitioners == {"Practitioner/a"}
+
+
+def test_appointments_at_the_ends_of_the_calendar_are_not_a_500(client: httpx.Client) -> None:
+    for start, end in (("9999-12-31T23:30:00Z", None), ("0001-01-01T00:30:00Z", "0001-01-01T03:00:00Z"),
+                       ("0001-01-01T00:30:00+01:00", "0001-01-01T02:00:00+01:00")):
+        body = {"resourceType": "Appointment", "status": "booked", "start": start,
+                "participant": [{"actor": {"reference": "Practitioner/edge"}, "status": "accepted"}]}
+        body |= {"end": end} if end else {"minutesDuration": 60, "end": "9999-12-31T23:59:59.999Z"}
+        response = client.post("/Appointment", json=body, headers={"Content-Type": "application/fhir+json"})
+        assert response.status_code in (201, 400), response.text

@@ -54,3 +54,10 @@ def test_size_limit_and_unknown_patient(client: httpx.Client) -> None:
     before = client.get("/Binary", params={"_summary": "count"}).json()["total"]
     upload(client, pid, b"junk")
     assert client.get("/Binary", params={"_summary": "count"}).json()["total"] == before  # nothing stored
+
+
+def test_a_bad_date_is_400_naming_it(client: httpx.Client) -> None:
+    pid = post(client, patient()).json()["id"]
+    for date in ("2024", "2024-01-01T10:00", "yesterday"):
+        assert_outcome(upload(client, pid, png(), date=date), 400, "date")
+    assert upload(client, pid, png(), date="2024-01-01T10:00:00+02:00").status_code == 201

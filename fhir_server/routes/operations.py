@@ -4,13 +4,14 @@ service (`Patient/{id}/$upload-image`) and `$ai-readiness` (system and Organizat
 Registered before the resource routes, whose `/{type}/{id}` patterns would take these paths.
 """
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from fhir_server.context import request_context
-from fhir_server.errors import Issue, UnsupportedMediaType, operation_outcome
+from fhir_server.errors import BadRequest, Issue, UnsupportedMediaType, operation_outcome
 from fhir_server.routes.bundles import Transactions
 from fhir_server.routes.deps import Ctx, Resources, Searches
 from fhir_server.routes.http import fhir_response, json_body, raw_body, write_response
@@ -18,6 +19,9 @@ from fhir_server.services.ai_readiness import AiReadinessService, ReadinessRule
 from fhir_server.services.resources import Result
 from fhir_server.services.transactions import parse_bundle
 from mappings.uploads import RejectedFile, check_image, image_entries
+
+# The date of an uploaded image: a date, or an instant with its zone (DocumentReference.date is one).
+UPLOAD_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2}))?")
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(request_context)], tags=["operations"])
 
@@ -68,6 +72,8 @@ async def upload_image(patient_id: str, request: Request, ctx: Ctx, resources: R
         raise UnsupportedMediaType(str(exc), expression="body") from exc
     await resources.read("Patient", patient_id)  # 404 / 410 for a patient that is not there
     query = request.query_params
+    if "date" in query and not UPLOAD_DATE.fullmatch(query["date"]):
+        raise BadRequest("date must be a date (YYYY-MM-DD) or an instant with its time zone", expression="date")
     entries = image_entries(
         data, media_type, f"Patient/{patient_id}",
         title=query.get("title"), date=query.get("date"), description=query.get("description"),

@@ -34,6 +34,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from fhir_server.errors import Conflict
 from fhir_server.search.criteria import parse_query_string
+from fhir_server.search.dates import ONE_MS
 from fhir_server.search.indexer import references
 from fhir_server.search.registry import parameter
 from fhir_server.services.search import SearchService
@@ -42,7 +43,6 @@ from fhir_server.storage import locks
 APPOINTMENT = "Appointment"
 HOLDS_SLOT = ("proposed", "pending", "booked", "arrived", "fulfilled", "checked-in", "waitlist")
 LONGEST = timedelta(hours=24)  # longer appointments are not slot bookings
-ONE_MS = timedelta(milliseconds=1)
 
 
 class DoubleBooking(Conflict):
@@ -75,9 +75,13 @@ def booking(resource: dict[str, Any] | None, base_url: str = "") -> Booking | No
         return None
     end = _instant(resource.get("end"))
     minutes = resource.get("minutesDuration")
-    if end is None and isinstance(minutes, int) and not isinstance(minutes, bool):
-        end = start + timedelta(minutes=minutes)
-    if end is None or not start < end <= start + LONGEST:
+    try:
+        if end is None and isinstance(minutes, int) and not isinstance(minutes, bool):
+            end = start + timedelta(minutes=minutes)
+        if end is None or not start < end <= start + LONGEST:
+            return None
+        start - LONGEST, end + ONE_MS  # noqa: B018 - the search bounds must exist too
+    except OverflowError:  # at the ends of the calendar: no slot to book
         return None
     attending = [p for p in resource.get("participant", []) if isinstance(p, dict) and p.get("status") != "declined"]
     found = references(parameter(APPOINTMENT, "practitioner"), {**resource, "participant": attending}, base_url)
@@ -91,9 +95,9 @@ def _instant(value: Any) -> datetime | None:
         return None
     try:
         parsed = isoparse(value)
+        return parsed.astimezone(UTC) if parsed.tzinfo is not None else None
     except (ValueError, OverflowError):
         return None
-    return parsed.astimezone(UTC) if parsed.tzinfo is not None else None
 
 
 def _search_instant(moment: datetime) -> str:
