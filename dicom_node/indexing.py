@@ -29,6 +29,7 @@ from mappings.dicom import (
     patient_identifier,
     patient_resource,
 )
+from mappings.records import identifier_query
 
 LOGGER = logging.getLogger(__name__)
 ENDPOINT_ID = "dicomweb"
@@ -161,7 +162,7 @@ class DicomIndexer:
         if identifier is None:  # no PatientID: a patient of this study alone
             key = f"study|{facts['study']['uid']}"
         else:
-            query = f"identifier={_escape(identifier['system'])}|{_escape(identifier['value'])}"
+            query = identifier_query(identifier)  # escaped and URL-quoted: issuers may hold % or &
             found = await self.searches.matches("Patient", parse_query_string("Patient", query), limit=2)
             if found:
                 if len(found) > 1:
@@ -226,7 +227,3 @@ class DicomIndexer:
 def _header(path: Path) -> Any:
     return dcmread(path, stop_before_pixels=True)
 
-
-def _escape(value: str) -> str:
-    """A token part for a search string: `,`, `|`, `$` and `\\` escaped."""
-    return "".join("\\" + c if c in ",|$\\" else c for c in value)

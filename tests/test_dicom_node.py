@@ -357,3 +357,16 @@ def test_deflated_datasets_that_are_cut_or_inflate_too_far_are_refused(node: Ser
     assert not stored(node, ds).exists()
     assert not list((node.data_dir / "dicom" / "incoming").iterdir())  # nothing left half-received
     assert echo(node.dicom_port)
+
+
+def test_an_existing_patient_is_found_by_an_issuer_with_characters_urls_reserve(
+    node: ServerProcess, fhir: httpx.Client
+) -> None:
+    patient_id = f"P{unique()}"
+    system = "General%20Hospital%20&%20Co"  # how the mapping writes the issuer "General Hospital & Co"
+    created = fhir.post("/Patient", json={"resourceType": "Patient", "identifier": [{"system": system, "value": patient_id}]},
+                        headers={"Content-Type": "application/fhir+json"}).json()
+    ds = fresh("CT_small.dcm", patient=patient_id)
+    ds.IssuerOfPatientID = "General Hospital & Co"
+    assert scu_store(node.dicom_port, [ds]) == [0]
+    assert study(fhir, ds.StudyInstanceUID)["subject"]["reference"] == f"Patient/{created['id']}"
