@@ -14,9 +14,9 @@ from starlette.responses import Response
 
 from fhir_server import fhir_json
 from fhir_server.context import RequestContext, request_context
-from fhir_server.errors import BadRequest, FhirError, Issue, operation_outcome
+from fhir_server.errors import BadRequest, FhirError, operation_outcome
 from fhir_server.routes.deps import Ctx
-from fhir_server.routes.http import JSON_PATCH, fhir_response, json_body
+from fhir_server.routes.http import JSON_PATCH, fhir_response, json_body, write_body
 from fhir_server.services.resources import Result
 from fhir_server.services.transactions import (
     READS,
@@ -75,12 +75,11 @@ def _result_entry(ctx: RequestContext, result: Result) -> dict[str, Any]:
             response["location"] = f"{version.type}/{version.id}/_history/{version.vid}"
         response["etag"] = f'W/"{version.vid}"'
         response["lastModified"] = instant(version.ts)
-    deleted = version is None or version.deleted
-    if ctx.prefer_return == "representation" and not deleted:
-        assert version is not None
-        entry["resource"] = version.resource
-    elif ctx.prefer_return == "OperationOutcome" or (deleted and ctx.prefer_return != "minimal"):
-        response["outcome"] = operation_outcome([Issue(result.message, "informational", "information")])
+    body = write_body(ctx, result)
+    if body is not None and version is not None and body is version.resource:
+        entry["resource"] = body
+    elif body is not None:
+        response["outcome"] = body
     entry["response"] = response
     return entry
 

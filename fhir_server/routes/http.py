@@ -121,6 +121,17 @@ def read_response(ctx: RequestContext, request: Request, version: Version) -> Re
     return fhir_response(ctx, version.resource, 200, headers)
 
 
+def write_body(ctx: RequestContext, result: Result) -> dict[str, Any] | None:
+    """What a write answers, as `Prefer: return=` asks: the resource, an OperationOutcome (also
+    for a deletion), or nothing (`minimal`). Single writes and Bundle entries alike."""
+    version = result.version
+    if ctx.prefer_return == "minimal":
+        return None
+    if ctx.prefer_return == "OperationOutcome" or version is None or version.deleted:
+        return operation_outcome([Issue(result.message, "informational", "information")])
+    return version.resource
+
+
 def write_response(ctx: RequestContext, result: Result) -> Response:
     """The answer to create, update, patch and delete, shaped by `Prefer: return=`."""
     version = result.version
@@ -130,10 +141,7 @@ def write_response(ctx: RequestContext, result: Result) -> Response:
         if not version.deleted:
             location = f"{ctx.base_url}/{version.type}/{version.id}/_history/{version.vid}"
             headers["Location" if result.status == 201 else "Content-Location"] = location
+    body = write_body(ctx, result)
     is_delete = version is None or version.deleted
-    if ctx.prefer_return == "minimal":
-        return fhir_response(ctx, None, 204 if is_delete else result.status, headers)
-    if ctx.prefer_return == "OperationOutcome" or is_delete:
-        outcome = operation_outcome([Issue(result.message, "informational", "information")])
-        return fhir_response(ctx, outcome, result.status, headers)
-    return fhir_response(ctx, version.resource, result.status, headers)
+    status = 204 if body is None and is_delete else result.status
+    return fhir_response(ctx, body, status, headers)
