@@ -25,7 +25,7 @@ import base64
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -478,6 +478,13 @@ class ResourceRepository:
             doc = await collection.find_one({"_id": resource_id}, VERSION_FIELDS, session=session)
         current = None if doc is None else _version(doc, resource_type)
         change = decide(current)
+        if change is None and session is None:
+            # Nothing to write, so no claim collides with a write interrupted after its history
+            # entry: judge again on the version a read finds (and rolls forward).
+            latest = await self.read(resource_type, resource_id)
+            if _vid(latest) != _vid(current):
+                current = latest
+                change = decide(current)
         if change is None:
             return None, current
         ts = _now() if current is None else max(_now(), current.ts)
@@ -522,11 +529,13 @@ class ResourceRepository:
 
     # -- several resources, all or nothing -------------------------------------------------------
 
-    async def write_all(self, planned: list[Planned]) -> list[Version]:
+    async def write_all(self, planned: list[Planned], kept: Sequence[Version] = ()) -> list[Version]:
         """Store every planned change or none; all versions get one timestamp.
 
         Raises StaleWrite when a resource is no longer at the version its change was decided
-        against (a concurrent writer won): the caller decides again and retries.
+        against (a concurrent writer won): the caller decides again and retries. So it does
+        when one of `kept` (versions decided to stay as they are: updates that change nothing)
+        is no longer current, since the caller's answer for it would then be wrong.
 
         Without durable database transactions, the commit is made of journaled single-document
         writes: a commit record `pending` listing the history entries; the entries themselves,
@@ -535,9 +544,11 @@ class ResourceRepository:
         entries of uncommitted records); the record switched to `committed` (the commit point);
         then the current documents, and the record `applied`. A crash before the
         commit point leaves claims that the next reader, writer or start-up discards once the
-        record's lease ends; after it, the same actors finish the work.
+        record's lease ends; after it, the same actors finish the work. `kept` versions are
+        checked just before the commit point: a later version of one, claimed or committed,
+        fails the commit.
         """
-        if not planned:
+        if not planned and not kept:
             return []
         ts = max([_now()] + [p.current.ts for p in planned if p.current is not None])
         entries = sorted(  # one order for every writer: racing transactions collide on their first shared entry
@@ -547,17 +558,26 @@ class ResourceRepository:
         for resource_type in {e["t"] for e in entries}:
             await self.collection(resource_type)
         if self.transactions:
-            await self._write_all_in_transaction(entries, docs)
+            await self._write_all_in_transaction(entries, docs, kept)
         else:
-            await self._write_all_claimed(entries, docs)
+            await self._write_all_claimed(entries, docs, kept)
         by_id = {e["_id"]: _version(e) for e in entries}
         return [by_id[_history_id(p.type, p.id, (p.current.vid if p.current else 0) + 1)] for p in planned]
 
-    async def _write_all_in_transaction(self, entries: list[dict[str, Any]], docs: dict[str, dict[str, Any]]) -> None:
+    async def _write_all_in_transaction(
+        self, entries: list[dict[str, Any]], docs: dict[str, dict[str, Any]], kept: Sequence[Version]
+    ) -> None:
         async with self.db.client.start_session() as session:
             try:
                 async with await session.start_transaction():
-                    await self.history.insert_many(entries, ordered=True, session=session)
+                    for version in kept:  # a write, so that a concurrent writer of it conflicts
+                        pinned = await self.db[version.type].update_one(
+                            {"_id": version.id, "v": version.vid}, {"$inc": {"pin": 1}}, session=session
+                        )
+                        if pinned.matched_count != 1:
+                            raise StaleWrite(f"{version.type}/{version.id} changed meanwhile")
+                    if entries:
+                        await self.history.insert_many(entries, ordered=True, session=session)
                     for resource_type, group in _by_type(entries).items():
                         ops = [_current_write(e, docs[e["_id"]]) for e in group]
                         result = await self.db[resource_type].bulk_write(ops, ordered=True, session=session)
@@ -574,7 +594,12 @@ class ResourceRepository:
                     raise StaleWrite(str(exc)) from exc
                 raise
 
-    async def _write_all_claimed(self, entries: list[dict[str, Any]], docs: dict[str, dict[str, Any]]) -> None:
+    async def _write_all_claimed(
+        self, entries: list[dict[str, Any]], docs: dict[str, dict[str, Any]], kept: Sequence[Version]
+    ) -> None:
+        if not entries:
+            await self._check_kept(kept)
+            return
         records = self.db[TRANSACTIONS]
         tx = uuid.uuid4().hex
         claims = [e["_id"] for e in entries]
@@ -588,6 +613,7 @@ class ResourceRepository:
                 if not _duplicates_only(exc):
                     raise
                 raise StaleWrite("another writer claimed a version first") from exc
+            await self._check_kept(kept)
             committed = await records.update_one({"_id": tx, "state": "pending"}, {"$set": {"state": "committed"}})
             if committed.modified_count != 1:  # taken for abandoned after its lease: not committed
                 raise StaleWrite("the commit record expired before the commit")
@@ -598,6 +624,19 @@ class ResourceRepository:
             await self._finish(tx, entries, docs)
         except Exception:  # committed: readers, later writers and start-up finish it
             LOGGER.exception("transaction %s committed; applying it failed and is left to recovery", tx)
+
+    async def _check_kept(self, kept: Sequence[Version]) -> None:
+        """StaleWrite when a later version of one of `kept` is claimed or stored: every writer
+        inserts its history entry first. Claims of abandoned writes are discarded, not waited for."""
+        if not kept:
+            return
+        later = {"_id": {"$in": [_history_id(v.type, v.id, v.vid + 1) for v in kept]}}
+        found = await self.history.find(later).to_list(None)
+        if not found:
+            return
+        await self._visible(found)
+        if await self.history.find_one(later, {"_id": 1}) is not None:
+            raise StaleWrite("a version decided to stay as it is changed meanwhile")
 
     async def _finish(self, tx: str, entries: list[dict[str, Any]], docs: dict[str, dict[str, Any]] | None = None) -> None:
         """Apply a committed record's entries (idempotent). The entries keep their mark: a
@@ -674,6 +713,10 @@ class ResourceRepository:
             if "ts" in record and (oldest is None or record["ts"] < oldest):
                 oldest = record["ts"].replace(tzinfo=UTC)
         return oldest
+
+
+def _vid(version: Version | None) -> int:
+    return version.vid if version else 0
 
 
 def _lapsed(record: dict[str, Any]) -> bool:
