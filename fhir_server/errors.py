@@ -28,13 +28,13 @@ class Issue:
     code: str = "invalid"
     severity: str = "error"
     expression: str | None = None
+    coding: tuple[str, str] | None = None  # (system, code) of `details.coding`: a machine-readable detail
 
     def to_json(self) -> dict[str, Any]:
-        issue: dict[str, Any] = {
-            "severity": self.severity,
-            "code": self.code,
-            "diagnostics": self.diagnostics,
-        }
+        issue: dict[str, Any] = {"severity": self.severity, "code": self.code}
+        if self.coding:
+            issue["details"] = {"coding": [{"system": self.coding[0], "code": self.coding[1]}]}
+        issue["diagnostics"] = self.diagnostics
         if self.expression:
             issue["expression"] = [self.expression]
         return issue

@@ -36,3 +36,8 @@ def _default(value: Any) -> Any:
 
 def dumps(value: Any, *, pretty: bool = False) -> bytes:
     return orjson.dumps(value, default=_default, option=orjson.OPT_INDENT_2 if pretty else 0)
+
+
+def canonical(value: Any) -> bytes:
+    """One spelling per content (keys sorted, decimals as written): equal bytes, equal content."""
+    return orjson.dumps(value, default=_default, option=orjson.OPT_SORT_KEYS)
