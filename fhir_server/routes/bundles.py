@@ -16,7 +16,7 @@ from fhir_server import fhir_json
 from fhir_server.context import RequestContext, request_context
 from fhir_server.errors import BadRequest, FhirError, operation_outcome
 from fhir_server.routes.deps import Ctx
-from fhir_server.routes.http import JSON_PATCH, fhir_response, json_body, write_body
+from fhir_server.routes.http import JSON_PATCH, fhir_response, json_body, write_body, write_outcome
 from fhir_server.services.resources import Result
 from fhir_server.services.transactions import (
     READS,
@@ -65,7 +65,9 @@ def _status(code: int) -> str:
 
 
 def _result_entry(ctx: RequestContext, result: Result) -> dict[str, Any]:
-    """A transaction write's response entry, shaped by `Prefer: return=` like a single write."""
+    """A transaction write's response entry, shaped by `Prefer: return=` like a single write;
+    `response.outcome` always says what the entry did (with `minimal` too, as HAPI FHIR answers),
+    since a status alone cannot tell an unchanged update or a matched create from a write."""
     version = result.version
     entry: dict[str, Any] = {}
     response: dict[str, Any] = {"status": _status(result.status)}
@@ -78,8 +80,7 @@ def _result_entry(ctx: RequestContext, result: Result) -> dict[str, Any]:
     body = write_body(ctx, result)
     if body is not None and version is not None and body is version.resource:
         entry["resource"] = body
-    elif body is not None:
-        response["outcome"] = body
+    response["outcome"] = write_outcome(result)
     entry["response"] = response
     return entry
 

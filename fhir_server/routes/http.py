@@ -16,7 +16,7 @@ from fhir_server.errors import (
     UnsupportedMediaType,
     operation_outcome,
 )
-from fhir_server.services.resources import VERSION_ID, Result
+from fhir_server.services.resources import VERSION_ID, WRITE_OUTCOME_SYSTEM, Result
 from fhir_server.storage.repository import Version
 
 FHIR_BODY_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
@@ -121,6 +121,13 @@ def read_response(ctx: RequestContext, request: Request, version: Version) -> Re
     return fhir_response(ctx, version.resource, 200, headers)
 
 
+def write_outcome(result: Result) -> dict[str, Any]:
+    """A write's OperationOutcome: its message, and what happened as a code clients can test
+    (created, updated, unchanged, matched, deleted, not-found)."""
+    issue = Issue(result.message, "informational", "information", coding=(WRITE_OUTCOME_SYSTEM, result.code))
+    return operation_outcome([issue])
+
+
 def write_body(ctx: RequestContext, result: Result) -> dict[str, Any] | None:
     """What a write answers, as `Prefer: return=` asks: the resource, an OperationOutcome (also
     for a deletion), or nothing (`minimal`). Single writes and Bundle entries alike."""
@@ -128,7 +135,7 @@ def write_body(ctx: RequestContext, result: Result) -> dict[str, Any] | None:
     if ctx.prefer_return == "minimal":
         return None
     if ctx.prefer_return == "OperationOutcome" or version is None or version.deleted:
-        return operation_outcome([Issue(result.message, "informational", "information")])
+        return write_outcome(result)
     return version.resource
 
 

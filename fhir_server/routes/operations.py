@@ -82,7 +82,7 @@ async def upload_image(patient_id: str, request: Request, ctx: Ctx, resources: R
     results = await transactions.transaction(parsed)
     document = results[1].version
     assert document is not None
-    return write_response(ctx, Result(201, document, "Created"))
+    return write_response(ctx, Result(201, document, "Created", code="created"))
 
 
 # -- $ai-readiness (retinal images fit for AI grading; fhir_server/services/ai_readiness.py) ------

@@ -9,12 +9,13 @@ import hashlib
 import re
 import uuid
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, Literal
 
 import jsonpatch
 from pymongo.asynchronous.database import AsyncDatabase
 
+from fhir_server import fhir_json
 from fhir_server.errors import (
     BadRequest,
     Conflict,
@@ -40,13 +41,22 @@ class _Moved(Exception):
     """The resource changed between a patch's check and its write."""
 
 
+# What a write did, for clients that must tell a no-op update or a matched conditional create
+# from a write (the code of an outcome's `details.coding`, as HAPI FHIR reports it).
+WRITE_OUTCOME_SYSTEM = "https://fhir-server.local/CodeSystem/write-outcome"
+WriteOutcome = Literal["created", "updated", "unchanged", "matched", "deleted", "not-found"]
+
+
 @dataclass(frozen=True)
 class Result:
-    """The outcome of a write: HTTP status, the version concerned, and a message when useful."""
+    """The outcome of a write: HTTP status, the version concerned, a message, and what happened
+    (`code`, required so that no write answers without saying)."""
 
     status: int
     version: Version | None
     message: str = ""
+    _: KW_ONLY
+    code: WriteOutcome
 
 
 def _gone(version: Version) -> Gone:
@@ -88,11 +98,28 @@ def _validate_parameters(body: Any, mode: str | None) -> tuple[Any, str | None, 
     return resource, mode, profile
 
 
-def update_decision(resource: dict[str, Any], if_match: int | None) -> Decide:
-    """An update (or create with a client id), under an optional If-Match."""
+def _content(resource: dict[str, Any]) -> bytes:
+    """What an update compares: the resource without the server's id, versionId and lastUpdated."""
+    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+    body = {k: v for k, v in resource.items() if k not in ("id", "meta")}
+    if meta:
+        body["meta"] = meta
+    return fhir_json.canonical(body)
 
-    def decide(current: Version | None) -> Change:
+
+def unchanged(current: Version | None, resource: dict[str, Any]) -> bool:
+    """Whether storing `resource` would repeat the current version (a deletion never is)."""
+    return current is not None and current.resource is not None and _content(current.resource) == _content(resource)
+
+
+def update_decision(resource: dict[str, Any], if_match: int | None) -> Decide:
+    """An update (or create with a client id), under an optional If-Match; nothing to write when
+    the content is the current version's (no new version for a repeated update, as HAPI FHIR)."""
+
+    def decide(current: Version | None) -> Change | None:
         _check_precondition(current, if_match)
+        if unchanged(current, resource):
+            return None
         return Change(resource, "PUT")
 
     return decide
@@ -105,7 +132,7 @@ def patch_decision(resource_type: str, resource_id: str, operations: Any, if_mat
     except (jsonpatch.InvalidJsonPatch, TypeError, AttributeError) as exc:
         raise BadRequest(f"Invalid JSON Patch document: {exc}") from exc
 
-    def decide(current: Version | None) -> Change:
+    def decide(current: Version | None) -> Change | None:
         if current is None:
             raise NotFound(f"{resource_type}/{resource_id} is not known")
         if current.deleted:
@@ -118,7 +145,8 @@ def patch_decision(resource_type: str, resource_id: str, operations: Any, if_mat
             raise Unprocessable(f"JSON Patch test failed: {exc}") from exc
         except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
             raise Unprocessable(f"JSON Patch cannot be applied: {exc}") from exc
-        return Change(validate_resource(patched, resource_type, url_id=resource_id), "PATCH")
+        patched = validate_resource(patched, resource_type, url_id=resource_id)
+        return None if unchanged(current, patched) else Change(patched, "PATCH")
 
     return decide
 
@@ -137,12 +165,44 @@ def delete_decision(if_match: int | None) -> Decide:
 
 def nothing_deleted(resource_type: str, resource_id: str, previous: Version | None) -> Result:
     message = "already deleted" if previous else "does not exist"
-    return Result(200, previous, f"{resource_type}/{resource_id} {message}; nothing to delete")
+    return Result(200, previous, f"{resource_type}/{resource_id} {message}; nothing to delete", code="not-found")
 
 
 def written(version: Version, verb: str = "Updated") -> Result:
     """The answer to a stored update or patch: 201 when it (re)created the resource."""
-    return Result(201 if version.created else 200, version, "Created" if version.created else verb)
+    if version.created:
+        return Result(201, version, "Created", code="created")
+    return Result(200, version, f"{verb} {version.type}/{version.id} to version {version.vid}", code="updated")
+
+
+def kept(current: Version) -> Result:
+    """The answer to an update or patch that changed nothing: the current version, as it is."""
+    message = f"No changes: {current.type}/{current.id} is already at version {current.vid}"
+    return Result(200, current, message, code="unchanged")
+
+
+def matched(version: Version) -> Result:
+    """The answer to a conditional create that found its match."""
+    return Result(200, version, "A matching resource exists; nothing was created", code="matched")
+
+
+def removed(version: Version) -> Result:
+    """The answer to a delete that stored a deletion."""
+    return Result(200, version, f"Deleted {version.type}/{version.id} (version {version.vid})", code="deleted")
+
+
+def none_matched(resource_type: str, query: str) -> Result:
+    """The answer to a conditional delete that matched nothing."""
+    return Result(200, None, f"No {resource_type} matches '{query}'; nothing to delete", code="not-found")
+
+
+def stored(version: Version | None, previous: Version | None, verb: str = "Updated") -> Result:
+    """The answer to `repository.write` of an update or patch: `version` None when the decision
+    found nothing to write (`previous` is then the current version)."""
+    if version is None:
+        assert previous is not None
+        return kept(previous)
+    return written(version, verb)
 
 
 class ResourceService:
@@ -237,7 +297,7 @@ class ResourceService:
                     f"If-None-Exist '{if_none_exist}' matches {len(matches)} resources"
                 )
             if matches:
-                return Result(200, matches[0], "A matching resource exists; nothing was created")
+                return matched(matches[0])
             return await self._create(resource_type, resource)
 
     async def _create(self, resource_type: str, resource: dict[str, Any]) -> Result:
@@ -249,7 +309,7 @@ class ResourceService:
         async with self.scheduling.booked(resource_type, {new_id: resource}):
             version, _ = await self.repository.write(resource_type, new_id, decide, new_id=True)
         assert version is not None
-        return Result(201, version, "Created")
+        return Result(201, version, "Created", code="created")
 
     async def update(
         self, resource_type: str, resource_id: str, body: Any, if_match: int | None = None
@@ -264,9 +324,8 @@ class ResourceService:
         self, resource_type: str, resource_id: str, resource: dict[str, Any], if_match: int | None
     ) -> Result:
         async with self.scheduling.booked(resource_type, {resource_id: resource}):
-            version, _ = await self.repository.write(resource_type, resource_id, update_decision(resource, if_match))
-        assert version is not None
-        return written(version)
+            version, previous = await self.repository.write(resource_type, resource_id, update_decision(resource, if_match))
+        return stored(version, previous)
 
     async def conditional_update(
         self, resource_type: str, query: str, body: Any, if_match: int | None = None
@@ -307,9 +366,8 @@ class ResourceService:
         decide = patch_decision(resource_type, resource_id, operations, if_match)
         if resource_type == APPOINTMENT:  # the result is checked against double booking first
             return await self._patch_booking(resource_type, resource_id, decide)
-        version, _ = await self.repository.write(resource_type, resource_id, decide)
-        assert version is not None
-        return written(version, "Patched")
+        version, previous = await self.repository.write(resource_type, resource_id, decide)
+        return stored(version, previous, "Patched")
 
     async def _patch_booking(self, resource_type: str, resource_id: str, decide: Decide) -> Result:
         """A patch whose result must be checked before it is written: patched from the version
@@ -317,7 +375,9 @@ class ResourceService:
         for _ in range(MAX_PATCH_ATTEMPTS):
             current = await self.repository.read(resource_type, resource_id)
             change = decide(current)
-            assert change is not None and current is not None
+            assert current is not None
+            if change is None:  # the patch changes nothing: no booking to check
+                return kept(current)
 
             def pinned(now: Version | None, read: Version = current, change: Change = change) -> Change:
                 if now is None or now.vid != read.vid:
@@ -329,7 +389,7 @@ class ResourceService:
                     version, _ = await self.repository.write(resource_type, resource_id, pinned)
             except _Moved:
                 continue
-            assert version is not None
+            assert version is not None  # `pinned` always has a change
             return written(version, "Patched")
         raise Conflict(f"{resource_type}/{resource_id} is being changed by other writers; try again",
                        headers={"Retry-After": "1"})
@@ -343,7 +403,7 @@ class ResourceService:
         version, previous = await self.repository.write(resource_type, resource_id, delete_decision(if_match))
         if version is None:
             return nothing_deleted(resource_type, resource_id, previous)
-        return Result(200, version, f"Deleted {resource_type}/{resource_id} (version {version.vid})")
+        return removed(version)
 
     async def conditional_delete(self, resource_type: str, query: str) -> Result:
         """Delete the one match; nothing to do when none matches; 412 when several do."""
@@ -354,7 +414,7 @@ class ResourceService:
             if len(matches) > 1:
                 raise PreconditionFailed(f"'{query}' matches {len(matches)} resources")
             if not matches:
-                return Result(200, None, f"No {resource_type} matches '{query}'; nothing to delete")
+                return none_matched(resource_type, query)
             # Only the version that matched: an update in between makes this a 412, not a
             # deletion of something that may no longer match.
             return await self.delete(resource_type, matches[0].id, if_match=matches[0].vid)

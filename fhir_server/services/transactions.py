@@ -30,8 +30,12 @@ from fhir_server.services.resources import (
     ResourceService,
     Result,
     delete_decision,
+    kept,
+    matched,
+    none_matched,
     nothing_deleted,
     patch_decision,
+    removed,
     update_decision,
     written,
 )
@@ -149,7 +153,7 @@ class _Target:
     type: str
     id: str | None
     body: dict[str, Any] | None = None
-    result: Result | None = None  # ifNoneExist matched, or a conditional delete matched nothing
+    result: Result | None = None  # ifNoneExist matched, a delete or update with nothing to write
     read_current: bool = True
     same_as: "_Target | None" = None  # a conditional create repeating an earlier one of the Bundle
     matched: int | None = None  # the version a conditional entry's search found
@@ -180,9 +184,9 @@ class TransactionService:
                     await stack.enter_async_context(self.resources.lock(*conditions[key]))
                 targets = await self._targets(writes, entry_limit)
                 try:
-                    planned = await self._plan(targets)
+                    planned, unchanged = await self._plan(targets)
                     async with self._bookings(targets, planned):
-                        versions = await self.repository.write_all(planned)
+                        versions = await self.repository.write_all(planned, unchanged)
                 except StaleWrite:
                     pass
                 else:
@@ -295,7 +299,7 @@ class TransactionService:
             if entry.if_none_exist:
                 found = await self._matches(resource_type, entry.if_none_exist, "ifNoneExist", deleted)
                 if found:
-                    return _Target(entry, resource_type, found.id, result=Result(200, found, "A matching resource exists; nothing was created"))
+                    return _Target(entry, resource_type, found.id, result=matched(found))
             return _Target(entry, resource_type, str(uuid.uuid4()), dict(entry.resource), read_current=False)
         if len(parts) == 2:
             check_id(parts[1])
@@ -305,7 +309,7 @@ class TransactionService:
             raise BadRequest(f"{entry.method} takes Type/id or Type?criteria")
         found = await self._matches(resource_type, entry.query, "criteria", deleted)
         if entry.method == "DELETE" and found is None:
-            return _Target(entry, resource_type, None, result=Result(200, None, f"No {resource_type} matches '{entry.query}'; nothing to delete"))
+            return _Target(entry, resource_type, None, result=none_matched(resource_type, entry.query))
         if entry.method == "PATCH" and found is None:
             raise PreconditionFailed(f"No {resource_type} matches '{entry.query}'")
         body = dict(entry.resource) if entry.method == "PUT" else None
@@ -386,9 +390,12 @@ class TransactionService:
 
         return await walk(body)
 
-    async def _plan(self, targets: list[_Target]) -> list[Planned]:
-        """Each change decided against the current version (preconditions checked here)."""
+    async def _plan(self, targets: list[_Target]) -> tuple[list[Planned], list[Version]]:
+        """Each change decided against the current version (preconditions checked here); and
+        the current versions that updates and patches changing nothing leave as they are (they
+        answer with them, so the commit checks they are still current)."""
         planned: list[Planned] = []
+        unchanged: list[Version] = []
         for target in targets:
             if target.result is not None or target.id is None or target.same_as is not None:
                 continue
@@ -408,11 +415,16 @@ class TransactionService:
                     change = delete_decision(_version_tag(entry))(current)
             except FhirError as exc:
                 raise at_entry(entry, exc) from exc
-            if change is None:
+            if change is None and entry.method == "DELETE":
                 target.result = nothing_deleted(target.type, target.id, current)
                 continue
+            if change is None:
+                assert current is not None
+                target.result = kept(current)
+                unchanged.append(current)
+                continue
             planned.append(Planned(target.type, target.id, current, change))
-        return planned
+        return planned, unchanged
 
     def _results(self, targets: list[_Target], versions: list[Version]) -> dict[int, Result]:
         stored = iter(versions)
@@ -420,16 +432,17 @@ class TransactionService:
         for target in targets:
             if target.same_as is not None:
                 first = results[target.same_as.entry.index]
-                results[target.entry.index] = Result(200, first.version, "A matching resource exists; nothing was created")
+                assert first.version is not None
+                results[target.entry.index] = matched(first.version)
                 continue
-            if target.result is not None or target.id is None:
-                results[target.entry.index] = target.result or Result(200, None, "")
+            if target.result is not None:
+                results[target.entry.index] = target.result
                 continue
             version = next(stored)
             if target.entry.method == "POST":
-                results[target.entry.index] = Result(201, version, "Created")
+                results[target.entry.index] = Result(201, version, "Created", code="created")
             elif target.entry.method == "DELETE":
-                results[target.entry.index] = Result(200, version, f"Deleted {version.type}/{version.id}")
+                results[target.entry.index] = removed(version)
             else:
                 results[target.entry.index] = written(version, "Patched" if target.entry.method == "PATCH" else "Updated")
         return results
