@@ -12,7 +12,10 @@ from typing import Any
 from mappings.records import placeholder
 
 # Magic numbers of the accepted formats.
+# DICOM first: a Part 10 file's 128-byte preamble may itself be a TIFF header (PS3.10 7.5,
+# "dual-personality" files), and such a file is DICOM to us.
 SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"DICM", 128, "application/dicom"),
     (b"\x89PNG\r\n\x1a\n", 0, "image/png"),
     (b"\xff\xd8\xff", 0, "image/jpeg"),
     (b"GIF87a", 0, "image/gif"),
@@ -20,7 +23,6 @@ SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
     (b"BM", 0, "image/bmp"),
     (b"II*\x00", 0, "image/tiff"),
     (b"MM\x00*", 0, "image/tiff"),
-    (b"DICM", 128, "application/dicom"),
 )
 LOINC = "http://loinc.org"
 IMAGE_DOCUMENT = {"system": LOINC, "code": "72170-4", "display": "Photographic image"}
