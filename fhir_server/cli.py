@@ -118,21 +118,25 @@ async def _run_dicom(settings: Settings, action: str) -> None:
 def _import(args: argparse.Namespace) -> None:
     import sys
 
-    from fhir_server.importer import dumps_summary, import_files, import_generated
+    from fhir_server.importer import Destination, dumps_summary, import_files, import_generated
 
     configure_logging("WARNING")
+    host, _, port = (args.dicom or "").rpartition(":")
+    if args.dicom and not port.isdigit():
+        raise SystemExit("--dicom takes HOST:PORT")
+    to = Destination(args.url, host or None, int(port) if port else 11112, args.dicom_aet)
     if args.randomize:
         if args.system != "retinal":
             raise SystemExit("--randomize generates data for the retinal system only")
         from mappings.retinal_generate import generate
 
         generated = generate(args.num_sites, args.num_patients, args.max_images_per_patient, args.seed)
-        summary = import_generated(args.system, generated, args.url, progress=not args.json)
+        summary = import_generated(args.system, generated, to, progress=not args.json)
     else:
         if not args.files:
             raise SystemExit("give the files to import (JSON or CSV), or --randomize for the retinal system")
         try:
-            summary = import_files(args.system, args.files, args.url, args.kind, progress=not args.json)
+            summary = import_files(args.system, args.files, to, args.kind, progress=not args.json)
         except ValueError as exc:
             raise SystemExit(str(exc)) from exc
     print(dumps_summary(summary) if args.json else summary.report())
@@ -161,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     importing.add_argument("system", choices=("interactions", "ehr", "assessment", "retinal"))
     importing.add_argument("files", nargs="*", type=Path, help="JSON ({kind: [records]}) or CSV files (one kind each)")
     importing.add_argument("--url", default="http://127.0.0.1:8080/fhir", help="the server's FHIR base")
+    importing.add_argument("--dicom", metavar="HOST:PORT",
+                           help="the server's DICOM node, for DICOM images (default: the --url host, port 11112)")
+    importing.add_argument("--dicom-aet", default="FHIRSERVER", help="the node's AE title (default FHIRSERVER)")
     importing.add_argument("--kind", help="the kind of record of a CSV file or JSON list (default: from the file name)")
     importing.add_argument("--json", action="store_true", help="the summary as JSON, no progress bar")
     importing.add_argument("--randomize", action="store_true", help="retinal: generate a realistic data set")

@@ -5,8 +5,11 @@ Records are read from JSON (`{kind: [records]}`, or a list for one kind) or CSV 
 file, named by the file or `--kind`), validated with the system's pydantic models (a rejected
 record is reported with its file, kind, row and reason), mapped by `mappings.<system>`, and
 posted. Every resource is created conditionally on its source identifier, so importing again
-creates nothing new. The summary counts what was created, what existed already and what was
-rejected; any rejection makes the exit status non-zero.
+creates nothing new. The DICOM files a record holds (a system's `dicom_instances`) are sent to
+the DICOM node first (C-STORE, one association for the whole import), whose own mapping makes
+their ImagingStudy; the record's resources reference it. The summary counts what was created,
+what existed already, the DICOM instances stored and what was rejected; any rejection makes the
+exit status non-zero.
 """
 
 import csv
@@ -18,13 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
+from dicom_node.sender import StoreError, StoreSender
 from fhir_server import fhir_json
-from mappings.records import code_system_entry
+from mappings.records import DicomInstance, code_system_entry, identifier_query
 
 SYSTEMS = ("interactions", "ehr", "assessment", "retinal")
 
@@ -43,6 +48,7 @@ class Summary:
     existing: Counter[str] = field(default_factory=Counter)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (where, reason)
     records: int = 0
+    dicom: int = 0  # DICOM instances stored by the node
 
     def report(self) -> str:
         lines = [f"{self.records} records: {self.records - len(self.rejected)} imported, {len(self.rejected)} rejected"]
@@ -50,6 +56,8 @@ class Summary:
             lines.append("created: " + ", ".join(f"{n} {t}" for t, n in sorted(self.created.items())))
         if self.existing:
             lines.append("already there: " + ", ".join(f"{n} {t}" for t, n in sorted(self.existing.items())))
+        if self.dicom:
+            lines.append(f"DICOM instances stored by the node: {self.dicom}")
         lines += [f"rejected {where}: {reason}" for where, reason in self.rejected]
         return "\n".join(lines)
 
@@ -111,11 +119,27 @@ def _outcome(response: httpx.Response) -> str:
         return f"HTTP {response.status_code}: {response.text[:300]}"
 
 
+@dataclass(frozen=True)
+class Destination:
+    """The server records go to: its FHIR base, and its DICOM node (for DICOM files)."""
+
+    url: str
+    dicom_host: str | None = None  # default: the FHIR base's host
+    dicom_port: int = 11112
+    dicom_aet: str = "FHIRSERVER"
+
+    def sender(self) -> StoreSender:
+        host = self.dicom_host or urlsplit(self.url).hostname or "127.0.0.1"
+        return StoreSender(host, self.dicom_port, self.dicom_aet)
+
+
 class Importer:
-    def __init__(self, module: ModuleType, client: httpx.Client) -> None:
+    def __init__(self, module: ModuleType, client: httpx.Client, dicom: StoreSender | None = None) -> None:
         self.module = module
         self.client = client
+        self.dicom = dicom
         self.kinds: dict[str, type[BaseModel]] = module.KINDS
+        self.patients: set[str] = set()  # identifiers of Patients known to exist (searched once)
 
     def load_code_systems(self) -> None:
         """Our CodeSystems first: the records' codes come from them."""
@@ -132,11 +156,15 @@ class Importer:
             try:
                 model = self.kinds[record.kind].model_validate(self._with_files(record))
                 entries = self.module.bundle_entries(record.kind, model)
+                instances = getattr(self.module, "dicom_instances", lambda kind, record: [])(record.kind, model)
+                summary.dicom += self._store(instances)
             except ValidationError as exc:
                 summary.rejected.append((record.where, _reason(exc)))
                 continue
             except ValueError as exc:
                 summary.rejected.append((record.where, str(exc)))
+                continue
+            if not entries:  # all of it went to the DICOM node
                 continue
             response = self._post(entries)
             if response.status_code != 200:
@@ -147,6 +175,26 @@ class Importer:
                 status = answered.get("response", {}).get("status", "")
                 (summary.created if status.startswith("201") else summary.existing)[kind] += 1
         return summary
+
+    def _store(self, instances: list[DicomInstance]) -> int:
+        """C-STORE a record's DICOM files to the node (ValueError: the record is rejected).
+        Their Patient must exist first: the node would otherwise create one from the header."""
+        for instance in instances:
+            query = identifier_query(instance.patient)
+            if query not in self.patients:
+                found = self.client.get(f"/Patient?{query}&_summary=count")
+                if found.status_code != 200 or found.json().get("total") != 1:
+                    raise ValueError(f"no single Patient has identifier {instance.patient['system']}|{instance.patient['value']}")
+                self.patients.add(query)
+            if self.dicom is None:
+                raise ValueError("the record holds a DICOM file, and no DICOM node is configured to store it")
+            try:
+                status = self.dicom.send(instance.data)
+            except StoreError as exc:
+                raise ValueError(str(exc)) from exc
+            if status != 0:
+                raise ValueError(f"the DICOM node refused the file: status 0x{status:04X}")
+        return len(instances)
 
     def _with_files(self, record: SourceRecord) -> dict[str, Any]:
         """The record with the files it names read in (the system's `FILES`: kind → (path
@@ -174,31 +222,39 @@ class Importer:
         )
 
 
-def import_files(system: str, paths: list[Path], url: str, kind: str | None = None, progress: bool = True) -> Summary:
-    """Import files of `system` into the server at `url` (its FHIR base)."""
-    module = system_module(system)
-    kinds = list(module.KINDS)
+def import_files(
+    system: str, paths: list[Path], to: Destination | str, kind: str | None = None, progress: bool = True
+) -> Summary:
+    """Import files of `system` into the server `to` (or at the FHIR base `to`)."""
+    kinds = list(system_module(system).KINDS)
     records: list[SourceRecord] = []
     for path in paths:
         records.extend(read_records(path, kinds, kind))
     order = {k: i for i, k in enumerate(kinds)}
     records.sort(key=lambda r: order[r.kind])  # earlier kinds first, whatever the files' order
-    with httpx.Client(base_url=url.rstrip("/"), timeout=120) as client:
-        importer = Importer(module, client)
-        importer.load_code_systems()
-        return importer.run(records, total=len(records), progress=progress)
+    return _import(system, records, to, progress)
 
 
-def import_generated(system: str, generated: dict[str, list[dict[str, Any]]], url: str, progress: bool = True) -> Summary:
+def import_generated(
+    system: str, generated: dict[str, list[dict[str, Any]]], to: Destination | str, progress: bool = True
+) -> Summary:
     """Import records made by a generator (`--randomize`), kinds in the system's order."""
-    module = system_module(system)
     records = [
         SourceRecord(kind, f"generated {kind} #{i}", data)
-        for kind in module.KINDS
+        for kind in system_module(system).KINDS
         for i, data in enumerate(generated.get(kind, []), start=1)
     ]
-    with httpx.Client(base_url=url.rstrip("/"), timeout=120) as client:
-        importer = Importer(module, client)
+    return _import(system, records, to, progress)
+
+
+def _import(system: str, records: list[SourceRecord], to: Destination | str, progress: bool) -> Summary:
+    destination = Destination(to) if isinstance(to, str) else to
+    module = system_module(system)
+    with (
+        httpx.Client(base_url=destination.url.rstrip("/"), timeout=120) as client,
+        destination.sender() as sender,  # released last: returns once the node has indexed all
+    ):
+        importer = Importer(module, client, sender)
         importer.load_code_systems()
         return importer.run(records, total=len(records), progress=progress)
 
@@ -208,5 +264,6 @@ def dumps_summary(summary: Summary) -> str:
         "records": summary.records,
         "created": dict(summary.created),
         "existing": dict(summary.existing),
+        "dicom": summary.dicom,
         "rejected": [{"where": w, "reason": r} for w, r in summary.rejected],
     })

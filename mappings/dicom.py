@@ -25,12 +25,15 @@ Choices the mapping leaves open:
 """
 
 import copy
+import io
 import re
+import struct
 from calendar import monthrange
 from typing import Any
 from urllib.parse import quote
 
 import pydicom
+from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID
@@ -377,6 +380,39 @@ def endpoint_resource(address: str) -> dict[str, Any]:
 
 
 # --- reading the header -------------------------------------------------------------------------
+
+
+def coerced(data: bytes, replace: dict[str, str], fill: dict[str, str]) -> bytes:
+    """A Part 10 file with the attributes of `replace` set (when they differ) and those of
+    `fill` added where the header has none: what a sender that knows better than the header
+    (an importer holding the patient of the record) corrects before storing, as a PACS coerces
+    attributes on import. The bytes unchanged when there is nothing to do. ValueError for bytes
+    that are not a readable DICOM file."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, ValueError, EOFError, OSError, struct.error) as exc:
+        raise ValueError(f"the DICOM file cannot be read: {exc}") from exc
+    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not _text(ds, k)]
+    if missing:
+        raise ValueError(f"the DICOM file cannot be stored: it has no {', '.join(missing)}")
+    changes = {k: v for k, v in replace.items() if str(ds.get(k, "")) != v}
+    changes.update({k: v for k, v in fill.items() if not _text(ds, k)})
+    if "IssuerOfPatientID" in changes and "IssuerOfPatientIDQualifiersSequence" in ds:
+        del ds.IssuerOfPatientIDQualifiersSequence  # it would name another issuer than the one set
+    if not changes:
+        return data
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    meta = ds.file_meta  # completed from the dataset where a writer left it short
+    for meta_keyword, keyword in (("MediaStorageSOPClassUID", "SOPClassUID"), ("MediaStorageSOPInstanceUID", "SOPInstanceUID")):
+        if not meta.get(meta_keyword) and ds.get(keyword):
+            setattr(meta, meta_keyword, ds.get(keyword))
+    buffer = io.BytesIO()
+    try:
+        ds.save_as(buffer, enforce_file_format=True)
+    except (AttributeError, ValueError, TypeError, struct.error) as exc:
+        raise ValueError(f"the DICOM file cannot be written again: {exc}") from exc
+    return buffer.getvalue()
 
 
 def _value(ds: pydicom.Dataset, keyword: str) -> Any:

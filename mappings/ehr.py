@@ -23,8 +23,12 @@ Kinds, in import order (`KINDS`), and what each record becomes (one transaction 
 - radiology_imaging → `Binary` (the file, its type judged by its first bytes: PNG, JPEG, GIF,
   BMP, TIFF or DICOM, at most `MAX_FILE_BYTES`) and `DocumentReference` (type 18748-4, the
   modality as a DICOM code in `context.event`, the date as `context.period.start` and the
-  attachment's creation). A DICOM file stays a document here; to have it indexed as an
-  `ImagingStudy`, send it to the DICOM node (C-STORE) instead.
+  attachment's creation). A DICOM file instead goes to the DICOM node (`dicom_instances`: the
+  importer C-STOREs it), whose mapping makes the `ImagingStudy`; before sending, its PatientID
+  and IssuerOfPatientID are set to the record's patient (`urn:fhir-server:source:ehr:patient`
+  and the source id, so that the node finds the imported Patient), and the record's
+  description becomes the StudyDescription when the header has none. The record then has no
+  transaction entries of its own.
 - medical_history → `Condition` (category problem-list-item, clinicalStatus active or resolved).
 - allergy → `AllergyIntolerance` (clinicalStatus active; reaction with its severity).
 - prescription → `MedicationRequest` (intent order, dosage and frequency as the dosage text, the
@@ -69,6 +73,7 @@ from pydantic import (
 )
 
 from mappings import records, schema
+from mappings.dicom import coerced
 from mappings.schema import (
     DATE,
     EMAIL,
@@ -562,6 +567,17 @@ def bundle_entries(kind: str, record: BaseModel) -> list[dict[str, Any]]:
     return _MAPPERS[kind](record)
 
 
+def dicom_instances(kind: str, record: BaseModel) -> list[records.DicomInstance]:
+    """A radiology DICOM file, for the DICOM node (see the module docstring)."""
+    if not isinstance(record, RadiologyImaging) or kind != "radiology_imaging" or record.media_type != "application/dicom":
+        return []
+    assert record.content is not None
+    patient = records.source_identifier(SYSTEM, "patient", record.patient_id)
+    fill = {"StudyDescription": record.description} if record.description else {}
+    data = coerced(record.content, replace={"PatientID": patient["value"], "IssuerOfPatientID": patient["system"]}, fill=fill)
+    return [records.DicomInstance(data, patient)]
+
+
 def _identifier(kind: str, record: Record, suffix: str = "") -> dict[str, str]:
     return records.source_identifier(SYSTEM, kind, f"{record.id}:{suffix}" if suffix else record.id)
 
@@ -783,6 +799,8 @@ def _interpretation(record: LaboratoryResult) -> dict[str, Any] | None:
 
 def _radiology_imaging(record: RadiologyImaging) -> list[dict[str, Any]]:
     assert record.content is not None
+    if record.media_type == "application/dicom":
+        return []  # the DICOM node makes its ImagingStudy (dicom_instances)
     binary_url, document_url = records.placeholder(), records.placeholder()
     patient = _patient_reference(record)
     source = f"{records.source_system(SYSTEM, 'radiology_imaging')}:{quote(record.id, safe='')}"

@@ -10,9 +10,12 @@ A system's module (`mappings/interactions.py`, …) declares:
   the record's own resources linked by `urn:uuid:` fullUrls, earlier records' resources by
   conditional references;
 - `CODE_SYSTEMS`: the CodeSystem resources of ours its codes come from (loaded first).
+- optionally `dicom_instances(kind, record)`: the DICOM files of a record, which the importer
+  sends to the DICOM node (C-STORE) before the record's transaction (`DicomInstance`).
 """
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -63,3 +66,15 @@ def code_system_entry(code_system: dict[str, Any]) -> dict[str, Any]:
         "resource": code_system,
         "request": {"method": "POST", "url": "CodeSystem", "ifNoneExist": f"url={quote(code_system['url'], safe=':/')}"},
     }
+
+
+@dataclass(frozen=True)
+class DicomInstance:
+    """A DICOM file a record holds, which a system's `dicom_instances(kind, record)` hands to the
+    importer: it is C-STOREd to the DICOM node before the record's transaction, so that the
+    node's own mapping (`mappings.dicom`) makes its ImagingStudy, which the record's resources
+    reference. `patient`: the identifier of the record's Patient; it must exist before the file
+    is sent, or the node would create a Patient of its own from the header."""
+
+    data: bytes
+    patient: dict[str, str]

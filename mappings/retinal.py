@@ -5,17 +5,25 @@ Kinds, in import order:
 - `site` → an `Organization` (the screening site) and a `Location` it manages (the place, with
   the site's address);
 - `patient` → a `Patient`;
-- `image` → the file as a `Binary`, a `Media` describing it, and an `Observation` grading it
-  (components: image quality, visibility of the retinal anatomy, over-illumination).
+- `image` → an imaging record of the eye and an `Observation` grading it (components: image
+  quality, visibility of the retinal anatomy, over-illumination). A DICOM file goes to the DICOM
+  node (`dicom_instances`; the importer C-STOREs it), whose mapping makes the `ImagingStudy`
+  (series laterality and bodySite from the header); any other image becomes a `Binary` and a
+  `Media` describing it.
 
 Choices the mapping makes:
 
-- **Media, not DocumentReference.** R4 `Media` has what a retinal photograph needs and
-  DocumentReference lacks: `bodySite`, `modality`, `operator`, `height`/`width`/`frames`, and the
-  search parameters `site`, `modality`, `operator` and `created`. DICOM files (ophthalmic
-  photography) and plain image files are mapped alike for now: the file is a `Binary`, which
-  `Media.content.url` points at (`Binary/<id>`); the content type is judged by the file's
-  content, never its name.
+- **Media, not DocumentReference**, for images that are not DICOM. R4 `Media` has what a retinal
+  photograph needs and DocumentReference lacks: `bodySite`, `modality`, `operator`,
+  `height`/`width`/`frames`, and the search parameters `site`, `modality`, `operator` and
+  `created`. The file is a `Binary`, which `Media.content.url` points at (`Binary/<id>`); the
+  content type is judged by the file's content, never its name.
+- **DICOM files** are stored and indexed by the DICOM node, as a modality's would be: the
+  ImagingStudy's id is the Study Instance UID, and the grading points at `ImagingStudy/<uid>`.
+  Before sending, the file's PatientID and IssuerOfPatientID are set to the record's patient
+  (`urn:fhir-server:source:retinal:patient` and the source id, so that the node finds the
+  imported Patient by that identifier), and ImageLaterality and BodyPartExamined (`EYE`) are
+  added when the header lacks them.
 - **The eye**: `bodySite` is the SNOMED CT structure of that eye (8966001 left eye structure,
   18944008 right eye structure, so `Media?site=…|8966001` finds left eyes), with the laterality
   as an extension of `bodySite` holding the code of the R4 `bodysite-laterality` value set
@@ -25,7 +33,7 @@ Choices the mapping makes:
 - **The site** is the Media's `operator` and the grading Observation's `performer` (the
   Organization).
 - **Grades**: one `Observation` per image, code `image-grading` of our CodeSystem
-  `retinal-image-quality`, `derivedFrom` the Media, with three components: `image-quality` and
+  `retinal-image-quality`, `derivedFrom` the Media or ImagingStudy, with three components: `image-quality` and
   `anatomy-score` with a value of that CodeSystem (one CodeSystem cannot hold the code
   `ACCEPTABLE` twice, so the values are `quality-…` and `anatomy-…`) and `over-illuminated` with
   the HL7 v2 yes/no code (table 0136), not a valueBoolean: R4 has no search parameter for
@@ -72,8 +80,9 @@ from pydantic import (
 )
 from pydicom.errors import InvalidDicomError
 
-from mappings.dicom import DCM_SYSTEM, LATERALITY, SNOMED_SYSTEM
+from mappings.dicom import DCM_SYSTEM, LATERALITY, SNOMED_SYSTEM, coerced
 from mappings.records import (
+    DicomInstance,
     conditional_reference,
     create_entry,
     placeholder,
@@ -286,8 +295,9 @@ def fhir_datetime(value: date | datetime) -> str:
 
 
 def image_facts(data: bytes) -> dict[str, Any]:
-    """What the file's content says: `contentType`, and when known `width`, `height`, `frames`
-    and `laterality` (DICOM `L`/`R`/`B`). ValueError for a file that is not an image."""
+    """What the file's content says: `contentType`, and when known `width`, `height`, `frames`,
+    `laterality` (DICOM `L`/`R`/`B`) and, for DICOM, the `study` (Study Instance UID).
+    ValueError for a file that is not an image."""
     content_type = sniff(data)
     if content_type is None:
         raise ValueError("image: the file is not a PNG, JPEG, GIF, BMP, TIFF or DICOM image (judged by its content)")
@@ -306,16 +316,45 @@ def image_facts(data: bytes) -> dict[str, Any]:
         side = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper()
         if side in ("L", "R", "B"):
             facts["laterality"] = side
+        study = str(ds.get("StudyInstanceUID") or "").strip()
+        if not study or len(study) > 64 or not set(study) <= set("0123456789."):
+            raise ValueError("image: the DICOM file has no valid StudyInstanceUID")
+        facts["study"] = study
     return {k: v for k, v in facts.items() if not isinstance(v, int) or v > 0}
+
+
+def _checked_facts(image: Image) -> dict[str, Any]:
+    assert image.image is not None
+    facts = image_facts(image.image)
+    letter = EYES[image.eye_side][2]
+    if facts.get("laterality", letter) != letter:
+        raise ValueError(f"eye_side is {image.eye_side} but the DICOM file shows laterality {facts['laterality']}")
+    return facts
+
+
+def dicom_instances(kind: str, record: BaseModel) -> list[DicomInstance]:
+    """The DICOM file of an image record, for the DICOM node (the importer C-STOREs it before
+    the record's transaction): its patient set to the record's (PatientID in the namespace of
+    our patient identifiers, so that the node finds the imported Patient), and the eye and body
+    part added where the header lacks them, so that the ImagingStudy's series has its
+    laterality and bodySite."""
+    if not isinstance(record, Image) or kind != "image" or _checked_facts(record)["contentType"] != "application/dicom":
+        return []
+    assert record.image is not None
+    patient = _identifier("patient", record.patient_id)
+    data = coerced(
+        record.image,
+        replace={"PatientID": patient["value"], "IssuerOfPatientID": patient["system"]},
+        fill={"ImageLaterality": EYES[record.eye_side][2], "BodyPartExamined": "EYE"},
+    )
+    return [DicomInstance(data, patient)]
 
 
 def _image(image: Image) -> list[dict[str, Any]]:
     data = image.image
     assert data is not None
-    facts = image_facts(data)
-    structure, laterality, letter = EYES[image.eye_side]
-    if facts.get("laterality", letter) != letter:
-        raise ValueError(f"eye_side is {image.eye_side} but the DICOM file shows laterality {facts['laterality']}")
+    facts = _checked_facts(image)
+    structure, laterality, _ = EYES[image.eye_side]
     when = fhir_datetime(image.acquisition_date)
     patient = patient_reference(image.patient_id)
     site = site_reference(image.site_id)
@@ -324,6 +363,10 @@ def _image(image: Image) -> list[dict[str, Any]]:
         "coding": [structure],
         "text": f"{image.eye_side.capitalize()} eye (retina)",
     }
+
+    if facts["contentType"] == "application/dicom":  # the node makes its ImagingStudy (dicom_instances)
+        grading = _grading(image, patient, site, body_site, when, f"ImagingStudy/{facts['study']}")
+        return [create_entry(grading, placeholder())]
 
     binary_url = placeholder()
     source = f"{source_system(SYSTEM, 'image')}:{quote(str(image.id), safe='')}"
@@ -359,6 +402,20 @@ def _image(image: Image) -> list[dict[str, Any]]:
             media[key] = facts[key]
     media["content"] = attachment
     media_url = placeholder()
+    grading = _grading(image, patient, site, body_site, when, media_url)
+    source_query = "_source=" + quote(source, safe=":/")
+    return [
+        {"fullUrl": binary_url, "resource": binary,
+         "request": {"method": "POST", "url": "Binary", "ifNoneExist": source_query}},
+        create_entry(media, media_url),
+        create_entry(grading, placeholder()),
+    ]
+
+
+def _grading(
+    image: Image, patient: dict[str, str], site: dict[str, str], body_site: dict[str, Any], when: str, derived_from: str
+) -> dict[str, Any]:
+    """The grading Observation of an image, `derived_from` the imaging record (Media or ImagingStudy)."""
 
     def score(code: str) -> dict[str, str]:
         return {"system": CODE_SYSTEM, "code": code, "display": DISPLAY[code]}
@@ -366,7 +423,7 @@ def _image(image: Image) -> list[dict[str, Any]]:
     def component(code: str, value: dict[str, str]) -> dict[str, Any]:
         return {"code": {"coding": [score(code)]}, "valueCodeableConcept": {"coding": [value]}}
 
-    grading = {
+    return {
         "resourceType": "Observation",
         "identifier": [_identifier("grading", image.id)],
         "status": "final",
@@ -376,17 +433,10 @@ def _image(image: Image) -> list[dict[str, Any]]:
         "effectiveDateTime": when,
         "performer": [site],
         "bodySite": body_site,
-        "derivedFrom": [{"reference": media_url}],
+        "derivedFrom": [{"reference": derived_from}],
         "component": [
             component(IMAGE_QUALITY, score(QUALITY[image.quality_score])),
             component(ANATOMY_SCORE, score(ANATOMY[image.anatomy_score])),
             component(OVER_ILLUMINATED, YES if image.over_illuminated else NO),
         ],
     }
-    source_query = "_source=" + quote(source, safe=":/")
-    return [
-        {"fullUrl": binary_url, "resource": binary,
-         "request": {"method": "POST", "url": "Binary", "ifNoneExist": source_query}},
-        create_entry(media, media_url),
-        create_entry(grading, placeholder()),
-    ]

@@ -291,6 +291,7 @@ def dicom_bytes(
     ds.Manufacturer = "Retinal Camera Co."
     ds.InstitutionName = institution
     ds.PatientID = patient_id
+    ds.IssuerOfPatientID = "urn:fhir-server:source:retinal:patient"  # the namespace of the imported Patients
     ds.PatientBirthDate = birth_date.replace("-", "")
     ds.PatientSex = {"MALE": "M", "FEMALE": "F"}.get(sex, "O")
     stamp_date, stamp_time = moment.strftime("%Y%m%d"), moment.strftime("%H%M%S")

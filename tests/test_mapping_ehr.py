@@ -7,15 +7,18 @@ Set UPDATE_GOLDEN=1 to rewrite the golden files from the mapping (then read the 
 """
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
 import golden
 import httpx
+import pydicom
 import pytest
 from conftest import FHIR_JSON, assert_outcome
 from golden import assert_golden, valid_resource
 from pydantic import BaseModel, ValidationError
+from pydicom.data import get_testdata_file
 
 from fhir_server import fhir_json
 from mappings import ehr
@@ -252,10 +255,26 @@ def test_images_get_their_type_from_their_content() -> None:
     entries = entries_of("radiology_imaging", record("radiology_imaging", "R002"))
     assert entries[1]["resource"]["content"][0]["attachment"]["url"] == entries[0]["fullUrl"]  # → the Binary
     assert codes(jpeg[1]["context"]["event"][0]) == [("http://dicom.nema.org/resources/ontology/DCM", "MR")]
-    dicom = b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00\x00\x00\x00\x00"
-    data = {**record("radiology_imaging", "R001"), "file_path": "images/ct.dcm", "content": dicom}
-    binary, document = resources(ehr.bundle_entries("radiology_imaging", ehr.RadiologyImaging.model_validate(data)))
-    assert binary["contentType"] == document["content"][0]["attachment"]["contentType"] == "application/dicom"
+
+
+def test_a_dicom_image_goes_to_the_node() -> None:
+    """No Binary or DocumentReference: the file goes to the DICOM node, its patient set to the
+    record's and its description filling the StudyDescription the header lacks."""
+    original = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    data = {**record("radiology_imaging", "R001"), "file_path": "images/ct.dcm", "content": original}
+    model = ehr.RadiologyImaging.model_validate(data)
+    assert original[:4] == b"II*\0" and model.media_type == "application/dicom"  # its preamble is a TIFF header
+    assert ehr.bundle_entries("radiology_imaging", model) == []
+    [instance] = ehr.dicom_instances("radiology_imaging", model)
+    assert instance.patient == {"system": "urn:fhir-server:source:ehr:patient", "value": "P001"}
+    sent = pydicom.dcmread(io.BytesIO(instance.data))
+    assert (sent.PatientID, sent.IssuerOfPatientID) == ("P001", "urn:fhir-server:source:ehr:patient")
+    assert sent.StudyDescription == "e+1"  # the header's own is kept
+    assert sent.PixelData == pydicom.dcmread(io.BytesIO(original)).PixelData
+    fake = b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00\x00\x00\x00\x00"  # looks like DICOM, is not
+    with pytest.raises(ValueError, match="it has no SOPClassUID, SOPInstanceUID, StudyInstanceUID"):
+        ehr.dicom_instances("radiology_imaging", ehr.RadiologyImaging.model_validate({**data, "content": fake}))
+    assert ehr.dicom_instances("radiology_imaging", validated("radiology_imaging", record("radiology_imaging", "R001"))) == []
 
 
 # -- rejections ---------------------------------------------------------------------------------

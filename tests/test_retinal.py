@@ -26,9 +26,10 @@ from conftest import FHIR_JSON, ServerProcess, assert_outcome
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
+from dicom_node.sender import StoreSender
 from fhir_server import fhir_json
 from fhir_server.config import Settings
-from fhir_server.importer import import_files
+from fhir_server.importer import Destination, import_files
 from fhir_server.services.ai_readiness import MEASURE_URL, ReadinessRule, measure_resource
 from fhir_server.storage.embedded import EmbeddedDatabase
 from fhir_server.validation.resource import validate_resource
@@ -91,15 +92,21 @@ def transaction(client: httpx.Client, entries: list[dict[str, Any]]) -> httpx.Re
     return client.post("", content=fhir_json.dumps(body), headers={"Content-Type": FHIR_JSON, "Prefer": "return=minimal"})
 
 
-def load(client: httpx.Client, generated: dict[str, list[dict[str, Any]]], per_bundle: int = 40) -> None:
-    """The code systems, then the records kind by kind, several records per transaction."""
+def load(client: httpx.Client, generated: dict[str, list[dict[str, Any]]], dicom: StoreSender, per_bundle: int = 40) -> None:
+    """The code systems, then the records kind by kind, several records per transaction; the
+    DICOM images to the node, as the importer sends them (one association, released at the end:
+    once all are indexed)."""
     assert transaction(client, [code_system_entry(cs) for cs in retinal.CODE_SYSTEMS]).status_code == 200
-    for kind, model in retinal.KINDS.items():
-        items = generated.get(kind, [])
-        for start in range(0, len(items), per_bundle):
-            entries = [e for data in items[start:start + per_bundle] for e in retinal.bundle_entries(kind, model.model_validate(data))]
-            response = transaction(client, entries)
-            assert response.status_code == 200, response.text[:2000]
+    with dicom:
+        for kind, model in retinal.KINDS.items():
+            items = [model.model_validate(data) for data in generated.get(kind, [])]
+            for record in items:
+                for instance in retinal.dicom_instances(kind, record):
+                    assert dicom.send(instance.data) == 0
+            for start in range(0, len(items), per_bundle):
+                entries = [e for record in items[start:start + per_bundle] for e in retinal.bundle_entries(kind, record)]
+                response = transaction(client, entries)
+                assert response.status_code == 200, response.text[:2000]
 
 
 def one(client: httpx.Client, query: str) -> dict[str, Any]:
@@ -168,13 +175,29 @@ def test_image_entries_in_detail() -> None:
     assert resource["effectiveDateTime"] == "2024-03-05T09:40:02Z"
 
 
-def test_dicom_image_keeps_its_header_facts() -> None:
-    _, media, *_ = entries_of("image", sample_record("image", 12))
-    resource = media["resource"]
-    assert resource["content"]["contentType"] == "application/dicom"
-    assert (resource["width"], resource["height"]) == (16, 16)
-    assert resource["bodySite"]["coding"][0]["code"] == "8966001"
-    assert resource["createdDateTime"] == "2024-03-05T10:41:12+01:00"
+def test_dicom_image_goes_to_the_node_and_its_grading_points_at_the_study() -> None:
+    """A DICOM image is no Media: the file goes to the DICOM node with the record's patient set
+    (and the eye and body part the header lacks added); the grading points at its ImagingStudy."""
+    data = with_file(sample_record("image", 12))
+    original = pydicom.dcmread(io.BytesIO(data["image"]))
+    record = retinal.Image.model_validate(data)
+    [grading] = retinal.bundle_entries("image", record)
+    assert grading["resource"]["derivedFrom"] == [{"reference": f"ImagingStudy/{original.StudyInstanceUID}"}]
+    assert grading["resource"]["bodySite"]["coding"][0]["code"] == "8966001"
+    [instance] = retinal.dicom_instances("image", record)
+    assert instance.patient == {"system": "urn:fhir-server:source:retinal:patient", "value": "7"}
+    sent = pydicom.dcmread(io.BytesIO(instance.data))
+    assert (sent.PatientID, sent.IssuerOfPatientID) == ("7", "urn:fhir-server:source:retinal:patient")
+    assert sent.ImageLaterality == "L" and sent.BodyPartExamined == "EYE"
+    assert sent.SOPInstanceUID == original.SOPInstanceUID and sent.PixelData == original.PixelData
+    # A header without laterality or body part gets them from the record; one that has them keeps them.
+    del original.ImageLaterality, original.BodyPartExamined
+    buffer = io.BytesIO()
+    original.save_as(buffer, enforce_file_format=True)
+    [instance] = retinal.dicom_instances("image", retinal.Image.model_validate({**data, "image": buffer.getvalue()}))
+    sent = pydicom.dcmread(io.BytesIO(instance.data))
+    assert sent.ImageLaterality == "L" and sent.BodyPartExamined == "EYE"
+    assert retinal.dicom_instances("image", retinal.Image.model_validate(with_file(sample_record("image", 11)))) == []
 
 
 def test_every_resource_is_valid() -> None:
@@ -352,12 +375,12 @@ def test_rule_from_settings() -> None:
 # -- the sample through the server --------------------------------------------------------------
 
 
-def test_import_sample_then_the_screens_searches(client: httpx.Client) -> None:
-    url = str(client.base_url).rstrip("/")
-    summary = import_files("retinal", [DATA / "retinal.json"], url, progress=False)
+def test_import_sample_then_the_screens_searches(server: ServerProcess, client: httpx.Client) -> None:
+    to = Destination(str(client.base_url).rstrip("/"), "127.0.0.1", server.dicom_port)
+    summary = import_files("retinal", [DATA / "retinal.json"], to, progress=False)
     assert summary.rejected == [] and summary.records == 10
-    assert summary.created["Media"] + summary.existing["Media"] == 4
-    again = import_files("retinal", [DATA / "retinal.json"], url, progress=False)
+    assert summary.created["Media"] + summary.existing["Media"] == 3 and summary.dicom == 1
+    again = import_files("retinal", [DATA / "retinal.json"], to, progress=False)
     assert again.rejected == [] and not again.created, again.report()  # a re-import creates nothing
 
     site = one(client, f"/Organization?{identifier('site', 1)}")
@@ -371,27 +394,41 @@ def test_import_sample_then_the_screens_searches(client: httpx.Client) -> None:
                              "&_include=Media:operator&_revinclude=Observation:derived-from")
     matches = [e["resource"] for e in gallery["entry"] if e["search"]["mode"] == "match"]
     included = [e["resource"] for e in gallery["entry"] if e["search"]["mode"] == "include"]
-    assert [m["identifier"][0]["value"] for m in matches] == ["12", "11"]  # 10:41:12+01:00 is after 09:40:02Z
+    assert [m["identifier"][0]["value"] for m in matches] == ["11"]
     assert {r["resourceType"] for r in included} == {"Organization", "Observation"}
-    assert sum(r["resourceType"] == "Observation" for r in included) == 2
+    assert sum(r["resourceType"] == "Observation" for r in included) == 1
+
+    # The DICOM image (12) is an ImagingStudy made by the DICOM node, of the imported Patient,
+    # its series with the eye's laterality and body site; its grading points at it.
+    studies = search(client, f"/ImagingStudy?subject=Patient/{patient['id']}&_revinclude=Observation:derived-from")
+    [study] = [e["resource"] for e in studies["entry"] if e["search"]["mode"] == "match"]
+    [series] = study["series"]
+    assert series["modality"]["code"] == "OP" and series["laterality"]["code"] == "419161000"
+    assert series["bodySite"]["code"] == "81745001"
+    [grading] = [e["resource"] for e in studies["entry"] if e["search"]["mode"] == "include"]
+    assert grading["identifier"][0]["value"] == "12" and grading["derivedFrom"] == [{"reference": f"ImagingStudy/{study['id']}"}]
+    assert one(client, f"/Patient?{identifier('patient', 7)}")["id"] == patient["id"]  # the node made no Patient of its own
 
     # The file behind an image.
-    media = matches[1]
+    media = matches[0]
     binary = client.get(f"/{media['content']['url']}").json()
     assert base64.b64decode(binary["data"]) == (DATA / "fundus_right.png").read_bytes()
     assert binary["securityContext"] == {"reference": f"Patient/{patient['id']}"}
 
     # Images of a site, of an eye, of a quality; over-illuminated images.
-    at_site = search(client, f"/Media?operator=Organization/{site['id']}&_summary=count")
-    assert at_site["total"] == 2
-    left = search(client, f"/Media?subject=Patient/{patient['id']}&site={SNOMED}|8966001")
-    assert [e["resource"]["identifier"][0]["value"] for e in left["entry"]] == ["12"]
+    at_site = search(client, f"/Observation?performer=Organization/{site['id']}&code={CS}|image-grading&_summary=count")
+    assert at_site["total"] == 2  # one Media, one ImagingStudy
+    right = search(client, f"/Media?subject=Patient/{patient['id']}&site={SNOMED}|18944008")
+    assert [e["resource"]["identifier"][0]["value"] for e in right["entry"]] == ["11"]
+    left = search(client, f"/ImagingStudy?subject=Patient/{patient['id']}&bodysite=81745001&_summary=count")
+    assert left["total"] == 1
     high = search(client, f"/Media?operator=Organization/{site['id']}"
                           f"&_has:Observation:derived-from:component-code-value-concept={CS}|image-quality${CS}|quality-high")
     assert [e["resource"]["identifier"][0]["value"] for e in high["entry"]] == ["11"]
     glare = search(client, f"/Observation?component-code-value-concept={CS}|over-illuminated${YES_NO}|Y"
                            f"&performer=Organization/{site['id']}&_include=Observation:derived-from")
-    assert [e["resource"]["identifier"][0]["value"] for e in glare["entry"] if e["resource"]["resourceType"] == "Media"] == ["12"]
+    assert [e["resource"]["resourceType"] for e in glare["entry"]] == ["Observation", "ImagingStudy"]
+    assert glare["entry"][0]["resource"]["identifier"][0]["value"] == "12"
 
 
 @pytest.mark.parametrize("unknown", ["site_id", "patient_id"])
@@ -421,7 +458,7 @@ def generated(readiness_server: ServerProcess) -> dict[str, list[dict[str, Any]]
     data = generate(10, 500, 6, seed=GENERATED_SEED)
     started = time.perf_counter()
     with httpx.Client(base_url=f"{readiness_server.url}/fhir", timeout=300) as c:
-        load(c, data)
+        load(c, data, StoreSender("127.0.0.1", readiness_server.dicom_port, "FHIRSERVER"))
     print(f"\nloaded {len(data['image'])} images of {len(data['patient'])} patients at {len(data['site'])} sites "
           f"in {time.perf_counter() - started:.1f} s")
     return data

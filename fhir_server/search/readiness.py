@@ -2,13 +2,15 @@
 Pure: builds the filter and the pipeline; the repository runs them (a sibling of `to_mongo`,
 whose keys it uses).
 
-Input: the grading Observations, one per image, each `derivedFrom` its image (a Media),
+Input: the grading Observations, one per image, each `derivedFrom` its image (a Media, or the
+ImagingStudy of a DICOM image),
 `performer` its site (an Organization), with one component per graded aspect (quality, anatomy,
 …) whose value codes tell the aspects apart. Stages:
 
 1. `$match` the gradings by their code on the flat index (`ix`), or, for one site, by its
    `performer` key (and the code on `p.code`), plus any other criteria (a period).
-2. `$group` by image (a second grading of an image is not counted twice): its site, patient,
+2. `$group` by image (the grading's identifier, else its `derivedFrom`: a second grading of an
+   image is not counted twice): its site, patient,
    date and the value codes of its grading's components. Only top-level paths and `$first` of
    arrays are read: the embedded database does not descend into arrays on a dotted path
    (`$res.performer.reference` is missing there), and `$getField` of `$first` is a few times
@@ -90,7 +92,9 @@ def readiness_pipeline(match: dict[str, Any], aspects: list[Aspect]) -> list[dic
     return [
         {"$match": match},
         {"$group": {
-            "_id": _first("$res.derivedFrom", "reference"),
+            # The image: the grading's identifier (the source image's id) when it has one, since
+            # several DICOM images of one study share their `derivedFrom`; else that reference.
+            "_id": {"$ifNull": [_first("$res.identifier", "value"), _first("$res.derivedFrom", "reference")]},
             "site": {"$first": _first("$res.performer", "reference")},
             "patient": {"$first": "$res.subject.reference"},
             "scores": {"$first": {"$map": {

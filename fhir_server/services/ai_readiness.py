@@ -121,22 +121,20 @@ class ReadinessRule:
 ASPECT_CODES = {"quality": retinal.IMAGE_QUALITY, "anatomy": retinal.ANATOMY_SCORE, "over": retinal.OVER_ILLUMINATED}
 
 
-def _grades_query(aspect: Aspect, param: str) -> str:
+GRADING_QUERY = f"Observation?code={retinal.CODE_SYSTEM}|{retinal.GRADING}"
+
+
+def _grades_query(aspect: Aspect) -> str:
     code = ASPECT_CODES[aspect.name]
     system = retinal.YES_NO_SYSTEM if aspect.name == "over" else retinal.CODE_SYSTEM
     values = ",".join(f"{retinal.CODE_SYSTEM}|{code}${system}|{v}" for v in aspect.ready)
-    return f"_has:Observation:{param}:component-code-value-concept={values}"
-
-
-def graded_query(resource: str, param: str) -> str:
-    """A search for the resources (`Media` by `derived-from`, `Patient` by `subject`) that
-    have a grading Observation."""
-    return f"{resource}?_has:Observation:{param}:code={retinal.CODE_SYSTEM}|{retinal.GRADING}"
+    return f"component-code-value-concept={values}"
 
 
 def ready_query(rule: ReadinessRule) -> str:
-    """A search for the AI-ready images (Media) under `rule`."""
-    return "Media?" + "&".join(_grades_query(a, "derived-from") for a in rule.aspects())
+    """A search for the gradings of AI-ready images under `rule` (one grading per image,
+    whether the image is a Media or a DICOM ImagingStudy)."""
+    return GRADING_QUERY + "".join("&" + _grades_query(a) for a in rule.aspects())
 
 
 def measure_resource(rule: ReadinessRule) -> dict[str, Any]:
@@ -145,9 +143,11 @@ def measure_resource(rule: ReadinessRule) -> dict[str, Any]:
         "Share of graded retinal photographs fit for automated (AI) grading, per screening site. "
         f"An image is AI-ready when its grading records all three aspects, its {rule.text()}. "
         "The rule is set by the server's FHIR_AI_READY_QUALITY, FHIR_AI_READY_ANATOMY and "
-        "FHIR_AI_READY_ALLOW_OVER_ILLUMINATED settings; the Measure's version is a digest of it."
+        "FHIR_AI_READY_ALLOW_OVER_ILLUMINATED settings; the Measure's version is a digest of it. "
+        "Each image is counted by its grading Observation (one per image; the image itself is a Media, "
+        "or the ImagingStudy of a DICOM file)."
     )
-    graded = graded_query("Media", "derived-from")
+    graded = GRADING_QUERY
     return {
         "resourceType": "Measure",
         "id": MEASURE_ID,
@@ -159,7 +159,7 @@ def measure_resource(rule: ReadinessRule) -> dict[str, Any]:
         "experimental": False,
         "publisher": "fhir-server",
         "description": description,
-        "subjectCodeableConcept": {"coding": [{"system": "http://hl7.org/fhir/resource-types", "code": "Media"}]},
+        "subjectCodeableConcept": {"coding": [{"system": "http://hl7.org/fhir/resource-types", "code": "Observation"}]},
         "scoring": {"coding": [{"system": SCORING_SYSTEM, "code": "proportion", "display": "Proportion"}]},
         "improvementNotation": INCREASE,
         "group": [{
@@ -174,7 +174,7 @@ def measure_resource(rule: ReadinessRule) -> dict[str, Any]:
                 {"code": _population("numerator"), "description": f"AI-ready images: {rule.text()}",
                  "criteria": {"language": QUERY, "expression": ready_query(rule)}},
                 {"code": PATIENTS_CODE, "description": "Patients with graded images",
-                 "criteria": {"language": QUERY, "expression": graded_query("Patient", "subject")}},
+                 "criteria": {"language": QUERY, "expression": f"Patient?_has:Observation:subject:code={retinal.CODE_SYSTEM}|{retinal.GRADING}"}},
             ],
             "stratifier": [
                 {"code": _grade_code(retinal.IMAGE_QUALITY), "description": "Images by image quality"},
