@@ -4,12 +4,12 @@ FHIR transaction through the server's HTTP API (all of a record's resources or n
 Records are read from JSON (`{kind: [records]}`, or a list for one kind) or CSV (one kind per
 file, named by the file or `--kind`), validated with the system's pydantic models (a rejected
 record is reported with its file, kind, row and reason), mapped by `mappings.<system>`, and
-posted. Every resource is created conditionally on its source identifier, so importing again
-creates nothing new. The DICOM files a record holds (a system's `dicom_instances`) are sent to
+posted. Every resource is written by a conditional update on its source identifier, so importing
+again creates nothing new and updates what changed in the source. The DICOM files a record holds (a system's `dicom_instances`) are sent to
 the DICOM node first (C-STORE, one association for the whole import), whose own mapping makes
 their ImagingStudy; the record's resources reference it. The summary counts what was created,
-what existed already, the DICOM instances stored and what was rejected; any rejection makes the
-exit status non-zero.
+updated and left unchanged (by the write-outcome codes of the transaction response), the DICOM
+instances stored and what was rejected; any rejection makes the exit status non-zero.
 """
 
 import csv
@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from dicom_node.sender import StoreError, StoreSender
 from fhir_server import fhir_json
+from fhir_server.services.resources import WRITE_OUTCOME_SYSTEM
 from mappings.records import DicomInstance, code_system_entry, identifier_query
 
 SYSTEMS = ("interactions", "ehr", "assessment", "retinal")
@@ -45,17 +46,21 @@ class SourceRecord:
 @dataclass
 class Summary:
     created: Counter[str] = field(default_factory=Counter)  # by resource type
-    existing: Counter[str] = field(default_factory=Counter)
+    updated: Counter[str] = field(default_factory=Counter)  # the source record changed since the last import
+    unchanged: Counter[str] = field(default_factory=Counter)  # there already, as the record has it
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (where, reason)
     records: int = 0
     dicom: int = 0  # DICOM instances stored by the node
 
+    def count(self, resource_type: str, outcome: str) -> None:
+        """One transaction entry, by the server's write-outcome code."""
+        {"created": self.created, "updated": self.updated}.get(outcome, self.unchanged)[resource_type] += 1
+
     def report(self) -> str:
         lines = [f"{self.records} records: {self.records - len(self.rejected)} imported, {len(self.rejected)} rejected"]
-        if self.created:
-            lines.append("created: " + ", ".join(f"{n} {t}" for t, n in sorted(self.created.items())))
-        if self.existing:
-            lines.append("already there: " + ", ".join(f"{n} {t}" for t, n in sorted(self.existing.items())))
+        for name, counts in (("created", self.created), ("updated", self.updated), ("unchanged", self.unchanged)):
+            if counts:
+                lines.append(f"{name}: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())))
         if self.dicom:
             lines.append(f"DICOM instances stored by the node: {self.dicom}")
         lines += [f"rejected {where}: {reason}" for where, reason in self.rejected]
@@ -133,6 +138,16 @@ class Destination:
         return StoreSender(host, self.dicom_port, self.dicom_aet)
 
 
+def _outcome_code(response: dict[str, Any]) -> str:
+    """What the server did with an entry: the write-outcome code of its `outcome` (created,
+    updated, unchanged, matched), else judged by the status."""
+    for issue in (response.get("outcome") or {}).get("issue", []):
+        for coding in (issue.get("details") or {}).get("coding", []):
+            if coding.get("system") == WRITE_OUTCOME_SYSTEM:
+                return str(coding.get("code"))
+    return "created" if str(response.get("status", "")).startswith("201") else "unchanged"
+
+
 class Importer:
     def __init__(self, module: ModuleType, client: httpx.Client, dicom: StoreSender | None = None) -> None:
         self.module = module
@@ -172,8 +187,7 @@ class Importer:
                 continue
             for entry, answered in zip(entries, response.json().get("entry", []), strict=False):
                 kind = entry["resource"]["resourceType"] if "resource" in entry else "?"
-                status = answered.get("response", {}).get("status", "")
-                (summary.created if status.startswith("201") else summary.existing)[kind] += 1
+                summary.count(kind, _outcome_code(answered.get("response", {})))
         return summary
 
     def _store(self, instances: list[DicomInstance]) -> int:
@@ -263,7 +277,8 @@ def dumps_summary(summary: Summary) -> str:
     return json.dumps({
         "records": summary.records,
         "created": dict(summary.created),
-        "existing": dict(summary.existing),
+        "updated": dict(summary.updated),
+        "unchanged": dict(summary.unchanged),
         "dicom": summary.dicom,
         "rejected": [{"where": w, "reason": r} for w, r in summary.rejected],
     })

@@ -28,7 +28,8 @@ Kinds, in import order (each may refer to records of the kinds before it):
   computed from the items.
 
 Every resource has the source record's id as identifier (`urn:fhir-server:source:assessment:<kind>`)
-and is created conditionally on it; records of earlier kinds are referenced by conditional
+and is written by a conditional update on it (created, updated when the source changed, else
+left as it is); records of earlier kinds are referenced by conditional
 references on those identifiers (`Patient?identifier=urn:fhir-server:source:assessment:patient|P1`).
 
 Source format: JSON `{"practitioner": [...], "patient": [...], ...}`, or a CSV file per kind (items
@@ -225,7 +226,7 @@ def bundle_entries(kind: str, record: BaseModel) -> list[dict[str, Any]]:
         "medication": _medication_statement,
         "allergy": _allergy_intolerance,
     }[kind](record)
-    return [records.create_entry(resource, records.placeholder())]
+    return [records.upsert_entry(resource, records.placeholder())]
 
 
 def _identifier(kind: str, source_id: str) -> dict[str, str]:
@@ -381,8 +382,8 @@ def _assessment_entries(record: Assessment) -> list[dict[str, Any]]:
                 "ifNoneExist": f"url={quote(url, safe=':/')}",
             },
         },
-        records.create_entry(response, response_url, response_identifier),
-        *(records.create_entry(observation, records.placeholder()) for observation in scores),
+        records.upsert_entry(response, response_url, response_identifier),
+        *(records.upsert_entry(observation, records.placeholder()) for observation in scores),
     ]
 
 

@@ -35,9 +35,10 @@ Kinds, in import order (`KINDS`), and what each record becomes (one transaction 
   start and end dates as its bounds, the doctor as requester).
 
 Every resource carries an identifier `urn:fhir-server:source:ehr:<kind>|<id>` (resources derived
-from a record: `<id>:role`, `<id>:encounter`, `<id>:smoking-status`, …) and is created
-conditionally on it; a Binary has no identifier, so its `meta.source` is that URN and it is created
-conditionally on `_source`. Other records are referenced by conditional references on their
+from a record: `<id>:role`, `<id>:encounter`, `<id>:smoking-status`, …) and is written
+by a conditional update on it (created, updated when the source changed, else left as it is); a
+Binary has no identifier, so its `meta.source` is that URN and the update is conditional on
+`_source`. Other records are referenced by conditional references on their
 identifiers (`Patient?identifier=urn:fhir-server:source:ehr:patient|P001`), so they must have
 been imported first.
 
@@ -595,7 +596,7 @@ def _doctor_reference(doctor_id: str) -> dict[str, str]:
 
 
 def _entries(*resources: tuple[dict[str, Any], str]) -> list[dict[str, Any]]:
-    return [records.create_entry(resource, url) for resource, url in resources]
+    return [records.upsert_entry(resource, url) for resource, url in resources]
 
 
 def _compact(element: dict[str, Any]) -> dict[str, Any]:
@@ -832,12 +833,8 @@ def _radiology_imaging(record: RadiologyImaging) -> list[dict[str, Any]]:
             "period": {"start": _moment(record.date)},
         }),
     })
-    binary_entry = {
-        "fullUrl": binary_url,
-        "resource": binary,
-        "request": {"method": "POST", "url": "Binary", "ifNoneExist": "_source=" + quote(source, safe=":/")},
-    }
-    return [binary_entry, records.create_entry(document, document_url)]
+    binary_entry = records.upsert_entry(binary, binary_url, query="_source=" + quote(source, safe=":/"))
+    return [binary_entry, records.upsert_entry(document, document_url)]
 
 
 def _modality(modality: str) -> dict[str, Any]:

@@ -33,8 +33,8 @@ Every resource but the Patient references the Patient (`subject`) and the Encoun
 and carries the label in `meta.tag` (system `LABEL_SYSTEM`; labels are an open set, so no
 CodeSystem of ours lists them). The Patient is shared by all labels and has no tag. Every resource
 has an identifier from the interaction's id (`urn:fhir-server:source:interactions:<kind>`, value
-`<id>`, `<id>:symptom:<symptom>`, `<id>:metric:<name>`, `<id>:health-status`), and is created
-conditionally on it, so importing a record again creates nothing.
+`<id>`, `<id>:symptom:<symptom>`, `<id>:metric:<name>`, `<id>:health-status`), and is written by
+a conditional update on it, so importing a record again creates nothing, and updates what changed.
 
 Source formats: JSON `{"interaction": [records]}`; CSV with one row per record, where symptoms is
 one comma-separated string (or a JSON array), metrics and qa are JSON, and next_steps is a JSON
@@ -256,7 +256,7 @@ def bundle_entries(kind: str, record: BaseModel) -> list[dict[str, Any]]:
     visit = _Visit(record, {"reference": patient_url}, {"reference": encounter_url})
     entries = [
         records.create_entry(_patient(record), patient_url),
-        records.create_entry(visit.encounter(), encounter_url),
+        records.upsert_entry(visit.encounter(), encounter_url),
     ]
     resources = [visit.symptom(symptom) for symptom in record.symptoms]
     resources += [visit.metric(name, value) for name, value in record.metrics.items()]
@@ -273,7 +273,7 @@ def bundle_entries(kind: str, record: BaseModel) -> list[dict[str, Any]]:
     for resource in resources:
         identifier = resource["identifier"]  # QuestionnaireResponse has one Identifier, not a list
         identifier = identifier if isinstance(identifier, dict) else identifier[0]
-        entries.append(records.create_entry(resource, records.placeholder(), identifier))
+        entries.append(records.upsert_entry(resource, records.placeholder(), identifier))
     return entries
 
 

@@ -6,7 +6,8 @@ A system's module (`mappings/interactions.py`, …) declares:
 - `KINDS`: record kind → the pydantic model of the source system's schema, in import order
   (a kind may refer to records of the kinds before it);
 - `bundle_entries(kind, record)`: the transaction entries of one validated record, every
-  resource created conditionally on its source identifier (so a re-import creates nothing new),
+  resource written by a conditional update on its source identifier (`upsert_entry`: a
+  re-import creates nothing new, and updates what changed in the source),
   the record's own resources linked by `urn:uuid:` fullUrls, earlier records' resources by
   conditional references;
 - `CODE_SYSTEMS`: the CodeSystem resources of ours its codes come from (loaded first).
@@ -50,8 +51,20 @@ def placeholder() -> str:
     return f"urn:uuid:{uuid.uuid4()}"
 
 
+def upsert_entry(
+    resource: dict[str, Any], full_url: str, identifier: dict[str, str] | None = None, *, query: str | None = None
+) -> dict[str, Any]:
+    """A conditional update on the source `identifier` (default: the resource's first), or on
+    `query`: creates the resource on the first import, updates it when the source record has
+    changed since, and stores nothing when it has not (the server keeps the version: no-op
+    updates), so that importing again is idempotent."""
+    query = query or identifier_query(identifier or resource["identifier"][0])
+    return {"fullUrl": full_url, "resource": resource, "request": {"method": "PUT", "url": f"{resource['resourceType']}?{query}"}}
+
+
 def create_entry(resource: dict[str, Any], full_url: str, identifier: dict[str, str] | None = None) -> dict[str, Any]:
-    """A POST entry, conditional on `identifier` (default: the resource's first identifier)."""
+    """A POST entry, conditional on `identifier` (default: the resource's first identifier):
+    for a resource found or created (a Patient by insurance number), never changed by a record."""
     identifier = identifier or resource["identifier"][0]
     return {
         "fullUrl": full_url,
@@ -61,11 +74,8 @@ def create_entry(resource: dict[str, Any], full_url: str, identifier: dict[str, 
 
 
 def code_system_entry(code_system: dict[str, Any]) -> dict[str, Any]:
-    """A CodeSystem of ours, created once (conditional on its canonical url)."""
-    return {
-        "resource": code_system,
-        "request": {"method": "POST", "url": "CodeSystem", "ifNoneExist": f"url={quote(code_system['url'], safe=':/')}"},
-    }
+    """A CodeSystem of ours, by its canonical url (updated when ours has changed)."""
+    return {"resource": code_system, "request": {"method": "PUT", "url": f"CodeSystem?url={quote(code_system['url'], safe=':/')}"}}
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,29 @@ def test_interactions_import_round_trip_and_again(server: ServerProcess, client:
     # Again, from the JSON and from the CSV of the same records: nothing new.
     for path in (DATA / "interactions" / "interactions.json", DATA / "interactions" / "interactions.csv"):
         status, again = run_import(server, "interactions", str(path))
-        assert status == 0 and not again["created"] and again["existing"]["Encounter"] == len(source), again
+        assert status == 0 and not again["created"] and not again["updated"], again
+        assert again["unchanged"]["Encounter"] == len(source), again
     assert total(client, "/Encounter", identifier="urn:fhir-server:source:interactions:interaction|") == len(source)
+    first = source[0]
+    encounter = client.get("/Encounter", params={"identifier": f"urn:fhir-server:source:interactions:interaction|{first['id']}"})
+    encounter_id = encounter.json()["entry"][0]["resource"]["id"]
+    assert client.get(f"/Encounter/{encounter_id}/_history").json()["total"] == 1  # re-imports stored no new versions
+
+
+def test_a_changed_source_record_updates_what_it_changed(server: ServerProcess, client: httpx.Client, tmp_path: Path) -> None:
+    record = json.loads((DATA / "interactions" / "interactions.json").read_text())["interaction"][0]
+    record = {**record, "id": f"changed-{unique()}"}
+    path = tmp_path / "interactions.json"
+    path.write_text(json.dumps({"interaction": [record]}))
+    status, summary = run_import(server, "interactions", str(path))
+    assert status == 0 and summary["created"]["Encounter"] == 1 and not summary["updated"], summary
+    path.write_text(json.dumps({"interaction": [{**record, "remarks": "Seen again: better."}]}))
+    status, again = run_import(server, "interactions", str(path))
+    assert status == 0 and not again["created"] and again["updated"] == {"ClinicalImpression": 1}, again
+    assert again["unchanged"]["Encounter"] == 1
+    impression = client.get("/ClinicalImpression", params={
+        "identifier": f"urn:fhir-server:source:interactions:clinical-impression|{record['id']}"}).json()["entry"][0]["resource"]
+    assert impression["summary"] == "Seen again: better." and impression["meta"]["versionId"] == "2"
 
 
 def test_assessment_import_links_records_to_earlier_ones(server: ServerProcess, client: httpx.Client) -> None:
@@ -91,7 +112,7 @@ def test_ehr_import_with_images_and_csv(server: ServerProcess, client: httpx.Cli
                                  str(folder / "laboratory_results.csv"))
     assert status == 0 and not summary["rejected"], summary
     for kind in ("DocumentReference", "Binary"):  # created, or there from the EHR mapping's own tests
-        assert summary["created"].get(kind, 0) + summary["existing"].get(kind, 0) == len(source["radiology_imaging"]), summary
+        assert summary["created"].get(kind, 0) + summary["unchanged"].get(kind, 0) == len(source["radiology_imaging"]), summary
     status, again = run_import(server, "ehr", str(folder / "ehr.json"))
     assert status == 0 and not again["created"], again
     first = source["radiology_imaging"][0]

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from pydicom.data import get_testdata_file
 
 from fhir_server import fhir_json
-from mappings import ehr
+from mappings import ehr, records
 
 DATA = Path(__file__).parent / "data" / "ehr"
 GOLDEN = DATA / "golden"
@@ -130,24 +130,25 @@ def test_every_resource_is_valid() -> None:
             valid_resource(resource)
         except Exception as exc:  # noqa: BLE001 - name the record in the failure
             pytest.fail(f"{kind} {source_id}: {resource['resourceType']} is not valid: {exc}")
-        assert entry["request"]["method"] == "POST" and entry["request"]["ifNoneExist"], entry["request"]
+        assert entry["request"]["method"] == "PUT" and "?" in entry["request"]["url"], entry["request"]
         checked += 1
     for code_system in ehr.CODE_SYSTEMS:
         valid_resource(code_system)
     assert checked == 61
 
 
-def test_every_resource_is_created_conditionally_on_its_own_source() -> None:
-    seen: set[tuple[str, str]] = set()
+def test_every_resource_is_written_conditionally_on_its_own_source() -> None:
+    seen: set[str] = set()
     for _, _, entry in sample_entries():
         resource, request = entry["resource"], entry["request"]
+        assert request["method"] == "PUT"
         if resource["resourceType"] == "Binary":
-            assert request["ifNoneExist"] == "_source=" + resource["meta"]["source"]
+            assert request["url"] == "Binary?_source=" + resource["meta"]["source"]
         else:
             identifier = resource["identifier"][0]
             assert identifier["system"].startswith(SOURCE + ":")
-            assert request["ifNoneExist"] == f"identifier={identifier['system']}|{identifier['value']}"
-        key = (resource["resourceType"], request["ifNoneExist"])
+            assert request["url"] == f"{resource['resourceType']}?identifier={identifier['system']}|{identifier['value']}"
+        key = request["url"]
         assert key not in seen, key
         seen.add(key)
 
@@ -352,8 +353,7 @@ def test_a_file_of_the_largest_size_is_accepted() -> None:
 
 def test_the_sample_imports_once_and_serves_the_ehrs_screens(client: httpx.Client) -> None:
     all_entries = [entries_of(kind, data) for kind in ehr.KINDS for data in SAMPLE[kind]]
-    code_systems = [{"resource": cs, "request": {"method": "POST", "url": "CodeSystem",
-                                                 "ifNoneExist": f"url={cs['url']}"}} for cs in ehr.CODE_SYSTEMS]
+    code_systems = [records.code_system_entry(cs) for cs in ehr.CODE_SYSTEMS]
     assert transaction(client, code_systems).status_code == 200
     for entries in all_entries:
         response = transaction(client, entries)

@@ -102,11 +102,10 @@ def test_every_resource_is_conditional_linked_and_tagged(source: dict[str, Any])
     for entry in entries:
         resource = entry["resource"]
         identifier = first_identifier(resource)
-        assert entry["request"] == {
-            "method": "POST",
-            "url": resource["resourceType"],
-            "ifNoneExist": records.identifier_query(identifier),
-        }
+        if resource["resourceType"] == "Patient":  # found or created by the insurance number, never changed
+            assert entry["request"] == {"method": "POST", "url": "Patient", "ifNoneExist": records.identifier_query(identifier)}
+        else:
+            assert entry["request"] == {"method": "PUT", "url": f"{resource['resourceType']}?{records.identifier_query(identifier)}"}
         identifier_values.add((identifier["system"], identifier["value"]))
         if entry is patient:
             continue

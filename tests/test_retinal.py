@@ -152,8 +152,7 @@ def test_image_entries_in_detail() -> None:
     """The PNG image: Binary (conditional on `_source`), Media pointing at it, its grading."""
     binary, media, grading = entries_of("image", sample_record("image", 11))
     png = (DATA / "fundus_right.png").read_bytes()
-    assert binary["request"] == {"method": "POST", "url": "Binary",
-                                 "ifNoneExist": "_source=urn:fhir-server:source:retinal:image:11"}
+    assert binary["request"] == {"method": "PUT", "url": "Binary?_source=urn:fhir-server:source:retinal:image:11"}
     assert binary["resource"]["meta"] == {"source": "urn:fhir-server:source:retinal:image:11"}
     assert base64.b64decode(binary["resource"]["data"]) == png
     assert binary["resource"]["contentType"] == "image/png"
@@ -164,7 +163,7 @@ def test_image_entries_in_detail() -> None:
     assert media["resource"]["bodySite"]["extension"][0]["valueCoding"]["code"] == "419465000"
     assert media["resource"]["operator"] == {"reference": "Organization?identifier=urn:fhir-server:source:retinal:site|1"}
     resource = grading["resource"]
-    assert grading["request"]["ifNoneExist"] == "identifier=urn:fhir-server:source:retinal:grading|11"
+    assert grading["request"]["url"] == "Observation?identifier=urn:fhir-server:source:retinal:grading|11"
     assert resource["code"]["coding"][0]["code"] == "image-grading"
     assert [(c["code"]["coding"][0]["code"], c["valueCodeableConcept"]["coding"][0]["code"]) for c in resource["component"]] \
         == [("image-quality", "quality-high"), ("anatomy-score", "anatomy-good"), ("over-illuminated", "N")]
@@ -379,9 +378,9 @@ def test_import_sample_then_the_screens_searches(server: ServerProcess, client: 
     to = Destination(str(client.base_url).rstrip("/"), "127.0.0.1", server.dicom_port)
     summary = import_files("retinal", [DATA / "retinal.json"], to, progress=False)
     assert summary.rejected == [] and summary.records == 10
-    assert summary.created["Media"] + summary.existing["Media"] == 3 and summary.dicom == 1
+    assert summary.created["Media"] + summary.unchanged["Media"] == 3 and summary.dicom == 1
     again = import_files("retinal", [DATA / "retinal.json"], to, progress=False)
-    assert again.rejected == [] and not again.created, again.report()  # a re-import creates nothing
+    assert again.rejected == [] and not again.created and not again.updated, again.report()  # a re-import changes nothing
 
     site = one(client, f"/Organization?{identifier('site', 1)}")
     assert site["name"] == "Leeds Eye Screening Centre"
