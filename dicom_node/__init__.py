@@ -1,7 +1,7 @@
 """The DICOM node: a Storage SCP whose instances are kept as received and indexed live in FHIR.
 
-`start_node` builds it over the FHIR server's repository and search service, reconciles what a
-crash left unindexed, and starts listening.
+`indexer_for` builds its store and indexer over the FHIR server's repository and search service
+(DICOMweb uses them too); `start_node` indexes what a crash left unindexed, and starts listening.
 """
 
 import asyncio
@@ -30,8 +30,8 @@ def indexer_for(settings: Settings, repository: ResourceRepository, searches: Se
     )
 
 
-async def start_node(settings: Settings, repository: ResourceRepository, searches: SearchService) -> DicomNode:
-    indexer = indexer_for(settings, repository, searches)
+async def start_node(settings: Settings, indexer: DicomIndexer) -> DicomNode:
+    """Index what a crash left unindexed, then listen."""
     await indexer.reconcile()
     node = DicomNode(
         indexer, indexer.files, asyncio.get_running_loop(),

@@ -104,7 +104,7 @@ async def _run_dicom(settings: Settings, action: str) -> None:
             indexed = await indexer_for(settings, repository, searches).reconcile(everything=True)
             print(f"{indexed} instances indexed")
             return
-        node = await start_node(settings, repository, searches)
+        node = await start_node(settings, indexer_for(settings, repository, searches))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,7 +12,7 @@ from fhir_server import __version__
 from fhir_server.config import Settings, get_settings
 from fhir_server.errors import install_error_handlers
 from fhir_server.logs import AccessLogMiddleware
-from fhir_server.routes import bundles, export, operations, resources, system
+from fhir_server.routes import bundles, dicomweb, export, operations, resources, system
 from fhir_server.services.ai_readiness import ReadinessRule
 from fhir_server.services.export import ExportService
 from fhir_server.services.history import HistoryService
@@ -59,11 +59,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ReadinessRule.from_settings(settings)  # a wrong FHIR_AI_READY_* setting stops the start, not each request
         app.state.exports = ExportService(repository, settings)
         await app.state.exports.start()
+        from dicom_node import indexer_for, start_node
+
+        # The DICOM store and its indexer serve DICOMweb (app.state.dicom) whether or not the
+        # node listens for DIMSE.
+        app.state.dicom = indexer_for(settings, repository, app.state.search)
         node = None
         if settings.dicom_port:
-            from dicom_node import start_node
-
-            node = await start_node(settings, repository, app.state.search)
+            node = await start_node(settings, app.state.dicom)
         LOGGER.info("FHIR server ready", extra={"database": settings.mongodb_db})
         try:
             yield
@@ -88,5 +91,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(operations.router)  # before the resource routes, whose patterns would take its paths
     app.include_router(export.router)  # likewise
     app.include_router(export.jobs)
+    app.include_router(dicomweb.router)
     app.include_router(resources.router)
     return app
