@@ -14,7 +14,6 @@ configured limit, or the connection is dropped before it is read.
 import asyncio
 import concurrent.futures
 import contextlib
-import errno
 import functools
 import logging
 import socket
@@ -32,9 +31,9 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
-from dicom_node.files import BadInstance, FileStore, check_instance
+from dicom_node.files import FileStore
 from dicom_node.indexing import DicomIndexer
-from mappings.dicom import instance_facts
+from dicom_node.ingest import accept
 
 LOGGER = logging.getLogger(__name__)
 SUCCESS = 0x0000
@@ -241,24 +240,9 @@ class DicomNode:
     # -- C-STORE ----------------------------------------------------------------------------------
 
     def _on_store(self, event: evt.Event) -> int:
-        if not self.indexer.database_ok:
-            return OUT_OF_RESOURCES  # FHIR cannot be told: let the sender try again later
-        path = event.dataset_path
-        try:
-            dataset = check_instance(path, str(event.request.AffectedSOPInstanceUID))
-            facts = instance_facts(dataset)
-        except BadInstance as exc:
-            LOGGER.warning("C-STORE refused (0x%04X): %s", exc.status, exc)
-            return exc.status
-        except ValueError as exc:
-            LOGGER.warning("C-STORE refused: %s", exc)
-            return CANNOT_UNDERSTAND
-        try:
-            self.files.place(path, dataset, self.fsync)
-        except OSError as exc:
-            LOGGER.error("C-STORE not stored: %s", exc)
-            return OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else PROCESSING_FAILURE
-        future = asyncio.run_coroutine_threadsafe(self.indexer.add(facts), self.loop)
-        with self._lock:
-            self._waiting.setdefault(id(event.assoc), []).append(future)
-        return SUCCESS
+        accepted = accept(self.indexer, event.dataset_path, str(event.request.AffectedSOPInstanceUID),
+                          fsync=self.fsync, loop=self.loop)
+        if accepted.indexed is not None:
+            with self._lock:
+                self._waiting.setdefault(id(event.assoc), []).append(accepted.indexed)
+        return accepted.status

@@ -1,0 +1,62 @@
+"""Accepting one received instance: the path shared by C-STORE (a pynetdicom thread) and
+STOW-RS (the event loop, through `asyncio.to_thread`), so both check, store and index alike.
+
+A received file is checked, placed in the file store (with its unindexed marker) and handed to
+the indexer on the server's loop; the caller gets the status at once and a future that is done
+when FHIR has the instance.
+"""
+
+import asyncio
+import concurrent.futures
+import errno
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_node.files import BadInstance, check_instance
+from dicom_node.indexing import DicomIndexer
+from mappings.dicom import instance_facts
+
+LOGGER = logging.getLogger(__name__)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC210
+PROCESSING_FAILURE = 0xC211
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What became of a received file: a DIMSE status, the instance's facts when it was
+    stored, and the indexing future (None when it was not stored)."""
+
+    status: int
+    facts: dict[str, Any] | None = None
+    indexed: concurrent.futures.Future[None] | None = None
+    reason: str = ""
+
+
+def accept(
+    indexer: DicomIndexer, path: Path, sop_instance_uid: str | None, *, fsync: bool, loop: asyncio.AbstractEventLoop
+) -> Accepted:
+    """Check `path`, move it into the store and schedule its indexing on `loop`; blocking, so
+    never called on the loop itself. A refused file is left where it is (the caller's to drop)."""
+    if not indexer.database_ok:
+        return Accepted(OUT_OF_RESOURCES, reason="the database is unreachable")  # the sender may try again later
+    try:
+        dataset = check_instance(path, sop_instance_uid)
+        facts = instance_facts(dataset)
+    except BadInstance as exc:
+        LOGGER.warning("instance refused (0x%04X): %s", exc.status, exc)
+        return Accepted(exc.status, reason=str(exc))
+    except ValueError as exc:
+        LOGGER.warning("instance refused: %s", exc)
+        return Accepted(CANNOT_UNDERSTAND, reason=str(exc))
+    try:
+        indexer.files.place(path, dataset, fsync)
+    except OSError as exc:
+        LOGGER.error("instance not stored: %s", exc)
+        status = OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else PROCESSING_FAILURE
+        return Accepted(status, reason=f"not stored: {exc.strerror or exc}")
+    future = asyncio.run_coroutine_threadsafe(indexer.add(facts), loop)
+    return Accepted(SUCCESS, facts, future)
