@@ -565,6 +565,9 @@ def test_ai_readiness_of_a_period(ai: httpx.Client, generated: dict[str, list[di
 def test_ai_readiness_errors(ai: httpx.Client, generated: dict[str, list[dict[str, Any]]]) -> None:
     assert_outcome(ai.get("/$ai-readiness", params={"site": "x"}), 400, "does not take the parameter 'site'")
     assert_outcome(ai.get("/$ai-readiness", params={"periodStart": "last year"}), 400, "periodStart")
+    assert_outcome(ai.get("/$ai-readiness", params={"periodStart": "2024-05-02", "periodEnd": "2024-05-01"}), 400,
+                   "periodStart 2024-05-02 is after periodEnd 2024-05-01")
+    assert ai.get("/$ai-readiness", params={"periodStart": "2024-05-01", "periodEnd": "2024-05-01"}).status_code == 200
     assert_outcome(ai.post("/$ai-readiness", json={"resourceType": "Patient"}, headers={"Content-Type": FHIR_JSON}),
                    400, "Parameters")
     assert_outcome(ai.get("/Organization/no-such-site/$ai-readiness"), 404)

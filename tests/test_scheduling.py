@@ -14,6 +14,7 @@ from conftest import FHIR_JSON, ServerProcess, assert_outcome, post, put, unique
 
 from fhir_server import fhir_json
 from fhir_server.services.scheduling import booking
+from fhir_server.storage.embedded import EmbeddedDatabase
 
 DAY = "2031-05-06"
 JSON_PATCH = "application/json-patch+json"
@@ -304,3 +305,20 @@ def test_appointments_at_the_ends_of_the_calendar_are_not_a_500(client: httpx.Cl
         body |= {"end": end} if end else {"minutesDuration": 60, "end": "9999-12-31T23:59:59.999Z"}
         response = client.post("/Appointment", json=body, headers={"Content-Type": "application/fhir+json"})
         assert response.status_code in (201, 400), response.text
+
+
+def test_more_bookings_than_can_be_checked_are_a_refusal(database: EmbeddedDatabase, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The check reads at most FHIR_MAX_SEARCH_RESULTS bookings around the slot; beyond that it
+    refuses (409) rather than book after checking only some of them."""
+    env = {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "fhir_tests_scheduling_limit", "FHIR_MAX_SEARCH_RESULTS": "3"}
+    proc = ServerProcess(tmp_path_factory.mktemp("scheduling_limit"), env).start()
+    try:
+        with httpx.Client(base_url=f"{proc.url}/fhir", timeout=60) as client:
+            doctor = unique()
+            for hour in ("08", "09", "10", "11"):  # the fourth is checked against all three before it
+                created(post(client, appointment(doctor, f"{hour}:00", f"{hour}:30")))
+            response = post(client, appointment(doctor, "12:00", "12:30"))
+            assert_outcome(response, 409, "more than 3 bookings")
+            assert len(search_ids(client, doctor)) == 4
+    finally:
+        proc.stop()

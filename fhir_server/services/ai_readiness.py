@@ -328,9 +328,10 @@ def _parameters(params: list[tuple[str, str]], body: Any) -> dict[str, str]:
                 raise BadRequest(f"Parameters.parameter[{index}]: expected periodStart or periodEnd with a date",
                                  expression=f"Parameters.parameter[{index}]")
             found[name] = value
-    for name in ("periodStart", "periodEnd"):
-        if name in found:
-            date_range(found[name], name)  # BadRequest for what is not a date
+    ranges = {name: date_range(found[name], name) for name in ("periodStart", "periodEnd") if name in found}  # BadRequest: no date
+    if len(ranges) == 2 and ranges["periodStart"][0] > ranges["periodEnd"][1]:
+        raise BadRequest(f"periodStart {found['periodStart']} is after periodEnd {found['periodEnd']}",
+                         expression="periodStart")
     return found
 
 

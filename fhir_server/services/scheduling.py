@@ -158,7 +158,13 @@ class Scheduling:
             ("date", "ge" + _search_instant(wanted.start - LONGEST)),
         ])
         criteria = parse_query_string(APPOINTMENT, query)
-        found = await self.searches.matches(APPOINTMENT, criteria, limit=self.searches.max_results)
+        limit = self.searches.max_results
+        found = await self.searches.matches(APPOINTMENT, criteria, limit=limit + 1)
+        if len(found) > limit:  # refuse rather than check only some of them
+            raise Conflict(
+                f"{practitioner} has more than {limit} bookings around {_search_instant(wanted.start)}: "
+                "the appointment cannot be checked against all of them"
+            )
         base_url = self.searches.repository.base_url
         return [
             (version.id, slot)
