@@ -381,7 +381,17 @@ class Orthanc(Target):
 
     def start(self) -> None:
         self.http_port = _free_port()
-        config = {
+        path = self.work / "orthanc.json"
+        path.write_text(json.dumps(self.config(), indent=2))
+        self.service = Service("Orthanc", [ORTHANC, str(path)], self.env, self.work / "orthanc.log", cwd=self.work)
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        _wait_until(self.service, lambda: _http_ok(f"{self.url}/system"), "GET /system = 200")
+        self._wait_echo()
+        self.label = f"Orthanc {httpx.get(f'{self.url}/system', timeout=10).json().get('Version', '')}".strip()
+
+    def config(self) -> dict[str, object]:
+        """Orthanc's configuration file (bench/dicomweb.py adds its DICOMweb plugin)."""
+        return {
             "Name": "bench", "StorageDirectory": str(self.work / "storage"), "IndexDirectory": str(self.work / "index"),
             "StorageCompression": False, "DicomServerEnabled": True, "DicomAet": self.aet,
             "DicomPort": self.dicom_port, "HttpServerEnabled": True, "HttpPort": self.http_port,
@@ -391,13 +401,6 @@ class Orthanc(Target):
             "AcceptedTransferSyntaxes": ["1.2.840.10008.1.*"], "UnknownSopClassAccepted": True,
             "OverwriteInstances": False, "MaximumStorageSize": 0, "MaximumPatientCount": 0,
         }
-        path = self.work / "orthanc.json"
-        path.write_text(json.dumps(config, indent=2))
-        self.service = Service("Orthanc", [ORTHANC, str(path)], self.env, self.work / "orthanc.log", cwd=self.work)
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        _wait_until(self.service, lambda: _http_ok(f"{self.url}/system"), "GET /system = 200")
-        self._wait_echo()
-        self.label = f"Orthanc {httpx.get(f'{self.url}/system', timeout=10).json().get('Version', '')}".strip()
 
     def count(self) -> int:
         return int(httpx.get(f"{self.url}/statistics", timeout=60).json()["CountInstances"])

@@ -24,7 +24,7 @@ class StoreError(Exception):
     """The node could not be reached, or refused the association."""
 
 
-def _nodelay(event: evt.Event) -> None:
+def set_nodelay(event: evt.Event) -> None:
     """pynetdicom leaves Nagle's algorithm on: 40 ms more per instance without this."""
     sock = event.assoc.dul.socket
     if sock is not None and sock.socket is not None:
@@ -80,7 +80,7 @@ class StoreSender:
         self.close()
         contexts = [build_context(sop, syntax) for sop, syntax in self.contexts]
         assoc = self.ae.associate(self.host, self.port, contexts, ae_title=self.called_aet,
-                                  evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                                  evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
         if not assoc.is_established:
             raise StoreError(f"the DICOM node {self.called_aet} at {self.host}:{self.port} refused or cannot be reached")
         self.assoc = assoc

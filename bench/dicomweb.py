@@ -1,0 +1,313 @@
+"""DICOM query/retrieve and DICOMweb: this server next to Orthanc (with its DICOMweb plugin), in one run.
+
+Both targets get the same instances by DCMTK `storescu` (TCP_NODELAY=1), generated from pydicom's
+bundled test files with fresh UIDs:
+
+- `--studies` small studies (1,000: 100 patients, `--per-study` CT/MR instances each), dates spread
+  over 2023-2024, for the searches;
+- one large study (`--large` CT instances of 1600 x 1600 16-bit pixels, about 5 MB each), for
+  WADO-RS retrieval.
+
+Then, against each target in turn (each started afresh on empty storage):
+
+- QIDO-RS study search latency: each query of `QUERIES` `--repeat` times over one HTTP connection
+  (httpx, sequential), median and p95; the answers of the two targets are compared (same
+  StudyInstanceUIDs, same PatientID, StudyDate, AccessionNumber per study);
+- WADO-RS study retrieval: `curl` of the large study as `multipart/related; type="application/dicom"`,
+  MB/s (median of `--rounds`), the body size checked against the files sent;
+- C-FIND latency: study-level Study Root queries by PatientID over one pynetdicom association,
+  median and p95;
+- C-MOVE throughput: DCMTK `movescu` of `--move` small studies to a DCMTK `storescp` (the same
+  destination AE for both targets), instances/s, the received count checked.
+
+    python bench/dicomweb.py [--studies 1000] [--per-study 2] [--large 20] [--repeat 50] [--only node|orthanc]
+
+Needs DCMTK (storescu, storescp, movescu, echoscu), Orthanc and its DICOMweb plugin
+(apt-get install dcmtk orthanc orthanc-dicomweb) and curl.
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pydicom
+from dicom_store import (
+    CALLING_AET,
+    ORTHANC,
+    BenchError,
+    Dataset,
+    Node,
+    Orthanc,
+    Service,
+    _echo,
+    _free_port,
+    _restamp,
+    _settled_count,
+    _wait_until,
+    large_set,
+    storescu,
+)
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from dicom_node.sender import set_nodelay  # pynetdicom leaves Nagle's algorithm on
+
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+DESTINATION_AET = "BENCHDEST"
+PATIENTS = 100
+# QIDO study searches: (name, query string). Key attributes compared between the targets.
+QUERIES = (
+    ("by PatientID", "PatientID=BENCH-017"),
+    ("by PatientName wildcard", "PatientName=Bench%5EPatient04*"),
+    ("by StudyDate range", "StudyDate=20240301-20240331"),
+    ("by AccessionNumber", "AccessionNumber=BENCH00421"),
+    ("by ModalitiesInStudy", "ModalitiesInStudy=MR&limit=50"),
+    ("first page of all", "limit=100"),
+)
+COMPARED = ("0020000D", "00100020", "00080020", "00080050")  # StudyInstanceUID, PatientID, StudyDate, AccessionNumber
+
+
+def search_set(folder: Path, studies: int, per_study: int) -> Dataset:
+    """`studies` studies of `per_study` instances (CT or MR, alternately), over PATIENTS patients."""
+    folder.mkdir(parents=True)
+    sources = [pydicom.dcmread(get_testdata_file(name)) for name in ("CT_small.dcm", "MR_small.dcm")]
+    result = Dataset("search", [], studies, studies, min(studies, PATIENTS))
+    for study in range(studies):
+        ds, study_uid, series_uid = sources[study % 2], generate_uid(), generate_uid()
+        for number in range(1, per_study + 1):
+            _restamp(ds, study % PATIENTS, study_uid, study, series_uid, 1, number)
+            ds.PatientID, ds.PatientName = f"BENCH-{study % PATIENTS:03d}", f"Bench^Patient{study % PATIENTS:03d}"
+            ds.AccessionNumber = f"BENCH{study:05d}"
+            ds.StudyDate = f"{2023 + study % 2}{1 + study % 12:02d}{1 + study % 28:02d}"
+            result.add(folder / f"{study:05d}-{number:03d}.dcm", ds)
+    return result.done(folder)
+
+
+class DicomWebNode(Node):
+    label = "this server"
+
+    def __init__(self, work: Path, env: dict[str, str], destination: int):
+        super().__init__(work, {**env, "FHIR_DICOM_DESTINATIONS": f"{DESTINATION_AET}=127.0.0.1:{destination}"})
+        self.dicomweb = ""
+
+    def start(self) -> None:
+        super().start()
+        self.dicomweb = f"{self.url}/dicomweb"
+
+
+class DicomWebOrthanc(Orthanc):
+    def __init__(self, work: Path, env: dict[str, str], destination: int):
+        super().__init__(work, env)
+        self.destination = destination
+        self.dicomweb = ""
+
+    def config(self) -> dict[str, object]:
+        return {
+            **super().config(),
+            "Plugins": [DICOMWEB_PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "MainDicomTags"},
+            "DicomModalities": {"dest": [DESTINATION_AET, "127.0.0.1", self.destination]},
+            # queries and retrieves from an SCU not in DicomModalities, as for the node
+            "DicomAlwaysAllowFind": True, "DicomAlwaysAllowMove": True, "DicomAlwaysAllowGet": True,
+        }
+
+    def start(self) -> None:
+        super().start()
+        self.dicomweb = f"{self.url}/dicom-web"
+
+
+def _ms(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered) * 1000, ordered[max(0, int(len(ordered) * 0.95) - 1)] * 1000
+
+
+def qido(target: Node | Orthanc, repeat: int) -> dict[str, tuple[float, float, list[dict[str, object]]]]:
+    """Per query: median and p95 latency (ms), and the answer's key attributes."""
+    results = {}
+    with httpx.Client(timeout=60, headers={"Accept": "application/dicom+json"}) as client:
+        for name, query in QUERIES:
+            url = f"{target.dicomweb}/studies?{query}"
+            answer = client.get(url)
+            if answer.status_code not in (200, 204):
+                raise BenchError(f"{target.label}: GET {url}: {answer.status_code} {answer.text[:300]}")
+            found = answer.json() if answer.status_code == 200 else []
+            keys = sorted(({k: (s.get(k, {}).get("Value") or [None])[0] for k in COMPARED} for s in found),
+                          key=lambda s: str(s["0020000D"]))
+            timings = []
+            for _ in range(repeat):
+                started = time.perf_counter()
+                client.get(url).raise_for_status()
+                timings.append(time.perf_counter() - started)
+            results[name] = (*_ms(timings), keys)
+    return results
+
+
+def wado(target: Node | Orthanc, study: str, expected_bytes: int, rounds: int) -> float:
+    """MB/s of the whole large study as multipart/related, by curl (median of `rounds`)."""
+    rates = []
+    for _ in range(rounds):
+        done = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", "-H",
+             'Accept: multipart/related; type="application/dicom"', f"{target.dicomweb}/studies/{study}"],
+            capture_output=True, text=True, timeout=600, check=True)
+        size, seconds = done.stdout.split()
+        if int(size) < expected_bytes:
+            raise BenchError(f"{target.label}: WADO-RS gave {size} bytes, the files sent hold {expected_bytes}")
+        rates.append(int(size) / 1e6 / float(seconds))
+    return statistics.median(rates)
+
+
+def cfind(target: Node | Orthanc, repeat: int) -> tuple[float, float, int]:
+    """Median and p95 (ms) of study-level C-FIND by PatientID, and the matches of the last one."""
+    ae = AE(ae_title=CALLING_AET)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", target.dicom_port, ae_title=target.aet, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    if not assoc.is_established:
+        raise BenchError(f"{target.label}: no C-FIND association")
+    timings, matches = [], 0
+    try:
+        for k in range(repeat):
+            query = pydicom.Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.PatientID = f"BENCH-{k % PATIENTS:03d}"
+            query.StudyInstanceUID = query.StudyDate = query.AccessionNumber = ""
+            started = time.perf_counter()
+            matches = sum(1 for status, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+                          if status and status.Status in (0xFF00, 0xFF01))
+            timings.append(time.perf_counter() - started)
+    finally:
+        assoc.release()
+    return (*_ms(timings), matches)
+
+
+def cmove(target: Node | Orthanc, env: dict[str, str], destination: Path, studies: list[str], port: int) -> float:
+    """Instances/s of moving `studies` (one movescu each, over one association) to the storescp."""
+    before = sum(1 for _ in destination.rglob("*.dcm"))
+    argv = ["movescu", "-S", "-aet", CALLING_AET, "-aec", target.aet, "-aem", DESTINATION_AET, "-k", "QueryRetrieveLevel=STUDY"]
+    started = time.perf_counter()
+    for study in studies:
+        done = subprocess.run([*argv, "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(target.dicom_port)],
+                              env=env, capture_output=True, timeout=600)
+        if done.returncode:
+            raise BenchError(f"{target.label}: movescu failed: {done.stderr.decode()[-500:]}")
+    seconds = time.perf_counter() - started
+    moved = sum(1 for _ in destination.rglob("*.dcm")) - before
+    return moved / seconds, moved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--studies", type=int, default=1000)
+    parser.add_argument("--per-study", type=int, default=2)
+    parser.add_argument("--large", type=int, default=20, help="5 MB instances of the retrieved study")
+    parser.add_argument("--repeat", type=int, default=50, help="requests per QIDO query and C-FIND")
+    parser.add_argument("--move", type=int, default=50, help="small studies moved by C-MOVE")
+    parser.add_argument("--rounds", type=int, default=3, help="WADO-RS retrievals of the large study")
+    parser.add_argument("--only", choices=("node", "orthanc"), action="append")
+    args = parser.parse_args()
+    for tool in ("storescu", "storescp", "movescu", "echoscu", "curl"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is needed: apt-get install dcmtk curl")
+    order = [t for t in ("node", "orthanc") if not args.only or t in args.only]
+    if "orthanc" in order and not (Path(ORTHANC).exists() and Path(DICOMWEB_PLUGIN).exists()):
+        raise SystemExit("Orthanc and its DICOMweb plugin are needed: apt-get install orthanc orthanc-dicomweb")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    work = Path(tempfile.mkdtemp(prefix="bench-dicomweb-"))
+    results: dict[str, dict[str, object]] = {}
+    labels: dict[str, str] = {}
+    try:
+        search = search_set(work / "search", args.studies, args.per_study)
+        large = large_set(work / "large", args.large)
+        large_study = str(pydicom.dcmread(large.files[0], stop_before_pixels=True).StudyInstanceUID)
+        large_bytes = sum(f.stat().st_size for f in large.files if
+                          str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) == large_study)
+        moved_studies = sorted({str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+                                for f in search.files[: args.move * args.per_study]})
+        print(f"generated {len(search.files)} search instances ({search.studies} studies) and {len(large.files)} "
+              f"large ones ({large.bytes / 1e6:.0f} MB)", flush=True)
+        for name in order:
+            received = work / f"moved-{name}"
+            received.mkdir()
+            dest_port = _free_port()
+            dest = Service("storescp", ["storescp", "-aet", DESTINATION_AET, "+B", "-fe", ".dcm", "-od", str(received),
+                                        str(dest_port)], env, work / f"storescp-{name}.log")
+            cls = DicomWebNode if name == "node" else DicomWebOrthanc
+            target = cls(work / name, env, dest_port)
+            target.work.mkdir()
+            try:
+                target.start()
+                for data in (search, large):
+                    _, errors = storescu(env, target.aet, target.dicom_port, data, target.work / f"storescu-{data.name}.log")
+                    if errors:
+                        raise BenchError(f"{target.label}: storescu: {errors[:3]}")
+                expected = len(search.files) + len(large.files)
+                stored, _ = _settled_count(target, expected)
+                if stored != expected:
+                    raise BenchError(f"{target.label}: holds {stored} instances of {expected}")
+                labels[name] = target.label
+                _wait_until(dest, lambda port=dest_port: _echo(env, DESTINATION_AET, port), "C-ECHO answer from storescp")
+                results[name] = {
+                    "qido": qido(target, args.repeat),
+                    "wado": wado(target, large_study, large_bytes, args.rounds),
+                    "cfind": cfind(target, args.repeat),
+                    "cmove": cmove(target, env, received, moved_studies, dest_port),
+                }
+                print(f"{target.label}: done", flush=True)
+            finally:
+                target.stop()
+                dest.stop()
+    except BenchError as exc:
+        raise SystemExit(f"{exc}\n(logs in {work})") from None
+    finally:
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+    report(order, labels, results, args)
+
+
+def report(order: list[str], labels: dict[str, str], results: dict[str, dict[str, object]], args: argparse.Namespace) -> None:
+    print(f"\nDICOM query/retrieve and DICOMweb, {args.studies} studies of {args.per_study} instances + one study of "
+          f"{args.large} x 5 MB, {os.cpu_count()} cores, TCP_NODELAY=1")
+    print(f"{'measure':<44}" + "".join(f"{labels[t]:>22}" for t in order)
+          + ("   ratio (node / Orthanc, >1 = better)" if len(order) == 2 else ""))
+    rows: list[tuple[str, list[float], bool]] = []  # (name, values, lower is better)
+    for name, _ in QUERIES:
+        rows.append((f"QIDO {name}: median ms", [results[t]["qido"][name][0] for t in order], True))  # type: ignore[index]
+        rows.append((f"QIDO {name}: p95 ms", [results[t]["qido"][name][1] for t in order], True))  # type: ignore[index]
+    rows.append(("WADO-RS study retrieval MB/s", [results[t]["wado"] for t in order], False))  # type: ignore[misc]
+    rows.append(("C-FIND study by PatientID: median ms", [results[t]["cfind"][0] for t in order], True))  # type: ignore[index]
+    rows.append(("C-FIND study by PatientID: p95 ms", [results[t]["cfind"][1] for t in order], True))  # type: ignore[index]
+    rows.append(("C-MOVE instances/s", [results[t]["cmove"][0] for t in order], False))  # type: ignore[index]
+    for title, values, lower in rows:
+        ratio = ""
+        if len(values) == 2 and values[0] and values[1]:
+            ratio = f"{(values[1] / values[0]) if lower else (values[0] / values[1]):>12.2f}"
+        print(f"{title:<44}" + "".join(f"{v:>22,.2f}" for v in values) + ratio)
+    problems = []
+    if len(order) == 2:
+        for name, _ in QUERIES:
+            mine, theirs = (results[t]["qido"][name][2] for t in order)  # type: ignore[index]
+            same = mine == theirs
+            print(f"check: QIDO {name}: {len(mine)} and {len(theirs)} studies, " + ("same answers" if same else "ANSWERS DIFFER"))
+            if not same:
+                problems.append(f"QIDO {name}: the answers differ (first: {mine[:1]} vs {theirs[:1]})")
+    for t in order:
+        print(f"check: {labels[t]}: C-MOVE delivered {results[t]['cmove'][1]} instances")  # type: ignore[index]
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    if problems:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
