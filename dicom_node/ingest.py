@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_node.files import BadInstance, check_instance
+from dicom_node.files import DOES_NOT_MATCH_SOP_CLASS, BadInstance, check_instance
 from dicom_node.indexing import DicomIndexer
 from mappings.dicom import instance_facts
 
@@ -33,30 +33,38 @@ class Accepted:
     status: int
     facts: dict[str, Any] | None = None
     indexed: concurrent.futures.Future[None] | None = None
-    reason: str = ""
 
 
 def accept(
-    indexer: DicomIndexer, path: Path, sop_instance_uid: str | None, *, fsync: bool, loop: asyncio.AbstractEventLoop
+    indexer: DicomIndexer,
+    path: Path,
+    sop_instance_uid: str | None,
+    *,
+    fsync: bool,
+    loop: asyncio.AbstractEventLoop,
+    study: str | None = None,
 ) -> Accepted:
-    """Check `path`, move it into the store and schedule its indexing on `loop`; blocking, so
-    never called on the loop itself. A refused file is left where it is (the caller's to drop)."""
+    """Check `path` (its SOP Instance UID `sop_instance_uid` and Study Instance UID `study`
+    when given), move it into the store and schedule its indexing on `loop`; blocking, so never
+    called on the loop itself. A refused file is left where it is (the caller's to drop)."""
     if not indexer.database_ok:
-        return Accepted(OUT_OF_RESOURCES, reason="the database is unreachable")  # the sender may try again later
+        return Accepted(OUT_OF_RESOURCES)  # FHIR cannot be told: the sender may try again later
     try:
         dataset = check_instance(path, sop_instance_uid)
+        if study is not None and dataset.StudyInstanceUID != study:
+            raise BadInstance(f"The instance belongs to study {dataset.StudyInstanceUID}, not {study}",
+                              DOES_NOT_MATCH_SOP_CLASS)
         facts = instance_facts(dataset)
     except BadInstance as exc:
         LOGGER.warning("instance refused (0x%04X): %s", exc.status, exc)
-        return Accepted(exc.status, reason=str(exc))
+        return Accepted(exc.status)
     except ValueError as exc:
         LOGGER.warning("instance refused: %s", exc)
-        return Accepted(CANNOT_UNDERSTAND, reason=str(exc))
+        return Accepted(CANNOT_UNDERSTAND)
     try:
         indexer.files.place(path, dataset, fsync)
     except OSError as exc:
         LOGGER.error("instance not stored: %s", exc)
-        status = OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else PROCESSING_FAILURE
-        return Accepted(status, reason=f"not stored: {exc.strerror or exc}")
+        return Accepted(OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else PROCESSING_FAILURE)
     future = asyncio.run_coroutine_threadsafe(indexer.add(facts), loop)
     return Accepted(SUCCESS, facts, future)

@@ -1,5 +1,363 @@
-"""WADO-RS: studies, series, instances, metadata, rendered images and frames (PS3.18 10.4), streamed from the file store."""
+"""WADO-RS: studies, series, instances, metadata, rendered images, frames and bulk data
+(PS3.18 10.4), streamed from the file store.
 
-from fastapi import APIRouter
+Instances go out as stored, byte for byte: a multipart/related body written part by part from
+the files, in chunks, so no study is ever held in memory. They are never transcoded: without a
+`transfer-syntax` parameter (or with `*`) each file goes in its own syntax, named in its part's
+Content-Type; a request for one named syntax that some file is not in gets 406.
+"""
 
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+from fastapi import APIRouter, Request
+from pydicom import DataElement, Dataset, dcmread
+from pydicom.filereader import read_file_meta_info
+from pydicom.sequence import Sequence as DicomSequence
+from starlette.responses import Response, StreamingResponse
+
+from dicom_node.files import PIXEL_TAGS
+from fhir_server.errors import BadRequest, NotAcceptable, NotFound
+from fhir_server.routes.dicomweb import pixels
+from fhir_server.routes.dicomweb.common import (
+    DICOM_JSON,
+    JSON_TYPES,
+    dicomweb_base,
+    files_at,
+    instance_file,
+    instance_url,
+    multipart_header,
+    negotiate,
+    negotiate_multipart,
+    store_of,
+)
+
+LOGGER = logging.getLogger(__name__)
 router = APIRouter()
+DICOM = "application/dicom"
+OCTETS = "application/octet-stream"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+CHUNK = 1 << 20
+BULK_THRESHOLD = 1024  # binary values longer than this go by BulkDataURI, shorter ones inline
+BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW", "US or SS or OW"})
+MAX_FRAMES = 10_000
+
+
+def _multipart(parts: AsyncIterator[bytes], part_type: str, boundary: str) -> StreamingResponse:
+    return StreamingResponse(parts, media_type=f'multipart/related; type="{part_type}"; boundary={boundary}')
+
+
+def _syntax(path: Path) -> str:
+    try:
+        return str(read_file_meta_info(path).get("TransferSyntaxUID", "") or "")
+    except (OSError, ValueError, EOFError) as exc:
+        LOGGER.warning("unreadable file meta of %s: %s", path, exc)
+        return ""
+
+
+async def _files(request: Request, study: str, series: str | None, instance: str | None) -> list[Path]:
+    return await asyncio.to_thread(files_at, store_of(request), study, series, instance)
+
+
+# -- instances --------------------------------------------------------------------------------
+
+
+async def _instances(syntaxes: list[tuple[Path, str]], boundary: str) -> AsyncIterator[bytes]:
+    """Each file in a part of its own, read in chunks; a file gone meanwhile is left out."""
+    for path, syntax in syntaxes:
+        try:
+            handle = await anyio.open_file(path, "rb")
+        except FileNotFoundError:
+            continue
+        async with handle:
+            size = os.fstat(handle.wrapped.fileno()).st_size
+            content_type = f"{DICOM}; transfer-syntax={syntax}" if syntax else DICOM
+            yield multipart_header(boundary, [("Content-Type", content_type), ("Content-Length", str(size))])
+            while chunk := await handle.read(CHUNK):
+                yield chunk
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+async def _retrieve(request: Request, study: str, series: str | None = None, instance: str | None = None) -> Response:
+    wanted = negotiate_multipart(request, [DICOM]).transfer_syntax
+    files = await _files(request, study, series, instance)
+    syntaxes = await asyncio.to_thread(lambda: [(p, _syntax(p)) for p in files])
+    if wanted not in (None, "*"):
+        other = sorted({s for _, s in syntaxes if s != wanted})
+        if other:
+            raise NotAcceptable(f"Instances are sent as stored (never transcoded); some are in {', '.join(other)}, "
+                                "not in the transfer syntax asked for (use transfer-syntax=*)")
+    boundary = uuid.uuid4().hex
+    return _multipart(_instances(syntaxes, boundary), DICOM, boundary)
+
+
+@router.get("/studies/{study}")
+async def retrieve_study(request: Request, study: str) -> Response:
+    return await _retrieve(request, study)
+
+
+@router.get("/studies/{study}/series/{series}")
+async def retrieve_series(request: Request, study: str, series: str) -> Response:
+    return await _retrieve(request, study, series)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}")
+async def retrieve_instance(request: Request, study: str, series: str, instance: str) -> Response:
+    return await _retrieve(request, study, series, instance)
+
+
+# -- metadata ---------------------------------------------------------------------------------
+
+
+def _bulk_paths(ds: Dataset, prefix: str, found: dict[int, str]) -> None:
+    """Where each binary value sits in the dataset (`tag[/item/tag...]`), for its BulkDataURI."""
+    for element in ds:
+        path = f"{prefix}{element.tag:08X}"
+        if element.VR == "SQ":
+            for index, item in enumerate(element.value):
+                _bulk_paths(item, f"{path}/{index}/", found)
+        elif element.VR in BULK_VRS:
+            found[id(element)] = path
+
+
+def _element_json(element: DataElement, handler: Callable[[DataElement], str]) -> dict[str, Any] | None:
+    try:
+        return element.to_json_dict(handler, BULK_THRESHOLD)
+    except Exception as exc:  # noqa: BLE001 - one malformed value must not cost the others
+        LOGGER.info("element %s left out of the metadata: %s", element.tag, exc)
+        return None
+
+
+def instance_metadata(path: Path, base: str) -> dict[str, Any] | None:
+    """One instance as DICOM JSON, without its pixels, large binary values as BulkDataURIs."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - a file that cannot be read is left out, not a 500
+        LOGGER.warning("cannot read %s for its metadata: %s", path, exc)
+        return None
+    for tag in PIXEL_TAGS:
+        ds.pop(tag, None)
+    paths: dict[int, str] = {}
+    _bulk_paths(ds, "", paths)
+    url = instance_url(base, path)
+
+    def handler(element: DataElement) -> str:
+        return f"{url}/bulkdata/{paths.get(id(element), f'{element.tag:08X}')}"
+
+    out = {}
+    for element in ds:
+        encoded = _element_json(element, handler)
+        if encoded is not None:
+            out[f"{element.tag:08X}"] = encoded
+    return out
+
+
+async def _metadata_items(files: list[Path], base: str) -> AsyncIterator[bytes]:
+    yield b"["
+    first = True
+    for path in files:
+        item = await asyncio.to_thread(instance_metadata, path, base)
+        if item is None:
+            continue
+        yield (b"" if first else b",") + orjson.dumps(item)
+        first = False
+    yield b"]"
+
+
+async def _metadata(request: Request, study: str, series: str | None = None, instance: str | None = None) -> Response:
+    negotiate(request, JSON_TYPES)
+    files = await _files(request, study, series, instance)
+    return StreamingResponse(_metadata_items(files, dicomweb_base(request)), media_type=DICOM_JSON)
+
+
+@router.get("/studies/{study}/metadata")
+async def study_metadata(request: Request, study: str) -> Response:
+    return await _metadata(request, study)
+
+
+@router.get("/studies/{study}/series/{series}/metadata")
+async def series_metadata(request: Request, study: str, series: str) -> Response:
+    return await _metadata(request, study, series)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/metadata")
+async def instance_metadata_route(request: Request, study: str, series: str, instance: str) -> Response:
+    return await _metadata(request, study, series, instance)
+
+
+# -- bulk data --------------------------------------------------------------------------------
+
+
+def _bulk_value(path: Path, steps: list[str]) -> bytes:
+    """The value at `tag[/item/tag...]` (as the metadata's BulkDataURIs name it)."""
+    if len(steps) % 2 == 0:
+        raise BadRequest("A bulk data path is tag[/item/tag...]")
+    try:
+        tags = [int(step, 16) for step in steps[0::2]]
+        items = [int(step) for step in steps[1::2]]
+    except ValueError:
+        raise BadRequest("A bulk data path is tag[/item/tag...] (tags as 8 hex digits)") from None
+    if tags[-1] in PIXEL_TAGS:
+        raise NotFound("Pixel data is served as frames (…/frames/1,2,…) or with the instance")
+    current: Any = dcmread(path, stop_before_pixels=True)
+    for depth, tag in enumerate(tags):
+        if not isinstance(current, Dataset) or tag not in current:
+            raise NotFound("No such bulk data element")
+        value = current[tag].value
+        if depth < len(items):
+            if not isinstance(value, DicomSequence) or not 0 <= items[depth] < len(value):
+                raise NotFound("No such bulk data element")
+            current = value[items[depth]]
+        else:
+            current = value
+    if not isinstance(current, bytes):
+        raise NotFound("The element holds no binary value")
+    return current
+
+
+async def _one_part(data: bytes, part_type: str, boundary: str) -> AsyncIterator[bytes]:
+    yield multipart_header(boundary, [("Content-Type", part_type), ("Content-Length", str(len(data)))])
+    yield data
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{bulk_path:path}")
+async def retrieve_bulkdata(request: Request, study: str, series: str, instance: str, bulk_path: str) -> Response:
+    negotiate_multipart(request, [OCTETS])
+    path = await asyncio.to_thread(instance_file, store_of(request), study, series, instance)
+    data = await asyncio.to_thread(_bulk_value, path, bulk_path.strip("/").split("/"))
+    boundary = uuid.uuid4().hex
+    return _multipart(_one_part(data, OCTETS, boundary), OCTETS, boundary)
+
+
+# -- frames -----------------------------------------------------------------------------------
+
+
+def _frame_numbers(text: str) -> list[int]:
+    numbers = [p.strip() for p in text.split(",")]
+    if not numbers or len(numbers) > MAX_FRAMES or not all(n.isdigit() and len(n) <= 9 for n in numbers):
+        raise BadRequest("Frames are listed as 1-based numbers separated by commas")
+    return [int(n) for n in numbers]
+
+
+async def _frames(frames: list[bytes], boundary: str) -> AsyncIterator[bytes]:
+    content_type = f"{OCTETS}; transfer-syntax={EXPLICIT_LE}"
+    for frame in frames:
+        yield multipart_header(boundary, [("Content-Type", content_type), ("Content-Length", str(len(frame)))])
+        yield frame
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frame_list}")
+async def retrieve_frames(request: Request, study: str, series: str, instance: str, frame_list: str) -> Response:
+    """Uncompressed frames as application/octet-stream (little endian, PS3.18 8.7.3.3.2)."""
+    wanted = negotiate_multipart(request, [OCTETS]).transfer_syntax
+    if wanted not in (None, "*", EXPLICIT_LE):
+        raise NotAcceptable(f"Frames are served uncompressed only (transfer-syntax={EXPLICIT_LE})")
+    numbers = _frame_numbers(frame_list)
+    path = await asyncio.to_thread(instance_file, store_of(request), study, series, instance)
+    frames = await asyncio.to_thread(pixels.native_frames, path, numbers)
+    boundary = uuid.uuid4().hex
+    return _multipart(_frames(frames, boundary), OCTETS, boundary)
+
+
+# -- rendered ---------------------------------------------------------------------------------
+
+IMAGE_TYPES = list(pixels.FORMATS)
+
+
+def _render_call(request: Request, media_type: str) -> Callable[[Path, int], Awaitable[bytes]]:
+    options = pixels.render_options(media_type, dict(request.query_params))
+
+    async def call(path: Path, index: int) -> bytes:
+        return await asyncio.to_thread(pixels.render, path, index, options)
+
+    return call
+
+
+def _image_type(request: Request) -> str:
+    """A single image's media type: image/jpeg unless PNG is preferred."""
+    return negotiate(request, IMAGE_TYPES)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/rendered")
+async def render_instance(request: Request, study: str, series: str, instance: str) -> Response:
+    """The instance as one image (a multi-frame instance: its first frame)."""
+    media_type = _image_type(request)
+    render = _render_call(request, media_type)
+    path = await asyncio.to_thread(instance_file, store_of(request), study, series, instance)
+    return Response(await render(path, 0), media_type=media_type)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frame_list}/rendered")
+async def render_frame(request: Request, study: str, series: str, instance: str, frame_list: str) -> Response:
+    numbers = _frame_numbers(frame_list)
+    if len(numbers) != 1:
+        raise BadRequest("One frame at a time is rendered")
+    media_type = _image_type(request)
+    render = _render_call(request, media_type)
+    path = await asyncio.to_thread(instance_file, store_of(request), study, series, instance)
+    return Response(await render(path, numbers[0] - 1), media_type=media_type)
+
+
+def _renderable(files: list[Path]) -> list[Path]:
+    """The image instances (by header) among `files`."""
+    found = []
+    for path in files:
+        try:
+            if pixels.is_image(pixels.header(path)):
+                found.append(path)
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is not an image to render
+            LOGGER.info("not rendering %s: %s", path, exc)
+    return found
+
+
+async def _rendered_parts(
+    files: list[Path], render: Callable[[Path, int], Awaitable[bytes]], media_type: str, boundary: str
+) -> AsyncIterator[bytes]:
+    """One image per instance, rendered as the body is sent; one that cannot be is left out."""
+    for path in files:
+        try:
+            image = await render(path, 0)
+        except (NotAcceptable, NotFound) as exc:
+            LOGGER.info("not rendering %s: %s", path, exc)
+            continue
+        yield multipart_header(boundary, [("Content-Type", media_type), ("Content-Length", str(len(image)))])
+        yield image
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+async def _render_many(request: Request, study: str, series: str | None = None) -> Response:
+    """A study's or series' images, each instance's (first frame) in a part. A plain
+    `image/jpeg` or `image/png` Accept is taken as the parts' type."""
+    try:
+        media_type = str(negotiate_multipart(request, IMAGE_TYPES).part_type)
+    except NotAcceptable:
+        media_type = _image_type(request)
+    render = _render_call(request, media_type)
+    files = await asyncio.to_thread(_renderable, await _files(request, study, series, None))
+    if not files:
+        raise NotAcceptable("No instance here is an image: there is nothing to render")
+    boundary = uuid.uuid4().hex
+    return _multipart(_rendered_parts(files, render, media_type, boundary), media_type, boundary)
+
+
+@router.get("/studies/{study}/rendered")
+async def render_study(request: Request, study: str) -> Response:
+    return await _render_many(request, study)
+
+
+@router.get("/studies/{study}/series/{series}/rendered")
+async def render_series(request: Request, study: str, series: str) -> Response:
+    return await _render_many(request, study, series)
+

@@ -1,0 +1,220 @@
+"""Pixel data for WADO-RS: rendered images (PS3.18 8.3.5, 10.4.1.1.3) and native frames.
+
+Rendering decodes one frame with pydicom (its own and Pillow's decoders), applies the Modality
+LUT, then the VOI transform (a `window` parameter, else the VOI LUT Sequence, else the header's
+Window Center/Width with its VOI LUT Function, else the frame's min-max), inverts MONOCHROME1,
+and encodes 8-bit JPEG or PNG with Pillow. Colour images go as RGB (pydicom converts YBR),
+palette colour through its LUT. Blocking: the routes call these in a thread.
+"""
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from pydicom import Dataset, dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from fhir_server.errors import BadRequest, NotAcceptable, NotFound
+
+LOGGER = logging.getLogger(__name__)
+PIXEL_DATA = 0x7FE00010
+MAX_VIEWPORT = 8192
+FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG"}
+
+
+@dataclass(frozen=True)
+class Window:
+    center: float
+    width: float
+    function: str = "LINEAR"  # LINEAR, LINEAR_EXACT or SIGMOID (PS3.3 C.11.2.1.2)
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    media_type: str = "image/jpeg"
+    quality: int = 90
+    viewport: tuple[int, int] | None = None
+    window: Window | None = None
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadRequest(f"{what} {text!r} is not a number") from None
+    if not np.isfinite(value):
+        raise BadRequest(f"{what} {text!r} is not a finite number")
+    return value
+
+
+def render_options(media_type: str, params: dict[str, str]) -> RenderOptions:
+    """The `quality`, `viewport` (vw,vh) and `window` (center,width[,function]) query
+    parameters of a rendered resource, or 400."""
+    quality = 90
+    if "quality" in params:
+        quality = int(_number(params["quality"], "quality"))
+        if not 1 <= quality <= 100:
+            raise BadRequest("quality is 1 to 100")
+    viewport = None
+    if "viewport" in params:
+        parts = params["viewport"].split(",")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise BadRequest("viewport is vw,vh (the other viewport parameters are not supported)")
+        viewport = (int(parts[0]), int(parts[1]))
+        if not all(1 <= v <= MAX_VIEWPORT for v in viewport):
+            raise BadRequest(f"viewport sizes are 1 to {MAX_VIEWPORT}")
+    window = None
+    if "window" in params:
+        parts = params["window"].split(",")
+        if len(parts) not in (2, 3):
+            raise BadRequest("window is center,width[,function]")
+        function = parts[2].strip().upper().replace("-", "_") if len(parts) == 3 else "LINEAR"
+        if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+            raise BadRequest("window function is linear, linear-exact or sigmoid")
+        window = Window(_number(parts[0], "window center"), _number(parts[1], "window width"), function)
+        if window.width <= 0 or (function == "LINEAR" and window.width < 1):
+            raise BadRequest("window width must be positive (at least 1 for linear)")
+    return RenderOptions(media_type, quality, viewport, window)
+
+
+def is_image(ds: Dataset) -> bool:
+    return "Rows" in ds and "Columns" in ds and ("PixelData" in ds or PIXEL_DATA in ds)
+
+
+def frame_count(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def header(path: Path) -> Dataset:
+    """The header, Pixel Data present but not loaded."""
+    return dcmread(path, defer_size=1024)
+
+
+def _windowed(values: np.ndarray, window: Window) -> np.ndarray:
+    """PS3.3 C.11.2.1.2: values → 0..1."""
+    c, w = window.center, window.width
+    if window.function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+    if window.function == "LINEAR_EXACT":
+        return np.clip((values - c) / w + 0.5, 0.0, 1.0)
+    return np.clip((values - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0) if w > 1 else (values > c - 0.5).astype(float)
+
+
+def _first(value: object) -> float:
+    """The first of a possibly multi-valued DS."""
+    return float(value[0] if isinstance(value, MultiValue | list) else value)  # type: ignore[arg-type]
+
+
+def _header_window(ds: Dataset) -> Window | None:
+    try:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    function = str(ds.get("VOILUTFunction", "") or "LINEAR").upper()
+    if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID") or width <= 0 or not np.isfinite([center, width]).all():
+        return None
+    return Window(center, width, function)
+
+
+def _grey(frame: np.ndarray, ds: Dataset, window: Window | None) -> np.ndarray:
+    """A monochrome frame → 0..1, after the Modality LUT and VOI transform."""
+    values = apply_modality_lut(frame, ds).astype(np.float64)
+    window = window or (None if "VOILUTSequence" in ds else _header_window(ds))
+    if window is not None:
+        scaled = _windowed(values, window)
+    elif "VOILUTSequence" in ds:
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        scaled = np.clip(apply_voi_lut(values, ds, prefer_lut=True) / float(2**bits - 1), 0.0, 1.0)
+    else:
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return scaled
+
+
+def _to_8bit(values: np.ndarray, bits: int) -> np.ndarray:
+    """Colour samples of `bits` bits → uint8."""
+    if values.dtype == np.uint8 and bits <= 8:
+        return values
+    return np.clip(values.astype(np.float64) / float(2**bits - 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _image(path: Path, index: int, options: RenderOptions) -> Image.Image:
+    ds = header(path)
+    if not is_image(ds):
+        raise NotAcceptable("The instance is not an image: it has no rendered representation")
+    if not 0 <= index < frame_count(ds):
+        raise NotFound(f"Frame {index + 1} does not exist (the instance has {frame_count(ds)})")
+    deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    try:  # from the file, one frame read, unless the dataset must be inflated first
+        frame = pixel_array(dcmread(path) if deflated else path, index=index)
+    except (NotImplementedError, RuntimeError, ValueError, TypeError, AttributeError, KeyError, OSError) as exc:
+        LOGGER.info("cannot decode %s: %s", path, exc)
+        raise NotAcceptable(f"The pixel data cannot be decoded here to render it ({exc})") from exc
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        rgb = _to_8bit(apply_color_lut(frame, ds), bits)
+    elif frame.ndim == 3:
+        rgb = _to_8bit(frame, int(ds.get("BitsStored") or 8))
+    else:
+        grey = (_grey(frame, ds, options.window) * 255.0 + 0.5).astype(np.uint8)
+        return Image.fromarray(grey, mode="L")
+    return Image.fromarray(rgb[..., :3], mode="RGB")
+
+
+def render(path: Path, index: int, options: RenderOptions) -> bytes:
+    """Frame `index` (0-based) of an instance as a JPEG or PNG (blocking)."""
+    image = _image(path, index, options)
+    if options.viewport is not None:
+        image = ImageOps.contain(image, options.viewport)
+    buffer = io.BytesIO()
+    if options.media_type == "image/jpeg":
+        image.save(buffer, "JPEG", quality=options.quality)
+    else:
+        image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def native_frames(path: Path, numbers: list[int]) -> list[bytes]:
+    """Frames `numbers` (1-based) of uncompressed Pixel Data, each as little endian bytes,
+    read from the file without loading the rest of the pixels (blocking)."""
+    ds = header(path)
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if not is_image(ds) or PIXEL_DATA not in ds:
+        raise NotFound("The instance has no Pixel Data")
+    if syntax is None or syntax.is_compressed:
+        raise NotAcceptable("The frames are compressed: retrieve the instance (frames are served uncompressed only)")
+    frames = frame_count(ds)
+    for number in numbers:
+        if not 1 <= number <= frames:
+            raise NotFound(f"Frame {number} does not exist (the instance has {frames})")
+    allocated = int(ds.get("BitsAllocated") or 0)
+    pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
+    if allocated == 1 and pixels % 8:
+        raise NotAcceptable("Single-bit frames that do not end on a byte boundary are not served")
+    length = get_expected_length(ds, "bytes") // frames
+    raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    out = []
+    if isinstance(raw, RawDataElement) and raw.value is None and syntax != DeflatedExplicitVRLittleEndian:
+        with open(path, "rb") as handle:
+            for number in numbers:
+                handle.seek(raw.value_tell + (number - 1) * length)
+                out.append(handle.read(length))
+    else:
+        data = ds.PixelData
+        out = [data[(n - 1) * length:n * length] for n in numbers]
+    if not syntax.is_little_endian and allocated in (16, 32):
+        out = [np.frombuffer(f, dtype=f">u{allocated // 8}").astype(f"<u{allocated // 8}").tobytes() for f in out]
+    return out

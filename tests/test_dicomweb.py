@@ -1,0 +1,413 @@
+"""DICOMweb (PS3.18) against a real server: STOW-RS, WADO-RS and QIDO-RS with dicomweb-client
+and plain HTTP, the FHIR ImagingStudy they keep up to date, and the error paths."""
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from conftest import ServerProcess, unique
+from dicomweb_client import DICOMwebClient
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from python_multipart.multipart import MultipartParser, parse_options_header
+from requests import HTTPError
+
+from fhir_server.storage.embedded import EmbeddedDatabase
+
+DICOM_JSON = "application/dicom+json"
+MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
+SAMPLES = {  # name → what it exercises
+    "CT_small.dcm": "explicit VR little endian, 16-bit",
+    "MR_small.dcm": "window center/width in the header",
+    "rtdose.dcm": "uncompressed multi-frame (15 frames, 32-bit, implicit VR)",
+    "SC_rgb_jpeg_dcmtk.dcm": "compressed (JPEG baseline), colour",
+}
+FAILED_SOP_SEQUENCE, REFERENCED_SOP_SEQUENCE, FAILURE_REASON, RETRIEVE_URL = "00081198", "00081199", "00081197", "00081190"
+
+
+@pytest.fixture(scope="module")
+def server(database: EmbeddedDatabase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    env = {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "fhir_dicomweb"}
+    proc = ServerProcess(tmp_path_factory.mktemp("dicomweb"), env).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"{server.url}/dicomweb", timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def fhir(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"{server.url}/fhir", timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def dicomweb(server: ServerProcess) -> DICOMwebClient:
+    return DICOMwebClient(f"{server.url}/dicomweb")
+
+
+def fresh(name: str, study: str | None = None, **attributes: object) -> Dataset:
+    """A bundled test file with new UIDs and patient (transfer syntax and pixels untouched)."""
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientID = f"P{unique()}"
+    ds.PatientName = "Doe^Jane"
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def encode(ds: Dataset) -> bytes:
+    """The file as dicomweb-client sends it."""
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds)
+    return buffer.getvalue()
+
+
+def multipart(parts: list[bytes], boundary: str = "b0undary", part_type: str = "application/dicom") -> bytes:
+    body = b"".join(f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + p + b"\r\n" for p in parts)
+    return body + f"--{boundary}--\r\n".encode()
+
+
+def stow(http: httpx.Client, parts: list[bytes], path: str = "/studies", **headers: str) -> httpx.Response:
+    content_type = headers.pop("content_type", f"{MULTIPART_DICOM}; boundary=b0undary")
+    return http.post(path, content=multipart(parts), headers={"Content-Type": content_type, **headers})
+
+
+def split(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
+    """The parts of a multipart response: (headers, body) each."""
+    kind, params = parse_options_header(response.headers["content-type"])
+    assert kind == b"multipart/related", response.headers["content-type"]
+    parts: list[tuple[dict[str, str], bytearray]] = []
+    header: list[bytearray] = [bytearray(), bytearray()]
+
+    def header_end() -> None:
+        parts[-1][0][header[0].decode().lower()] = header[1].decode().strip()
+        header[0].clear()
+        header[1].clear()
+
+    parser = MultipartParser(params[b"boundary"], {
+        "on_part_begin": lambda: parts.append(({}, bytearray())),
+        "on_header_field": lambda d, s, e: header[0].extend(d[s:e]),
+        "on_header_value": lambda d, s, e: header[1].extend(d[s:e]),
+        "on_header_end": header_end,
+        "on_part_data": lambda d, s, e: parts[-1][1].extend(d[s:e]),
+    })
+    parser.write(response.content)
+    parser.finalize()
+    return [(h, bytes(b)) for h, b in parts]
+
+
+@pytest.fixture(scope="module")
+def study(server: ServerProcess) -> dict[str, object]:
+    """One study of every sample, stored by STOW-RS through dicomweb-client."""
+    uid = generate_uid()
+    datasets = [fresh(name, uid, PatientID="DW-1", PatientName="Dicomweb^Alice", StudyDate="20240115",
+                      AccessionNumber="ACC-DW-1") for name in SAMPLES]
+    client = DICOMwebClient(f"{server.url}/dicomweb")
+    response = client.store_instances(datasets)
+    return {"uid": uid, "datasets": datasets, "response": response, "sent": {d.SOPInstanceUID: encode(d) for d in datasets}}
+
+
+# -- STOW-RS ----------------------------------------------------------------------------------
+
+
+def test_stow_stores_every_sample_and_answers_their_urls(study: dict, server: ServerProcess) -> None:
+    response: Dataset = study["response"]
+    datasets: list[Dataset] = study["datasets"]
+    assert "FailedSOPSequence" not in response
+    referenced = {item.ReferencedSOPInstanceUID: item for item in response.ReferencedSOPSequence}
+    assert set(referenced) == {d.SOPInstanceUID for d in datasets}
+    for ds in datasets:
+        item = referenced[ds.SOPInstanceUID]
+        assert item.ReferencedSOPClassUID == ds.SOPClassUID
+        assert item.RetrieveURL.endswith(f"/studies/{study['uid']}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+        kept = server.data_dir / "dicom" / "store" / study["uid"] / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+        assert kept.read_bytes() == study["sent"][ds.SOPInstanceUID]  # stored as sent
+    assert response.RetrieveURL.endswith(f"/dicomweb/studies/{study['uid']}")
+    assert not list((server.data_dir / "dicom" / "incoming").iterdir())
+
+
+def test_stow_updates_the_imaging_study_before_answering(study: dict, fhir: httpx.Client, http: httpx.Client) -> None:
+    found = fhir.get("/ImagingStudy", params={"identifier": f"urn:dicom:uid|urn:oid:{study['uid']}"}).json()
+    assert found["total"] == 1
+    resource = found["entry"][0]["resource"]
+    assert resource["numberOfInstances"] == len(SAMPLES)
+    assert {i["uid"] for s in resource["series"] for i in s["instance"]} == {d.SOPInstanceUID for d in study["datasets"]}
+    endpoint = fhir.get(resource["endpoint"][0]["reference"]).json()
+    retrieved = httpx.get(f"{endpoint['address']}/studies/{study['uid']}", headers={"Accept": MULTIPART_DICOM}, timeout=60)
+    assert retrieved.status_code == 200
+    assert len(split(retrieved)) == len(SAMPLES)
+
+
+def test_stow_is_idempotent_and_checks_the_study_of_the_url(http: httpx.Client, fhir: httpx.Client) -> None:
+    ds = fresh("MR_small.dcm")
+    raw = encode(ds)
+    first = stow(http, [raw], f"/studies/{ds.StudyInstanceUID}")
+    assert first.status_code == 200, first.text
+    assert first.headers["content-type"] == DICOM_JSON
+    version = fhir.get(f"/ImagingStudy/{ds.StudyInstanceUID}").json()["meta"]["versionId"]
+    again = stow(http, [raw], f"/studies/{ds.StudyInstanceUID}")
+    assert again.status_code == 200
+    assert fhir.get(f"/ImagingStudy/{ds.StudyInstanceUID}").json()["meta"]["versionId"] == version  # no new version
+
+    other = generate_uid()
+    mismatch = stow(http, [raw], f"/studies/{other}")
+    assert mismatch.status_code == 409
+    failed = mismatch.json()[FAILED_SOP_SEQUENCE]["Value"]
+    assert failed[0][FAILURE_REASON]["Value"] == [0xA900]
+    assert failed[0]["00081155"]["Value"] == [ds.SOPInstanceUID]
+    assert REFERENCED_SOP_SEQUENCE not in mismatch.json()
+    assert fhir.get(f"/ImagingStudy/{other}").status_code == 404
+
+
+def test_stow_with_some_parts_refused_is_202(http: httpx.Client, server: ServerProcess) -> None:
+    good = fresh("CT_small.dcm")
+    truncated = encode(fresh("CT_small.dcm"))[:-2000]
+    no_uid = fresh("CT_small.dcm")
+    del no_uid.SeriesInstanceUID
+    response = stow(http, [encode(good), b"not DICOM at all", truncated, encode(no_uid)])
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert [i["00081155"]["Value"][0] for i in body[REFERENCED_SOP_SEQUENCE]["Value"]] == [good.SOPInstanceUID]
+    reasons = [i[FAILURE_REASON]["Value"][0] for i in body[FAILED_SOP_SEQUENCE]["Value"]]
+    assert reasons == [0xC210, 0xC210, 0xA900]
+    assert not list((server.data_dir / "dicom" / "incoming").iterdir())  # refused parts are dropped
+
+
+@pytest.mark.parametrize(("content_type", "body", "status"), [
+    ("application/dicom", b"x", 415),
+    ('multipart/related; type="application/dicom+json"; boundary=b0undary', multipart([b"{}"]), 415),
+    ("multipart/related; type=\"application/dicom\"", multipart([b"x"]), 400),  # no boundary
+    (f"{MULTIPART_DICOM}; boundary=b0undary", multipart([b"x"])[:-12], 400),  # cut before the close delimiter
+    (f"{MULTIPART_DICOM}; boundary=b0undary", b"garbage before any boundary", 400),
+    (f"{MULTIPART_DICOM}; boundary=b0undary", b"--b0undary--\r\n", 400),  # no part
+    (f"{MULTIPART_DICOM}; boundary=b0undary", multipart([b"junk"]), 409),  # parsed, but not DICOM
+])
+def test_stow_bad_requests_are_4xx(http: httpx.Client, server: ServerProcess, content_type: str, body: bytes,
+                                   status: int) -> None:
+    response = http.post("/studies", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == status, response.text
+    assert not list((server.data_dir / "dicom" / "incoming").iterdir())
+
+
+def test_stow_with_an_invalid_study_uid_in_the_url_is_400(http: httpx.Client) -> None:
+    assert stow(http, [b"x"], "/studies/1.2.x").status_code == 400
+
+
+# -- WADO-RS: instances -----------------------------------------------------------------------
+
+
+def test_wado_study_series_and_instance_are_the_files_as_sent(study: dict, http: httpx.Client) -> None:
+    datasets: list[Dataset] = study["datasets"]
+    whole = http.get(f"/studies/{study['uid']}", headers={"Accept": f"{MULTIPART_DICOM}; transfer-syntax=*"})
+    assert whole.status_code == 200
+    assert whole.headers["content-type"].startswith(MULTIPART_DICOM)
+    parts = split(whole)
+    assert sorted(body for _, body in parts) == sorted(study["sent"].values())  # byte for byte
+    for headers, body in parts:
+        syntax = pydicom.dcmread(io.BytesIO(body)).file_meta.TransferSyntaxUID
+        assert headers["content-type"] == f"application/dicom; transfer-syntax={syntax}"
+        assert int(headers["content-length"]) == len(body)
+    ds = datasets[0]
+    series = split(http.get(f"/studies/{study['uid']}/series/{ds.SeriesInstanceUID}"))
+    assert [body for _, body in series] == [study["sent"][ds.SOPInstanceUID]]
+    url = f"/studies/{study['uid']}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    assert [body for _, body in split(http.get(url))] == [study["sent"][ds.SOPInstanceUID]]
+
+
+def test_wado_with_dicomweb_client(study: dict, dicomweb: DICOMwebClient) -> None:
+    datasets: list[Dataset] = study["datasets"]
+    got = dicomweb.retrieve_study(study["uid"])
+    assert {d.SOPInstanceUID for d in got} == {d.SOPInstanceUID for d in datasets}
+    ds = datasets[1]
+    series = dicomweb.retrieve_series(study["uid"], ds.SeriesInstanceUID)
+    assert [d.SOPInstanceUID for d in series] == [ds.SOPInstanceUID]
+    instance = dicomweb.retrieve_instance(study["uid"], ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert instance.PixelData == ds.PixelData and instance.PatientName == "Dicomweb^Alice"
+
+
+def test_wado_asking_another_transfer_syntax_is_406(study: dict, http: httpx.Client) -> None:
+    accept = f"{MULTIPART_DICOM}; transfer-syntax=1.2.840.10008.1.2.4.50"  # JPEG: not what most are stored in
+    assert http.get(f"/studies/{study['uid']}", headers={"Accept": accept}).status_code == 406
+    jpeg = next(d for d in study["datasets"] if d.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50")
+    url = f"/studies/{study['uid']}/series/{jpeg.SeriesInstanceUID}/instances/{jpeg.SOPInstanceUID}"
+    assert http.get(url, headers={"Accept": accept}).status_code == 200
+
+
+# -- WADO-RS: metadata ------------------------------------------------------------------------
+
+
+def test_metadata_at_every_level(study: dict, dicomweb: DICOMwebClient, http: httpx.Client) -> None:
+    datasets: list[Dataset] = study["datasets"]
+    items = dicomweb.retrieve_study_metadata(study["uid"])
+    assert len(items) == len(SAMPLES)
+    for item in items:
+        assert "7FE00010" not in item  # no pixel data
+        parsed = Dataset.from_json(item)
+        assert parsed.StudyInstanceUID == study["uid"] and parsed.PatientID == "DW-1"
+    ds = datasets[0]
+    series = dicomweb.retrieve_series_metadata(study["uid"], ds.SeriesInstanceUID)
+    assert [Dataset.from_json(i).SOPInstanceUID for i in series] == [ds.SOPInstanceUID]
+    instance = dicomweb.retrieve_instance_metadata(study["uid"], ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert Dataset.from_json(instance).Rows == ds.Rows
+    response = http.get(f"/studies/{study['uid']}/metadata", headers={"Accept": "application/dicom+xml"})
+    assert response.status_code == 406
+
+
+def test_metadata_bulk_data_uris_resolve(http: httpx.Client) -> None:
+    ds = fresh("CT_small.dcm")
+    ds.add_new(0x00091010, "OB", bytes(range(256)) * 8)  # a private binary value past the inline threshold
+    assert stow(http, [encode(ds)]).status_code == 200
+    base = f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    item = http.get(f"{base}/metadata").json()[0]
+    uri = item["00091010"]["BulkDataURI"]
+    assert uri.endswith(f"{base}/bulkdata/00091010")
+    parts = split(http.get(uri))
+    assert parts[0][1] == bytes(range(256)) * 8
+    assert http.get(f"{base}/bulkdata/7FE00010").status_code == 404
+    assert http.get(f"{base}/bulkdata/zz").status_code == 400
+
+
+# -- WADO-RS: rendered and frames ---------------------------------------------------------------
+
+
+def by_name(study: dict, name: str) -> Dataset:
+    return study["datasets"][list(SAMPLES).index(name)]
+
+
+def instance_path(study: dict, ds: Dataset) -> str:
+    return f"/studies/{study['uid']}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+
+
+@pytest.mark.parametrize(("name", "mode", "size"), [
+    ("CT_small.dcm", "L", (128, 128)),
+    ("MR_small.dcm", "L", (64, 64)),
+    ("SC_rgb_jpeg_dcmtk.dcm", "RGB", (100, 100)),  # decoded from JPEG
+    ("rtdose.dcm", "L", (10, 10)),  # the first frame
+])
+def test_rendered_instance_as_jpeg_and_png(study: dict, http: httpx.Client, name: str, mode: str,
+                                           size: tuple[int, int]) -> None:
+    url = f"{instance_path(study, by_name(study, name))}/rendered"
+    jpeg = http.get(url)
+    assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
+    image = Image.open(io.BytesIO(jpeg.content))
+    assert (image.format, image.mode, image.size) == ("JPEG", mode, size)
+    png = http.get(url, headers={"Accept": "image/png"})
+    image = Image.open(io.BytesIO(png.content))
+    assert (png.headers["content-type"], image.format, image.mode, image.size) == ("image/png", "PNG", mode, size)
+
+
+def test_rendered_follows_the_window_and_viewport(study: dict, http: httpx.Client, dicomweb: DICOMwebClient) -> None:
+    ds = by_name(study, "CT_small.dcm")
+    url = f"{instance_path(study, ds)}/rendered"
+    narrow = Image.open(io.BytesIO(http.get(url, params={"window": "40,80"}, headers={"Accept": "image/png"}).content))
+    wide = Image.open(io.BytesIO(http.get(url, params={"window": "40,4000"}, headers={"Accept": "image/png"}).content))
+    assert np.asarray(narrow).std() > np.asarray(wide).std()  # a narrow window has more contrast
+    small = Image.open(io.BytesIO(http.get(url, params={"viewport": "32,32"}).content))
+    assert small.size == (32, 32)
+    inverted = fresh("CT_small.dcm", PhotometricInterpretation="MONOCHROME1")
+    assert stow(http, [encode(inverted)]).status_code == 200
+    flipped = Image.open(io.BytesIO(http.get(f"{instance_path({'uid': inverted.StudyInstanceUID}, inverted)}/rendered",
+                                             headers={"Accept": "image/png"}).content))
+    plain = Image.open(io.BytesIO(http.get(url, headers={"Accept": "image/png"}).content))
+    assert np.abs(np.asarray(flipped).astype(int) + np.asarray(plain) - 255).max() <= 1  # MONOCHROME1 inverted
+    client_png = dicomweb.retrieve_instance_rendered(study["uid"], ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                                                     media_types=("image/png",))
+    assert Image.open(io.BytesIO(client_png)).size == (128, 128)
+    for bad in ({"window": "40"}, {"window": "a,b"}, {"viewport": "0,10"}, {"quality": "101"}, {"window": "1,1,cubic"}):
+        assert http.get(url, params=bad).status_code == 400, bad
+    assert http.get(url, headers={"Accept": "image/gif"}).status_code == 406
+
+
+def test_rendered_series_and_study_are_one_image_per_instance(study: dict, http: httpx.Client) -> None:
+    whole = http.get(f"/studies/{study['uid']}/rendered", headers={"Accept": 'multipart/related; type="image/png"'})
+    assert whole.status_code == 200
+    images = [Image.open(io.BytesIO(body)) for _, body in split(whole)]
+    assert len(images) == len(SAMPLES) and {i.format for i in images} == {"PNG"}
+    ds = by_name(study, "SC_rgb_jpeg_dcmtk.dcm")
+    series = split(http.get(f"/studies/{study['uid']}/series/{ds.SeriesInstanceUID}/rendered"))
+    assert [Image.open(io.BytesIO(body)).mode for _, body in series] == ["RGB"]
+
+
+def test_frames_of_an_uncompressed_multiframe(study: dict, http: httpx.Client, dicomweb: DICOMwebClient) -> None:
+    ds = by_name(study, "rtdose.dcm")
+    frames = ds.pixel_array  # 15 x 10 x 10, 32-bit
+    response = http.get(f"{instance_path(study, ds)}/frames/1,3,15")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith('multipart/related; type="application/octet-stream"')
+    got = [body for _, body in split(response)]
+    assert got == [frames[i].astype("<u4").tobytes() for i in (0, 2, 14)]
+    via_client = dicomweb.retrieve_instance_frames(study["uid"], ds.SeriesInstanceUID, ds.SOPInstanceUID, [2])
+    assert via_client == [frames[1].astype("<u4").tobytes()]
+    rendered = http.get(f"{instance_path(study, ds)}/frames/15/rendered", headers={"Accept": "image/png"})
+    assert Image.open(io.BytesIO(rendered.content)).size == (10, 10)
+
+
+def test_frames_errors(study: dict, http: httpx.Client) -> None:
+    ds = by_name(study, "rtdose.dcm")
+    base = instance_path(study, ds)
+    assert http.get(f"{base}/frames/16").status_code == 404
+    assert http.get(f"{base}/frames/0").status_code == 404
+    assert http.get(f"{base}/frames/1,x").status_code == 400
+    assert http.get(f"{base}/frames/").status_code in (400, 404)
+    assert http.get(f"{base}/frames/1,2/rendered").status_code == 400
+    accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.4.50'
+    assert http.get(f"{base}/frames/1", headers={"Accept": accept}).status_code == 406
+    jpeg = by_name(study, "SC_rgb_jpeg_dcmtk.dcm")
+    assert http.get(f"{instance_path(study, jpeg)}/frames/1").status_code == 406  # compressed: not served as frames
+
+
+# -- WADO-RS: errors --------------------------------------------------------------------------
+
+
+def test_unknown_and_invalid_uids(study: dict, http: httpx.Client) -> None:
+    ds = study["datasets"][0]
+    unknown = generate_uid()
+    for url in (f"/studies/{unknown}", f"/studies/{unknown}/metadata", f"/studies/{unknown}/rendered",
+                f"/studies/{study['uid']}/series/{unknown}", f"/studies/{study['uid']}/series/{unknown}/metadata",
+                f"/studies/{study['uid']}/series/{ds.SeriesInstanceUID}/instances/{unknown}",
+                f"/studies/{study['uid']}/series/{ds.SeriesInstanceUID}/instances/{unknown}/rendered",
+                f"/studies/{study['uid']}/series/{ds.SeriesInstanceUID}/instances/{unknown}/frames/1"):
+        response = http.get(url)
+        assert response.status_code == 404, url
+        assert "Traceback" not in response.text
+    for url in ("/studies/..", "/studies/1.2.3a", "/studies/%2e%2e%2fetc", f"/studies/{'1.' * 40}1/metadata",
+                f"/studies/{study['uid']}/series/..%2f..%2f/metadata"):
+        response = http.get(url)
+        assert 400 <= response.status_code < 500, (url, response.status_code)
+
+
+def test_bad_accept_is_406(study: dict, http: httpx.Client) -> None:
+    url = f"/studies/{study['uid']}"
+    assert http.get(url, headers={"Accept": "application/pdf"}).status_code == 406
+    assert http.get(url, headers={"Accept": 'multipart/related; type="image/jpeg"'}).status_code == 406
+    assert http.get(url, headers={"Accept": "application/dicom+json;q=0"}).status_code == 406
+    assert http.get(url, headers={"Accept": "*/*"}).status_code == 200
+    assert http.get(f"{url}/metadata", headers={"Accept": "application/json"}).status_code == 200
+    assert http.get(f"{url}/metadata", params={"accept": "image/png"}).status_code == 406  # the query parameter wins
+
+
+def test_dicomweb_client_raises_on_unknown_study(dicomweb: DICOMwebClient) -> None:
+    with pytest.raises(HTTPError):
+        dicomweb.retrieve_study_metadata(generate_uid())
+
+
+def test_no_file_outside_the_store_is_reachable(server: ServerProcess, http: httpx.Client) -> None:
+    secret = server.data_dir / "dicom" / "unindexed"
+    assert secret.is_dir()
+    assert http.get("/studies/../unindexed").status_code in (400, 404)
+    assert Path(server.data_dir / "dicom" / "store").is_dir()
