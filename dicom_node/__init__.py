@@ -6,6 +6,7 @@
 
 import asyncio
 
+from dicom_node.catalog import Catalog
 from dicom_node.files import FileStore
 from dicom_node.indexing import DicomIndexer
 from dicom_node.node import DicomNode
@@ -27,6 +28,7 @@ def indexer_for(settings: Settings, repository: ResourceRepository, searches: Se
     return DicomIndexer(
         repository, searches, files,
         patient_system=settings.dicom_patient_system, endpoint_address=dicomweb_address(settings),
+        catalog=Catalog(repository.db, files, ae_title=settings.dicom_aet),
     )
 
 

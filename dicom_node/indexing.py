@@ -17,6 +17,7 @@ from typing import Any
 from pydicom import dcmread
 from pymongo.errors import ConnectionFailure
 
+from dicom_node.catalog import Catalog
 from dicom_node.files import FileStore
 from fhir_server.search.criteria import parse_query_string
 from fhir_server.services.search import SearchService
@@ -53,10 +54,12 @@ class DicomIndexer:
         *,
         patient_system: str,
         endpoint_address: str,
+        catalog: Catalog | None = None,
     ) -> None:
         self.repository = repository
         self.searches = searches
         self.files = files
+        self.catalog = catalog or Catalog(repository.db, files)  # what query/retrieve answers from
         self.patient_system = patient_system
         self.endpoint_address = endpoint_address
         self.database_ok = True  # cleared by a lost connection, set again by a successful write
@@ -153,6 +156,7 @@ class DicomIndexer:
             return Change(merged, "PUT")
 
         version, _ = await self.repository.write("ImagingStudy", study, decide)
+        await self.catalog.record(instances)  # after FHIR: a failure leaves the marker, reconcile retries both
         return version
 
     async def _patient(self, facts: dict[str, Any]) -> str:
@@ -214,6 +218,8 @@ class DicomIndexer:
         for study, instances in by_study.items():
             try:
                 await self.index_study(study, instances)
+                if everything:
+                    await self.catalog.recount(study)  # exact counts, whatever the catalog held before
             except Exception as exc:  # noqa: BLE001 - one study must not stop the others, nor the start
                 LOGGER.error("reconcile: study %s not indexed: %s", study, exc)
                 continue

@@ -26,6 +26,7 @@ Choices the mapping leaves open:
 
 import copy
 import io
+import json
 import re
 import struct
 from calendar import monthrange
@@ -33,6 +34,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pydicom
+import pydicom.datadict
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -220,7 +222,8 @@ def instance_facts(ds: pydicom.Dataset) -> dict[str, Any]:
 
     Raises ValueError naming the attribute when a Study, Series or SOP Instance UID or the SOP Class
     UID is missing or not a valid UID: without them the instance cannot be placed in a study.
-    Any other attribute that is missing, empty or malformed is left out.
+    Any other attribute that is missing, empty or malformed is left out. `dicom` holds what the
+    query/retrieve catalog keeps (`catalog_attributes`).
     """
     study_uid = _uid(ds, "StudyInstanceUID")
     series_uid = _uid(ds, "SeriesInstanceUID")
@@ -268,7 +271,99 @@ def instance_facts(ds: pydicom.Dataset) -> dict[str, Any]:
                 "sex": _text(ds, "PatientSex"),
             }
         ),
+        "dicom": catalog_attributes(ds),
     }
+
+
+# --- the query/retrieve catalog's attributes ----------------------------------------------------
+
+# The header attributes the catalog keeps per query/retrieve level (PS3.4 C.6.1.1 and C.6.2.1 keys,
+# and what QIDO-RS returns by default), so that C-FIND and QIDO-RS never open a file. Any other
+# attribute is an unsupported optional key: returned empty, never matched.
+PATIENT_ATTRIBUTES = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID",
+    "PatientBirthDate", "PatientBirthTime", "PatientSex", "OtherPatientIDsSequence", "OtherPatientNames",
+    "EthnicGroup", "PatientComments", "PatientSpeciesDescription", "PatientSpeciesCodeSequence",
+    "PatientBreedDescription", "PatientBreedCodeSequence", "ResponsiblePerson", "ResponsiblePersonRole",
+    "ResponsibleOrganization", "PatientIdentityRemoved", "DeidentificationMethod", "PatientBirthName",
+    "PatientMotherBirthName", "MedicalRecordLocator", "QualityControlSubject", "StrainDescription",
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName", "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName", "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
+)
+STUDY_ATTRIBUTES = (
+    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyID",
+    "AnatomicRegionsInStudyCodeSequence", "ReferringPhysicianName", "ReferringPhysicianIdentificationSequence",
+    "StudyDescription", "ProcedureCodeSequence", "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord",
+    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "ReferencedStudySequence", "PatientAge",
+    "PatientSize", "PatientWeight", "Occupation", "AdditionalPatientHistory", "PatientSexNeutered", "MedicalAlerts",
+    "Allergies", "SmokingStatus", "PregnancyStatus", "OtherStudyNumbers", "TimezoneOffsetFromUTC", "AdmissionID",
+    "IssuerOfAdmissionIDSequence", "ReasonForPerformedProcedureCodeSequence", "RequestingService",
+    "ConsultingPhysicianName", "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
+)
+SERIES_ATTRIBUTES = (
+    "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "SeriesDescriptionCodeSequence",
+    "SeriesDate", "SeriesTime", "BodyPartExamined", "Laterality", "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime", "PerformedProcedureStepID", "PerformedProcedureStepDescription",
+    "PerformedProtocolCodeSequence", "RequestAttributesSequence", "ReferencedPerformedProcedureStepSequence",
+    "InstitutionName", "InstitutionalDepartmentName", "StationName", "PerformingPhysicianName", "OperatorsName",
+    "ProtocolName", "Manufacturer", "ManufacturerModelName", "DeviceSerialNumber", "SoftwareVersions",
+    "FrameOfReferenceUID", "PatientPosition", "AnatomicalOrientationType", "ClinicalTrialCoordinatingCenterName",
+    "ClinicalTrialSeriesID", "ClinicalTrialSeriesDescription", "RelatedSeriesSequence", "SeriesType",
+)
+INSTANCE_ATTRIBUTES = (
+    "SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames", "BitsAllocated",
+    "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation", "ImageType",
+    "ContentDate", "ContentTime", "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime", "AcquisitionNumber",
+    "InstanceCreationDate", "InstanceCreationTime", "ImageComments", "ImageLaterality", "SliceLocation",
+    "SliceThickness", "PixelSpacing", "WindowCenter", "WindowWidth", "ContentLabel", "ContentDescription",
+    "ContentCreatorName", "ConceptNameCodeSequence", "CompletionFlag", "VerificationFlag", "ObservationDateTime",
+    "DocumentTitle", "LossyImageCompression", "BurnedInAnnotation", "PresentationCreationDate",
+    "PresentationCreationTime", "TemporalPositionIdentifier", "EchoNumbers", "ImagePositionPatient",
+    "ImageOrientationPatient",
+)
+_LEVEL_OF_TAG = {
+    pydicom.datadict.tag_for_keyword(keyword): level
+    for level, keywords in (("patient", PATIENT_ATTRIBUTES), ("study", STUDY_ATTRIBUTES),
+                            ("series", SERIES_ATTRIBUTES), ("instance", INSTANCE_ATTRIBUTES))
+    for keyword in keywords
+}
+_BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+_LONG_VRS = {"SQ", "LT", "UT", "UC", "UR", "ST"}  # the VRs whose JSON may pass MAX_CATALOG_ELEMENT
+MAX_CATALOG_ELEMENT = 16384  # characters of DICOM JSON: a larger element is left out of the catalog
+
+
+def catalog_attributes(ds: pydicom.Dataset) -> dict[str, Any]:
+    """The catalog's part of the facts: per level, the kept attributes as DICOM JSON (PS3.18
+    F.2, keyed by tag), and the file's transfer syntax. An attribute pydicom cannot convert, or
+    too large, is left out (as absent as a malformed optional attribute elsewhere)."""
+    levels: dict[str, Any] = {"patient": {}, "study": {}, "series": {}, "instance": {}}
+    for tag in sorted(ds.keys() & _LEVEL_OF_TAG.keys()):
+        converted = _json_element(ds, tag)
+        if converted is not None:
+            levels[_LEVEL_OF_TAG[tag]][f"{tag:08X}"] = converted
+    meta = getattr(ds, "file_meta", None)
+    levels["transferSyntax"] = _clean(meta.get("TransferSyntaxUID")) if meta is not None else None
+    return levels
+
+
+def _json_element(ds: pydicom.Dataset, tag: int) -> dict[str, Any] | None:
+    try:
+        element = ds[tag]
+        if element.VR in _BINARY_VRS:
+            return None
+        if element.VR in _TEXT_VRS:  # pydicom's to_json_dict, 4 times faster for plain strings
+            values = [element.value] if isinstance(element.value, str) else list(element.value or ())
+            converted: dict[str, Any] = {"vr": element.VR}
+            if any(values):
+                converted["Value"] = [str(value) if value not in (None, "") else None for value in values]
+        else:
+            converted = element.to_json_dict(None, 1024)
+    except Exception:  # noqa: BLE001 - a malformed optional attribute is as good as absent
+        return None
+    if element.VR in _LONG_VRS and len(json.dumps(converted, ensure_ascii=False)) > MAX_CATALOG_ELEMENT:
+        return None
+    return converted
 
 
 def patient_identifier(facts: dict[str, Any], default_system: str) -> dict[str, str] | None:
