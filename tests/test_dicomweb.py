@@ -411,3 +411,126 @@ def test_no_file_outside_the_store_is_reachable(server: ServerProcess, http: htt
     assert secret.is_dir()
     assert http.get("/studies/../unindexed").status_code in (400, 404)
     assert Path(server.data_dir / "dicom" / "store").is_dir()
+
+
+# -- QIDO-RS ----------------------------------------------------------------------------------
+
+STUDY_REQUIRED = ("00080020", "00080030", "00080050", "00080056", "00080061", "00080090", "00100010", "00100020",
+                  "00100030", "00100040", "0020000D", "00200010", "00201206", "00201208", RETRIEVE_URL)
+SERIES_REQUIRED = ("00080060", "0008103E", "0020000E", "00200011", "00201209", "00400244", "00400245", RETRIEVE_URL)
+INSTANCE_REQUIRED = ("00080016", "00080018", "00080056", "00200013", "00280010", "00280011", "00280100",
+                     "00280008", RETRIEVE_URL)
+
+
+def search(http: httpx.Client, path: str, **params: object) -> list[dict]:
+    response = http.get(path, params=params)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == DICOM_JSON
+    return response.json()
+
+
+def value(item: dict, tag: str) -> object:
+    return (item.get(tag, {}).get("Value") or [None])[0]
+
+
+def test_qido_studies_by_patient_name_date_and_modality(study: dict, http: httpx.Client) -> None:
+    by_id = search(http, "/studies", PatientID="DW-1")
+    assert [value(i, "0020000D") for i in by_id] == [study["uid"]]
+    item = by_id[0]
+    assert all(tag in item for tag in STUDY_REQUIRED), sorted(set(STUDY_REQUIRED) - set(item))
+    assert value(item, RETRIEVE_URL).endswith(f"/dicomweb/studies/{study['uid']}")
+    assert value(item, "00201208") == len(SAMPLES)
+    assert "00080052" not in item  # C-FIND's QueryRetrieveLevel is not QIDO's
+    assert set(item["00080061"]["Value"]) >= {"CT", "MR"}
+    assert [value(i, "0020000D") for i in search(http, "/studies", PatientName="Dicomweb^A*")] == [study["uid"]]
+    assert [value(i, "0020000D") for i in search(http, "/studies", **{"00100020": "DW-1"})] == [study["uid"]]
+    assert search(http, "/studies", PatientID="DW-1", StudyDate="20240101-20240131")
+    assert not search(http, "/studies", PatientID="DW-1", StudyDate="20240201-")
+    assert search(http, "/studies", PatientID="DW-1", ModalitiesInStudy="MR")
+    assert not search(http, "/studies", PatientID="DW-1", ModalitiesInStudy="US")
+    assert search(http, "/studies", AccessionNumber="ACC-DW-1", StudyInstanceUID=f"{generate_uid()},{study['uid']}")
+    assert search(http, "/studies", PatientName="nobody*") == []
+
+
+def test_qido_fuzzy_matching_of_names(study: dict, http: httpx.Client) -> None:
+    assert search(http, "/studies", PatientName="alice") == []
+    fuzzy = search(http, "/studies", PatientName="alice", fuzzymatching="true", PatientID="DW-1")
+    assert [value(i, "0020000D") for i in fuzzy] == [study["uid"]]
+    assert search(http, "/studies", PatientID="DW-1", fuzzymatching="false")
+    assert http.get("/studies", params={"fuzzymatching": "maybe"}).status_code == 400
+
+
+def test_qido_limit_offset_and_includefield(http: httpx.Client, dicomweb: DICOMwebClient) -> None:
+    patient = f"P{unique()}"
+    uids = set()
+    for k in range(3):
+        ds = fresh("CT_small.dcm", PatientID=patient, StudyDescription=f"Study {k}")
+        assert stow(http, [encode(ds)]).status_code == 200
+        uids.add(ds.StudyInstanceUID)
+    first = search(http, "/studies", PatientID=patient, limit=2)
+    rest = search(http, "/studies", PatientID=patient, limit=2, offset=2)
+    assert len(first) == 2 and len(rest) == 1
+    assert {value(i, "0020000D") for i in first + rest} == uids
+    assert search(http, "/studies", PatientID=patient, offset=3) == []
+    described = search(http, "/studies", PatientID=patient, includefield="StudyDescription,00101010")
+    assert {value(i, "00081030") for i in described} == {"Study 0", "Study 1", "Study 2"}
+    assert all("00101010" in i for i in described)  # PatientAge, asked by tag
+    everything = search(http, "/studies", PatientID=patient, includefield="all")
+    assert all("00101010" in i and "00081030" in i for i in everything)
+    via_client = dicomweb.search_for_studies(search_filters={"PatientID": patient}, fields=["StudyDescription"],
+                                             limit=1)
+    assert len(via_client) == 1 and value(via_client[0], "00081030").startswith("Study ")
+
+
+def test_qido_series_and_instances(study: dict, http: httpx.Client, dicomweb: DICOMwebClient) -> None:
+    uid = study["uid"]
+    series = search(http, f"/studies/{uid}/series")
+    assert len(series) == len(SAMPLES)
+    for item in series:
+        assert all(tag in item for tag in SERIES_REQUIRED), sorted(set(SERIES_REQUIRED) - set(item))
+        assert value(item, RETRIEVE_URL).endswith(f"/studies/{uid}/series/{value(item, '0020000E')}")
+    ct = by_name(study, "CT_small.dcm")
+    assert [value(i, "0020000E") for i in search(http, f"/studies/{uid}/series", Modality="CT")] == [ct.SeriesInstanceUID]
+    flat = search(http, "/series", PatientID="DW-1")  # relational: the study's attributes come too
+    assert len(flat) == len(SAMPLES) and {value(i, "00100010")["Alphabetic"] for i in flat} == {"Dicomweb^Alice"}
+    instances = search(http, f"/studies/{uid}/series/{ct.SeriesInstanceUID}/instances")
+    assert [value(i, "00080018") for i in instances] == [ct.SOPInstanceUID]
+    item = instances[0]
+    assert all(tag in item for tag in INSTANCE_REQUIRED), sorted(set(INSTANCE_REQUIRED) - set(item))
+    assert value(item, "00280010") == 128
+    assert value(item, RETRIEVE_URL).endswith(f"/studies/{uid}/series/{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}")
+    assert len(search(http, f"/studies/{uid}/instances")) == len(SAMPLES)
+    everywhere = search(http, "/instances", StudyInstanceUID=uid, SOPClassUID=ct.SOPClassUID)
+    assert [value(i, "00080018") for i in everywhere] == [ct.SOPInstanceUID]
+    assert value(everywhere[0], "00100020") == "DW-1"
+    assert len(dicomweb.search_for_series(uid)) == len(SAMPLES)
+    assert len(dicomweb.search_for_instances(uid, ct.SeriesInstanceUID)) == 1
+    assert search(http, f"/studies/{generate_uid()}/series") == []
+
+
+@pytest.mark.parametrize(("path", "params", "status"), [
+    ("/studies", {"NoSuchKeyword": "x"}, 400),
+    ("/studies", {"limit": "-1"}, 400),
+    ("/studies", {"limit": "abc"}, 400),
+    ("/studies", {"limit": "0"}, 400),
+    ("/studies", {"offset": "x"}, 400),
+    ("/studies", {"Modality": "CT"}, 400),  # a series-level key cannot be matched at the study level
+    ("/studies", {"StudyInstanceUID": "1.2.abc"}, 400),
+    ("/studies", {"StudyDate": "2024-01-01-garbage"}, 400),
+    ("/studies", {"NumberOfStudyRelatedInstances": "many"}, 400),
+    ("/studies", {"ReferencedStudySequence": "x"}, 400),
+    ("/studies", {"PatientName.PatientID": "x"}, 400),  # not a sequence
+    ("/studies", {"ffffffff": "x"}, 400),
+    ("/studies/1.2.x/series", {}, 400),
+    ("/series", {"includefield": "Nonsense"}, 400),
+])
+def test_qido_bad_queries_are_400(http: httpx.Client, path: str, params: dict, status: int) -> None:
+    response = http.get(path, params=params)
+    assert response.status_code == status, response.text
+    assert "Traceback" not in response.text
+
+
+def test_qido_accept(http: httpx.Client) -> None:
+    assert http.get("/studies", headers={"Accept": "application/dicom+xml"}).status_code == 406
+    assert http.get("/studies", headers={"Accept": 'multipart/related; type="application/dicom+xml"'}).status_code == 406
+    assert http.get("/studies", headers={"Accept": "application/json"}, params={"limit": 1}).status_code == 200
