@@ -246,6 +246,8 @@ def test_wado_asking_another_transfer_syntax_is_406(study: dict, http: httpx.Cli
     jpeg = next(d for d in study["datasets"] if d.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50")
     url = f"/studies/{study['uid']}/series/{jpeg.SeriesInstanceUID}/instances/{jpeg.SOPInstanceUID}"
     assert http.get(url, headers={"Accept": accept}).status_code == 200
+    either = f"{accept}, {MULTIPART_DICOM}; transfer-syntax=*; q=0.5"  # the next choice serves the study
+    assert http.get(f"/studies/{study['uid']}", headers={"Accept": either}).status_code == 200
 
 
 # -- WADO-RS: metadata ------------------------------------------------------------------------
@@ -417,7 +419,8 @@ def test_no_file_outside_the_store_is_reachable(server: ServerProcess, http: htt
 
 STUDY_REQUIRED = ("00080020", "00080030", "00080050", "00080056", "00080061", "00080090", "00100010", "00100020",
                   "00100030", "00100040", "0020000D", "00200010", "00201206", "00201208", RETRIEVE_URL)
-SERIES_REQUIRED = ("00080060", "0008103E", "0020000E", "00200011", "00201209", "00400244", "00400245", RETRIEVE_URL)
+SERIES_REQUIRED = ("00080060", "0008103E", "0020000E", "00200011", "00201209", "00400244", "00400245", "00400275",
+                   RETRIEVE_URL)
 INSTANCE_REQUIRED = ("00080016", "00080018", "00080056", "00200013", "00280010", "00280011", "00280100",
                      "00280008", RETRIEVE_URL)
 

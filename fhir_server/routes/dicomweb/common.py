@@ -6,7 +6,7 @@ an error response to the implementation.
 """
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,16 +110,21 @@ def negotiate(request: Request, offers: Sequence[str]) -> str:
     raise NotAcceptable(f"This resource is available as {', '.join(offers)}; the request accepts none of them")
 
 
-def negotiate_multipart(request: Request, part_types: Sequence[str]) -> MediaRange:
-    """The accepted `multipart/related` range whose `type` is one of `part_types` (the first
-    when the client names none); its `type` parameter is set to the part type chosen."""
+def negotiate_multipart(
+    request: Request, part_types: Sequence[str], fits: Callable[[MediaRange], bool] = lambda _: True
+) -> MediaRange:
+    """The best accepted `multipart/related` range whose `type` is one of `part_types` (the
+    first when the client names none) and that `fits` (its transfer syntax, say); its `type`
+    parameter is set to the part type chosen."""
     for media_range in accepted(request):
         if not media_range.matches("multipart/related"):
             continue
         wanted = (media_range.part_type or part_types[0]).lower()
         chosen = next((t for t in part_types if _matches(wanted, t)), None)
         if chosen is not None:
-            return MediaRange("multipart/related", {**media_range.params, "type": chosen}, media_range.q)
+            candidate = MediaRange("multipart/related", {**media_range.params, "type": chosen}, media_range.q)
+            if fits(candidate):
+                return candidate
     offered = ", ".join(f'multipart/related; type="{t}"' for t in part_types)
     raise NotAcceptable(f"This resource is available as {offered}; the request accepts none of them")
 

@@ -36,7 +36,8 @@ REQUIRED = {
               "NumberOfStudyRelatedInstances", "StudyDescription"),
     "SERIES": ("Modality", "TimezoneOffsetFromUTC", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber",
                "NumberOfSeriesRelatedInstances", "PerformedProcedureStepStartDate",
-               "PerformedProcedureStepStartTime", "RequestAttributesSequence"),
+               "PerformedProcedureStepStartTime", "RequestAttributesSequence.ScheduledProcedureStepID",
+               "RequestAttributesSequence.RequestedProcedureID"),
     "IMAGE": ("SOPClassUID", "SOPInstanceUID", "InstanceAvailability", "TimezoneOffsetFromUTC", "InstanceNumber",
               "Rows", "Columns", "BitsAllocated", "NumberOfFrames"),
 }

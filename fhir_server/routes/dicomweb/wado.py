@@ -87,14 +87,15 @@ async def _instances(syntaxes: list[tuple[Path, str]], boundary: str) -> AsyncIt
 
 
 async def _retrieve(request: Request, study: str, series: str | None = None, instance: str | None = None) -> Response:
-    wanted = negotiate_multipart(request, [DICOM]).transfer_syntax
+    negotiate_multipart(request, [DICOM])  # 406 before looking at files when nothing could do
     files = await _files(request, study, series, instance)
     syntaxes = await asyncio.to_thread(lambda: [(p, _syntax(p)) for p in files])
-    if wanted not in (None, "*"):
-        other = sorted({s for _, s in syntaxes if s != wanted})
-        if other:
-            raise NotAcceptable(f"Instances are sent as stored (never transcoded); some are in {', '.join(other)}, "
-                                "not in the transfer syntax asked for (use transfer-syntax=*)")
+    stored = {s for _, s in syntaxes}
+    try:
+        negotiate_multipart(request, [DICOM], lambda r: r.transfer_syntax in (None, "*") or stored == {r.transfer_syntax})
+    except NotAcceptable:
+        raise NotAcceptable(f"Instances are sent as stored (never transcoded), here in {', '.join(sorted(stored))}: "
+                            "not a transfer syntax the request accepts (transfer-syntax=* takes any)") from None
     boundary = uuid.uuid4().hex
     return _multipart(_instances(syntaxes, boundary), DICOM, boundary)
 
@@ -260,9 +261,7 @@ async def _frames(frames: list[bytes], boundary: str) -> AsyncIterator[bytes]:
 @router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frame_list}")
 async def retrieve_frames(request: Request, study: str, series: str, instance: str, frame_list: str) -> Response:
     """Uncompressed frames as application/octet-stream (little endian, PS3.18 8.7.3.3.2)."""
-    wanted = negotiate_multipart(request, [OCTETS]).transfer_syntax
-    if wanted not in (None, "*", EXPLICIT_LE):
-        raise NotAcceptable(f"Frames are served uncompressed only (transfer-syntax={EXPLICIT_LE})")
+    negotiate_multipart(request, [OCTETS], lambda r: r.transfer_syntax in (None, "*", EXPLICIT_LE))
     numbers = _frame_numbers(frame_list)
     path = await asyncio.to_thread(instance_file, store_of(request), study, series, instance)
     frames = await asyncio.to_thread(pixels.native_frames, path, numbers)
