@@ -95,7 +95,12 @@ def check_instance(path: Path, sop_instance_uid: str | None = None) -> Dataset:
         raise BadInstance(f"The dataset cannot be decoded: {exc}", CANNOT_UNDERSTAND) from exc
     for tag in elements if not deflated else ():  # deflated positions count inflated bytes
         raw = _raw(ds, tag)
-        if raw is not None and raw.value is None and raw.length != 0xFFFFFFFF and raw.value_tell + raw.length > size:
+        if raw is None or raw.length == 0xFFFFFFFF:
+            continue
+        # A deferred value must fit in the file; a value read (pydicom reads a short last value
+        # without complaint) must be as long as declared.
+        short = raw.value_tell + raw.length > size if raw.value is None else len(raw.value) < raw.length
+        if short:
             raise BadInstance(f"Element {tag} is cut short: the dataset is truncated", CANNOT_UNDERSTAND)
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         _uid(ds, keyword)

@@ -59,6 +59,9 @@ class StoreSender:
             answer = assoc.send_c_store(dataset)  # encoded again in its own transfer syntax
         except (AttributeError, ValueError) as exc:
             raise ValueError(f"the DICOM file cannot be sent: {exc}") from exc
+        except RuntimeError as exc:  # the association ended between the check and the send
+            self._drop()
+            raise StoreError(f"the association with the DICOM node at {self.host}:{self.port} ended: {exc}") from exc
         if "Status" not in answer:
             self._drop()
             raise StoreError(f"the DICOM node at {self.host}:{self.port} did not answer the C-STORE")

@@ -124,7 +124,7 @@ def _import(args: argparse.Namespace) -> None:
     host, _, port = (args.dicom or "").rpartition(":")
     if args.dicom and not port.isdigit():
         raise SystemExit("--dicom takes HOST:PORT")
-    to = Destination(args.url, host or None, int(port) if port else 11112, args.dicom_aet)
+    to = Destination(args.url, host.strip("[]") or None, int(port) if port else 11112, args.dicom_aet)
     if args.randomize:
         if args.system != "retinal":
             raise SystemExit("--randomize generates data for the retinal system only")

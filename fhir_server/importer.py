@@ -15,6 +15,7 @@ instances stored and what was rejected; any rejection makes the exit status non-
 import csv
 import importlib
 import json
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
+from dicom_node.files import BadInstance, check_instance
 from dicom_node.sender import StoreError, StoreSender
 from fhir_server import fhir_json
 from fhir_server.services.resources import WRITE_OUTCOME_SYSTEM
@@ -138,6 +140,38 @@ class Destination:
         return StoreSender(host, self.dicom_port, self.dicom_aet)
 
 
+# C-STORE statuses of a stored instance: success, and the warnings (coercion of data elements,
+# elements discarded, data set does not match the SOP class) of PS3.4 Table B.2-1.
+STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+def _conditional_references(value: Any) -> set[str]:
+    """The conditional references (`Type?criteria`) in the resources of transaction entries."""
+    found: set[str] = set()
+    if isinstance(value, dict):
+        reference = value.get("reference")
+        if isinstance(reference, str) and "?" in reference and "/" not in reference.partition("?")[0]:
+            found.add(reference)
+        for item in value.values():
+            found |= _conditional_references(item)
+    elif isinstance(value, list):
+        for item in value:
+            found |= _conditional_references(item)
+    return found
+
+
+def _check_whole(data: bytes) -> None:
+    """The node's own completeness check on the file as the record held it (rewriting its header
+    would hide a truncation); ValueError when it fails."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "instance.dcm"
+        path.write_bytes(data)
+        try:
+            check_instance(path)
+        except BadInstance as exc:
+            raise ValueError(f"the DICOM file is refused: {exc}") from exc
+
+
 def _outcome_code(response: dict[str, Any]) -> str:
     """What the server did with an entry: the write-outcome code of its `outcome` (created,
     updated, unchanged, matched), else judged by the status."""
@@ -148,13 +182,23 @@ def _outcome_code(response: dict[str, Any]) -> str:
     return "created" if str(response.get("status", "")).startswith("201") else "unchanged"
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """A DICOM instance the node accepted, to be found indexed once the association is released."""
+
+    where: str
+    instance: DicomInstance
+    patient: str  # Patient/<id>
+
+
 class Importer:
     def __init__(self, module: ModuleType, client: httpx.Client, dicom: StoreSender | None = None) -> None:
         self.module = module
         self.client = client
         self.dicom = dicom
         self.kinds: dict[str, type[BaseModel]] = module.KINDS
-        self.patients: set[str] = set()  # identifiers of Patients known to exist (searched once)
+        self.found: dict[str, str] = {}  # conditional reference → the one resource it names (searched once)
+        self.sent: list[_Sent] = []
 
     def load_code_systems(self) -> None:
         """Our CodeSystems first: the records' codes come from them."""
@@ -165,50 +209,96 @@ class Importer:
                 raise RuntimeError(f"the CodeSystems could not be loaded: {_outcome(response)}")
 
     def run(self, records: Iterable[SourceRecord], total: int | None = None, progress: bool = True) -> Summary:
+        """Import `records`, then `finish`: the summary is complete once the DICOM node has
+        indexed what it was sent."""
         summary = Summary()
         for record in tqdm(records, total=total, unit="rec", disable=not progress):
             summary.records += 1
             try:
-                model = self.kinds[record.kind].model_validate(self._with_files(record))
-                entries = self.module.bundle_entries(record.kind, model)
-                instances = getattr(self.module, "dicom_instances", lambda kind, record: [])(record.kind, model)
-                summary.dicom += self._store(instances)
+                entries, instances = self._mapped(record)
+                stored = self._store(record.where, entries, instances)
             except ValidationError as exc:
                 summary.rejected.append((record.where, _reason(exc)))
                 continue
             except ValueError as exc:
                 summary.rejected.append((record.where, str(exc)))
                 continue
+            summary.dicom += stored
             if not entries:  # all of it went to the DICOM node
                 continue
             response = self._post(entries)
             if response.status_code != 200:
-                summary.rejected.append((record.where, _outcome(response)))
+                kept = " (its DICOM file was stored: importing the record again completes it)" if stored else ""
+                summary.rejected.append((record.where, _outcome(response) + kept))
                 continue
             for entry, answered in zip(entries, response.json().get("entry", []), strict=False):
                 kind = entry["resource"]["resourceType"] if "resource" in entry else "?"
                 summary.count(kind, _outcome_code(answered.get("response", {})))
+        self.finish(summary)
         return summary
 
-    def _store(self, instances: list[DicomInstance]) -> int:
+    def finish(self, summary: Summary) -> None:
+        """Release the DICOM association (the node answers once it has indexed every instance),
+        then check that each one is in its ImagingStudy, of the record's Patient."""
+        if self.dicom is not None:
+            self.dicom.close()
+        for sent in self.sent:
+            study = self.client.get(f"/ImagingStudy/{sent.instance.study}")
+            body = study.json() if study.status_code == 200 else {}
+            sops = {i.get("uid") for series in body.get("series", []) for i in series.get("instance", [])}
+            if body.get("subject", {}).get("reference") != sent.patient or sent.instance.sop not in sops:
+                summary.rejected.append((sent.where, f"the DICOM node stored instance {sent.instance.sop} but did not index "
+                                                     f"it in ImagingStudy/{sent.instance.study} of {sent.patient}"))
+        self.sent.clear()
+
+    def _mapped(self, record: SourceRecord) -> tuple[list[dict[str, Any]], list[DicomInstance]]:
+        """The record's transaction entries and DICOM files (ValueError or ValidationError: it
+        is rejected; a mapping failing otherwise on odd input is a rejection too, not a crash)."""
+        try:
+            model = self.kinds[record.kind].model_validate(self._with_files(record))
+            entries = self.module.bundle_entries(record.kind, model)
+            instances = getattr(self.module, "dicom_instances", lambda kind, record: [])(record.kind, model)
+        except (ValidationError, ValueError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported with the record, the import goes on
+            raise ValueError(f"the record cannot be mapped: {type(exc).__name__}: {exc}") from exc
+        return entries, instances
+
+    def _store(self, where: str, entries: list[dict[str, Any]], instances: list[DicomInstance]) -> int:
         """C-STORE a record's DICOM files to the node (ValueError: the record is rejected).
-        Their Patient must exist first: the node would otherwise create one from the header."""
+
+        First, so that a file is not stored for a record that cannot be: every conditional
+        reference of the record's entries, and its Patient, must name one existing resource
+        (the node would otherwise create a Patient of its own from the header), and each file
+        must be whole."""
+        if not instances:
+            return 0
+        if self.dicom is None:
+            raise ValueError("the record holds a DICOM file, and no DICOM node is configured to store it")
+        for query in sorted(_conditional_references(entries)):
+            self._one(query)
         for instance in instances:
-            query = identifier_query(instance.patient)
-            if query not in self.patients:
-                found = self.client.get(f"/Patient?{query}&_summary=count")
-                if found.status_code != 200 or found.json().get("total") != 1:
-                    raise ValueError(f"no single Patient has identifier {instance.patient['system']}|{instance.patient['value']}")
-                self.patients.add(query)
-            if self.dicom is None:
-                raise ValueError("the record holds a DICOM file, and no DICOM node is configured to store it")
+            patient = self._one(f"Patient?{identifier_query(instance.patient)}")
+            _check_whole(instance.source)
             try:
                 status = self.dicom.send(instance.data)
             except StoreError as exc:
                 raise ValueError(str(exc)) from exc
-            if status != 0:
+            if status not in STORED:
                 raise ValueError(f"the DICOM node refused the file: status 0x{status:04X}")
+            self.sent.append(_Sent(where, instance, patient))
         return len(instances)
+
+    def _one(self, query: str) -> str:
+        """`Type/id` of the one resource a conditional reference names; ValueError otherwise."""
+        if query not in self.found:
+            resource_type = query.partition("?")[0]
+            answer = self.client.get(f"/{query}&_elements=id&_count=2")
+            matches = answer.json().get("entry", []) if answer.status_code == 200 else []
+            if len(matches) != 1:
+                raise ValueError(f"'{query}' names {len(matches) or 'no'} resources, not one")
+            self.found[query] = f"{resource_type}/{matches[0]['resource']['id']}"
+        return self.found[query]
 
     def _with_files(self, record: SourceRecord) -> dict[str, Any]:
         """The record with the files it names read in (the system's `FILES`: kind → (path

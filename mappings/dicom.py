@@ -492,9 +492,10 @@ def coerced(data: bytes, replace: dict[str, str], fill: dict[str, str]) -> bytes
         raise ValueError(f"the DICOM file cannot be stored: it has no {', '.join(missing)}")
     changes = {k: v for k, v in replace.items() if str(ds.get(k, "")) != v}
     changes.update({k: v for k, v in fill.items() if not _text(ds, k)})
-    if "IssuerOfPatientID" in changes and "IssuerOfPatientIDQualifiersSequence" in ds:
-        del ds.IssuerOfPatientIDQualifiersSequence  # it would name another issuer than the one set
-    if not changes:
+    qualifiers = "IssuerOfPatientID" in replace and "IssuerOfPatientIDQualifiersSequence" in ds
+    if qualifiers:
+        del ds.IssuerOfPatientIDQualifiersSequence  # its Universal Entity ID would name another issuer
+    if not changes and not qualifiers:
         return data
     for keyword, value in changes.items():
         setattr(ds, keyword, value)

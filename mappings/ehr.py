@@ -26,9 +26,10 @@ Kinds, in import order (`KINDS`), and what each record becomes (one transaction 
   attachment's creation). A DICOM file instead goes to the DICOM node (`dicom_instances`: the
   importer C-STOREs it), whose mapping makes the `ImagingStudy`; before sending, its PatientID
   and IssuerOfPatientID are set to the record's patient (`urn:fhir-server:source:ehr:patient`
-  and the source id, so that the node finds the imported Patient), and the record's
-  description becomes the StudyDescription when the header has none. The record then has no
-  transaction entries of its own.
+  and the source id, so that the node finds the imported Patient), and the record's date,
+  description and modality become StudyDate (and StudyTime), StudyDescription and Modality
+  where the header has none. The record then has no transaction entries of its own: the study
+  is known by its Study Instance UID, not by the record's id.
 - medical_history → `Condition` (category problem-list-item, clinicalStatus active or resolved).
 - allergy → `AllergyIntolerance` (clinicalStatus active; reaction with its severity).
 - prescription → `MedicationRequest` (intent order, dosage and frequency as the dosage text, the
@@ -74,7 +75,6 @@ from pydantic import (
 )
 
 from mappings import records, schema
-from mappings.dicom import coerced
 from mappings.schema import (
     DATE,
     EMAIL,
@@ -573,10 +573,14 @@ def dicom_instances(kind: str, record: BaseModel) -> list[records.DicomInstance]
     if not isinstance(record, RadiologyImaging) or kind != "radiology_imaging" or record.media_type != "application/dicom":
         return []
     assert record.content is not None
-    patient = records.source_identifier(SYSTEM, "patient", record.patient_id)
-    fill = {"StudyDescription": record.description} if record.description else {}
-    data = coerced(record.content, replace={"PatientID": patient["value"], "IssuerOfPatientID": patient["system"]}, fill=fill)
-    return [records.DicomInstance(data, patient)]
+    fill = {"StudyDate": record.date.strftime("%Y%m%d")}
+    if isinstance(record.date, datetime):
+        fill["StudyTime"] = record.date.strftime("%H%M%S")
+    if record.description:
+        fill["StudyDescription"] = record.description
+    if record.modality and (known := MODALITIES.get(" ".join(record.modality.lower().split()))):
+        fill["Modality"] = known[0]
+    return [records.dicom_instance(record.content, records.source_identifier(SYSTEM, "patient", record.patient_id), fill)]
 
 
 def _identifier(kind: str, record: Record, suffix: str = "") -> dict[str, str]:

@@ -15,10 +15,15 @@ A system's module (`mappings/interactions.py`, …) declares:
   sends to the DICOM node (C-STORE) before the record's transaction (`DicomInstance`).
 """
 
+import io
 import uuid
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
+
+import pydicom
+
+from mappings import dicom
 
 SOURCE = "urn:fhir-server:source"  # identifiers of source records: urn:fhir-server:source:<system>:<kind>
 
@@ -84,7 +89,36 @@ class DicomInstance:
     importer: it is C-STOREd to the DICOM node before the record's transaction, so that the
     node's own mapping (`mappings.dicom`) makes its ImagingStudy, which the record's resources
     reference. `patient`: the identifier of the record's Patient; it must exist before the file
-    is sent, or the node would create a Patient of its own from the header."""
+    is sent, or the node would create a Patient of its own from the header. `source`: the file
+    as the record held it (checked whole before sending: rewriting a header can hide a
+    truncation)."""
 
     data: bytes
     patient: dict[str, str]
+    study: str
+    sop: str
+    source: bytes
+
+
+def dicom_instance(source: bytes, patient: dict[str, str], fill: dict[str, str] | None = None) -> DicomInstance:
+    """The file with the record's patient set (PatientID and IssuerOfPatientID, so that the node
+    finds the imported Patient by that identifier) and the attributes of `fill` added where the
+    header has none. ValueError for a file that is no storable DICOM instance, or a patient the
+    header cannot name exactly (a PatientID is at most 64 characters of the default repertoire,
+    without a backslash, which separates values)."""
+    for part in ("value", "system"):
+        text = patient[part]
+        if len(text) > 64 or "\\" in text or not (text.isascii() and text.isprintable()):
+            raise ValueError(f"the patient {part} '{text[:80]}' cannot go in a DICOM header "
+                             "(at most 64 printable ASCII characters, no backslash)")
+    data = dicom.coerced(source, replace={"PatientID": patient["value"], "IssuerOfPatientID": patient["system"]},
+                         fill=fill or {})
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        named = dicom.patient_identifier(dicom.instance_facts(ds), "")
+        study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+    except Exception as exc:  # noqa: BLE001 - any header pydicom cannot take is a refusal, not a crash
+        raise ValueError(f"the DICOM file cannot be read: {exc}") from exc
+    if named != patient:
+        raise ValueError(f"the DICOM header would name the patient {named}, not {patient}")
+    return DicomInstance(data, patient, study, sop, source)

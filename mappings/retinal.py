@@ -79,12 +79,12 @@ from pydantic import (
     StringConstraints,
     model_validator,
 )
-from pydicom.errors import InvalidDicomError
 
-from mappings.dicom import DCM_SYSTEM, LATERALITY, SNOMED_SYSTEM, coerced
+from mappings.dicom import DCM_SYSTEM, DICOM_UID_SYSTEM, LATERALITY, SNOMED_SYSTEM
 from mappings.records import (
     DicomInstance,
     conditional_reference,
+    dicom_instance,
     placeholder,
     source_identifier,
     source_system,
@@ -307,21 +307,28 @@ def image_facts(data: bytes) -> dict[str, Any]:
         facts["width"], facts["height"] = struct.unpack(">II", data[16:24])
     elif content_type == "application/dicom":
         try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        except (InvalidDicomError, ValueError, EOFError, OSError, struct.error) as exc:
-            raise ValueError(f"image: the DICOM file cannot be read: {exc}") from exc
-        for key, keyword in (("height", "Rows"), ("width", "Columns"), ("frames", "NumberOfFrames")):
-            value = ds.get(keyword)
-            if value not in (None, ""):
-                facts[key] = int(value)
-        side = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper()
-        if side in ("L", "R", "B"):
-            facts["laterality"] = side
-        study = str(ds.get("StudyInstanceUID") or "").strip()
-        if not study or len(study) > 64 or not set(study) <= set("0123456789."):
-            raise ValueError("image: the DICOM file has no valid StudyInstanceUID")
-        facts["study"] = study
+            facts.update(_dicom_facts(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)))
+        except Exception as exc:  # noqa: BLE001 - whatever pydicom makes of a malformed header is a refusal
+            reason = str(exc)
+            raise ValueError(reason if reason.startswith("image:") else f"image: the DICOM file cannot be read: {reason}") from exc
     return {k: v for k, v in facts.items() if not isinstance(v, int) or v > 0}
+
+
+def _dicom_facts(ds: pydicom.Dataset) -> dict[str, Any]:
+    facts: dict[str, Any] = {}
+    for key, keyword in (("height", "Rows"), ("width", "Columns"), ("frames", "NumberOfFrames")):
+        value = ds.get(keyword)
+        if value not in (None, ""):
+            facts[key] = int(value)
+    side = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper()
+    if side in ("L", "R", "B"):
+        facts["laterality"] = side
+    for key, keyword in (("study", "StudyInstanceUID"), ("sop", "SOPInstanceUID")):
+        uid = str(ds.get(keyword) or "").strip()
+        if not uid or len(uid) > 64 or not set(uid) <= set("0123456789."):
+            raise ValueError(f"image: the DICOM file has no valid {keyword}")
+        facts[key] = uid
+    return facts
 
 
 def _checked_facts(image: Image) -> dict[str, Any]:
@@ -342,13 +349,8 @@ def dicom_instances(kind: str, record: BaseModel) -> list[DicomInstance]:
     if not isinstance(record, Image) or kind != "image" or _checked_facts(record)["contentType"] != "application/dicom":
         return []
     assert record.image is not None
-    patient = _identifier("patient", record.patient_id)
-    data = coerced(
-        record.image,
-        replace={"PatientID": patient["value"], "IssuerOfPatientID": patient["system"]},
-        fill={"ImageLaterality": EYES[record.eye_side][2], "BodyPartExamined": "EYE"},
-    )
-    return [DicomInstance(data, patient)]
+    fill = {"ImageLaterality": EYES[record.eye_side][2], "BodyPartExamined": "EYE"}
+    return [dicom_instance(record.image, _identifier("patient", record.patient_id), fill)]
 
 
 def _image(image: Image) -> list[dict[str, Any]]:
@@ -366,7 +368,11 @@ def _image(image: Image) -> list[dict[str, Any]]:
     }
 
     if facts["contentType"] == "application/dicom":  # the node makes its ImagingStudy (dicom_instances)
-        grading = _grading(image, patient, site, body_site, when, f"ImagingStudy/{facts['study']}")
+        # The study, and the image in it (R4 cannot reference an instance: its UID is the
+        # Reference's identifier, so that two graded images of one study stay two).
+        instance = {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{facts['sop']}"}
+        grading = _grading(image, patient, site, body_site, when, {"reference": f"ImagingStudy/{facts['study']}",
+                                                                   "identifier": instance})
         return [upsert_entry(grading, placeholder())]
 
     binary_url = placeholder()
@@ -403,7 +409,7 @@ def _image(image: Image) -> list[dict[str, Any]]:
             media[key] = facts[key]
     media["content"] = attachment
     media_url = placeholder()
-    grading = _grading(image, patient, site, body_site, when, media_url)
+    grading = _grading(image, patient, site, body_site, when, {"reference": media_url})
     source_query = "_source=" + quote(source, safe=":/")
     return [
         upsert_entry(binary, binary_url, query=source_query),
@@ -413,7 +419,8 @@ def _image(image: Image) -> list[dict[str, Any]]:
 
 
 def _grading(
-    image: Image, patient: dict[str, str], site: dict[str, str], body_site: dict[str, Any], when: str, derived_from: str
+    image: Image, patient: dict[str, str], site: dict[str, str], body_site: dict[str, Any], when: str,
+    derived_from: dict[str, Any],
 ) -> dict[str, Any]:
     """The grading Observation of an image, `derived_from` the imaging record (Media or ImagingStudy)."""
 
@@ -433,7 +440,7 @@ def _grading(
         "effectiveDateTime": when,
         "performer": [site],
         "bodySite": body_site,
-        "derivedFrom": [{"reference": derived_from}],
+        "derivedFrom": [derived_from],
         "component": [
             component(IMAGE_QUALITY, score(QUALITY[image.quality_score])),
             component(ANATOMY_SCORE, score(ANATOMY[image.anatomy_score])),

@@ -181,7 +181,9 @@ def test_dicom_image_goes_to_the_node_and_its_grading_points_at_the_study() -> N
     original = pydicom.dcmread(io.BytesIO(data["image"]))
     record = retinal.Image.model_validate(data)
     [grading] = retinal.bundle_entries("image", record)
-    assert grading["resource"]["derivedFrom"] == [{"reference": f"ImagingStudy/{original.StudyInstanceUID}"}]
+    assert grading["resource"]["derivedFrom"] == [{"reference": f"ImagingStudy/{original.StudyInstanceUID}",
+                                                    "identifier": {"system": "urn:dicom:uid",
+                                                                   "value": f"urn:oid:{original.SOPInstanceUID}"}}]
     assert grading["resource"]["bodySite"]["coding"][0]["code"] == "8966001"
     [instance] = retinal.dicom_instances("image", record)
     assert instance.patient == {"system": "urn:fhir-server:source:retinal:patient", "value": "7"}
@@ -197,6 +199,35 @@ def test_dicom_image_goes_to_the_node_and_its_grading_points_at_the_study() -> N
     sent = pydicom.dcmread(io.BytesIO(instance.data))
     assert sent.ImageLaterality == "L" and sent.BodyPartExamined == "EYE"
     assert retinal.dicom_instances("image", retinal.Image.model_validate(with_file(sample_record("image", 11)))) == []
+
+
+def test_a_dicom_header_must_name_the_records_patient_exactly() -> None:
+    """A patient id the header cannot hold as it is (a backslash separates DICOM values; at most
+    64 characters) is refused, not sent for another patient; an issuer sequence naming another
+    issuer is dropped, or the node would look the patient up elsewhere."""
+    data = with_file(sample_record("image", 12))
+    for bad in ("A\\B", "x" * 65, "caf\u00e9"):
+        with pytest.raises(ValueError, match="cannot go in a DICOM header"):
+            retinal.dicom_instances("image", retinal.Image.model_validate({**data, "patient_id": bad}))
+    ds = pydicom.dcmread(io.BytesIO(data["image"]))
+    qualifier = pydicom.Dataset()
+    qualifier.UniversalEntityID, qualifier.UniversalEntityIDType = "1.2.3.4", "ISO"
+    ds.IssuerOfPatientID = "urn:fhir-server:source:retinal:patient"
+    ds.IssuerOfPatientIDQualifiersSequence = [qualifier]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    [instance] = retinal.dicom_instances("image", retinal.Image.model_validate({**data, "image": buffer.getvalue()}))
+    assert "IssuerOfPatientIDQualifiersSequence" not in pydicom.dcmread(io.BytesIO(instance.data))
+
+
+def test_a_malformed_dicom_header_is_a_refusal() -> None:
+    ds = pydicom.dcmread(io.BytesIO(with_file(sample_record("image", 12))["image"]))
+    ds.NumberOfFrames = ["2", "3"]  # multi-valued
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(ValueError, match="image: the DICOM file cannot be read"):
+        record = {k: v for k, v in sample_record("image", 12).items() if k != "file_path"}
+        entries_of("image", {**record, "image": base64.b64encode(buffer.getvalue()).decode()})
 
 
 def test_every_resource_is_valid() -> None:
@@ -405,7 +436,7 @@ def test_import_sample_then_the_screens_searches(server: ServerProcess, client: 
     assert series["modality"]["code"] == "OP" and series["laterality"]["code"] == "419161000"
     assert series["bodySite"]["code"] == "81745001"
     [grading] = [e["resource"] for e in studies["entry"] if e["search"]["mode"] == "include"]
-    assert grading["identifier"][0]["value"] == "12" and grading["derivedFrom"] == [{"reference": f"ImagingStudy/{study['id']}"}]
+    assert grading["identifier"][0]["value"] == "12" and grading["derivedFrom"][0]["reference"] == f"ImagingStudy/{study['id']}"
     assert one(client, f"/Patient?{identifier('patient', 7)}")["id"] == patient["id"]  # the node made no Patient of its own
 
     # The file behind an image.
@@ -428,6 +459,68 @@ def test_import_sample_then_the_screens_searches(server: ServerProcess, client: 
                            f"&performer=Organization/{site['id']}&_include=Observation:derived-from")
     assert [e["resource"]["resourceType"] for e in glare["entry"]] == ["Observation", "ImagingStudy"]
     assert glare["entry"][0]["resource"]["identifier"][0]["value"] == "12"
+
+
+def test_a_dicom_image_is_stored_only_when_its_record_can_be(server: ServerProcess, client: httpx.Client,
+                                                              tmp_path: Path) -> None:
+    """An image of an unknown site is rejected before its file goes to the node (no study is
+    left without its grading); a truncated file is refused whole, not rewritten into a whole one."""
+    ds = pydicom.dcmread(DATA / "fundus_left.dcm")
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(tmp_path / "left.dcm", enforce_file_format=True)
+    whole = (tmp_path / "left.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(whole[:-5])
+    image = {**sample_record("image", 12), "file_path": "left.dcm"}
+    source = {"sites": records("site"), "patients": records("patient"), "images": [
+        {**image, "id": f"no-site-{ds.SOPInstanceUID[-6:]}", "site_id": "no-such-site"},
+        {**image, "id": f"cut-{ds.SOPInstanceUID[-6:]}", "file_path": "cut.dcm"},
+    ]}
+    (tmp_path / "retinal.json").write_bytes(fhir_json.dumps(source))
+    to = Destination(str(client.base_url).rstrip("/"), "127.0.0.1", server.dicom_port)
+    summary = import_files("retinal", [tmp_path / "retinal.json"], to, progress=False)
+    reasons = dict(summary.rejected)
+    assert "no-such-site" in reasons["retinal.json image #1"], reasons
+    assert "cut short" in reasons["retinal.json image #2"] or "truncated" in reasons["retinal.json image #2"], reasons
+    assert summary.dicom == 0
+    assert client.get(f"/ImagingStudy/{ds.StudyInstanceUID}").status_code == 404
+
+
+def test_ai_readiness_counts_images_not_gradings(client: httpx.Client) -> None:
+    """Two graded images of one DICOM study are two images; a second grading of one Media is
+    still one image."""
+    site = unique_site(client)
+    patient = transaction(client, [{"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient"},
+                                    "request": {"method": "POST", "url": "Patient"}}])
+    patient_ref = {"reference": patient.json()["entry"][0]["response"]["location"].split("/_history")[0]}
+
+    def grading(derived_from: dict[str, Any]) -> dict[str, Any]:
+        resource = entries_of("image", sample_record("image", 11))[2]["resource"]
+        resource = {**resource, "subject": patient_ref, "performer": [{"reference": site}], "derivedFrom": [derived_from]}
+        resource.pop("identifier")
+        return {"resource": resource, "request": {"method": "POST", "url": "Observation"}}
+
+    study = pydicom.uid.generate_uid()
+    media = transaction(client, [{"resource": {"resourceType": "Media", "status": "completed", "subject": patient_ref,
+                                               "content": {"contentType": "image/png"}},
+                                  "request": {"method": "POST", "url": "Media"}}])
+    media_ref = media.json()["entry"][0]["response"]["location"].split("/_history")[0]
+    response = transaction(client, [
+        grading({"reference": f"ImagingStudy/{study}", "identifier": {"system": "urn:dicom:uid", "value": "urn:oid:1.2.3.1"}}),
+        grading({"reference": f"ImagingStudy/{study}", "identifier": {"system": "urn:dicom:uid", "value": "urn:oid:1.2.3.2"}}),
+        grading({"reference": media_ref}),
+        grading({"reference": media_ref}),
+    ])
+    assert response.status_code == 200, response.text
+    report = client.get(f"/{site}/$ai-readiness").json()
+    assert population(report["group"][0], "initial-population") == 3
+
+
+def unique_site(client: httpx.Client) -> str:
+    response = transaction(client, [{"resource": {"resourceType": "Organization", "name": f"site {pydicom.uid.generate_uid()}"},
+                                     "request": {"method": "POST", "url": "Organization"}}])
+    assert response.status_code == 200, response.text
+    return response.json()["entry"][0]["response"]["location"].split("/_history")[0]
 
 
 @pytest.mark.parametrize("unknown", ["site_id", "patient_id"])

@@ -9,8 +9,8 @@ ImagingStudy of a DICOM image),
 
 1. `$match` the gradings by their code on the flat index (`ix`), or, for one site, by its
    `performer` key (and the code on `p.code`), plus any other criteria (a period).
-2. `$group` by image (the grading's identifier, else its `derivedFrom`: a second grading of an
-   image is not counted twice): its site, patient,
+2. `$group` by image (its `derivedFrom` reference, with the instance UID of a DICOM image in
+   the Reference's identifier: a second grading of an image is not counted twice): its site, patient,
    date and the value codes of its grading's components. Only top-level paths and `$first` of
    arrays are read: the embedded database does not descend into arrays on a dotted path
    (`$res.performer.reference` is missing there), and `$getField` of `$first` is a few times
@@ -92,9 +92,10 @@ def readiness_pipeline(match: dict[str, Any], aspects: list[Aspect]) -> list[dic
     return [
         {"$match": match},
         {"$group": {
-            # The image: the grading's identifier (the source image's id) when it has one, since
-            # several DICOM images of one study share their `derivedFrom`; else that reference.
-            "_id": {"$ifNull": [_first("$res.identifier", "value"), _first("$res.derivedFrom", "reference")]},
+            # The image: the Media, or the ImagingStudy and the instance in it (the Reference's
+            # identifier: several graded DICOM images may share a study).
+            "_id": {"ref": _first("$res.derivedFrom", "reference"),
+                    "instance": {"$getField": {"field": "value", "input": _first("$res.derivedFrom", "identifier")}}},
             "site": {"$first": _first("$res.performer", "reference")},
             "patient": {"$first": "$res.subject.reference"},
             "scores": {"$first": {"$map": {
@@ -102,7 +103,7 @@ def readiness_pipeline(match: dict[str, Any], aspects: list[Aspect]) -> list[dic
             }}},
             "date": {"$min": "$res.effectiveDateTime"},
         }},
-        {"$match": {"_id": {"$ne": None}}},
+        {"$match": {"_id.ref": {"$ne": None}}},
         {"$facet": {
             "cells": [
                 {"$group": {

@@ -114,13 +114,15 @@ class ReadinessRule:
 
     @property
     def version(self) -> str:
-        """A digest of the rule: reports name the Measure version they applied."""
-        return hashlib.sha256(self.text().encode()).hexdigest()[:12]
+        """A digest of the rule and of the Measure's definition (its revision): reports name
+        the Measure version they applied."""
+        return hashlib.sha256(f"{MEASURE_REVISION}:{self.text()}".encode()).hexdigest()[:12]
 
 
 ASPECT_CODES = {"quality": retinal.IMAGE_QUALITY, "anatomy": retinal.ANATOMY_SCORE, "over": retinal.OVER_ILLUMINATED}
 
 
+MEASURE_REVISION = 2  # 2: images counted by their gradings, Media or ImagingStudy
 GRADING_QUERY = f"Observation?code={retinal.CODE_SYSTEM}|{retinal.GRADING}"
 
 
