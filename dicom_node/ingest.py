@@ -58,7 +58,8 @@ def accept(
     except BadInstance as exc:
         LOGGER.warning("instance refused (0x%04X): %s", exc.status, exc)
         return Accepted(exc.status)
-    except ValueError as exc:
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, ArithmeticError) as exc:
+        # ValueError: the mapping's refusal; the others: attributes malformed past what the checks expect
         LOGGER.warning("instance refused: %s", exc)
         return Accepted(CANNOT_UNDERSTAND)
     try:

@@ -373,6 +373,24 @@ def test_frames_errors(study: dict, http: httpx.Client) -> None:
     assert http.get(f"{instance_path(study, jpeg)}/frames/1").status_code == 406  # compressed: not served as frames
 
 
+def test_malformed_image_attributes_are_never_a_500(http: httpx.Client) -> None:
+    frames = fresh("CT_small.dcm", NumberOfFrames="77")
+    raw = encode(frames).replace(b"77", b"ab", 1)  # an IS pydicom cannot read as a number
+    refused = stow(http, [raw])
+    assert refused.status_code == 409 and refused.json()[FAILED_SOP_SEQUENCE]["Value"][0][FAILURE_REASON]["Value"] == [0xC210]
+    slope = fresh("CT_small.dcm", RescaleSlope="7.5")
+    assert stow(http, [encode(slope).replace(b"7.5 ", b"x.y ", 1)]).status_code == 200
+    base = instance_path({"uid": slope.StudyInstanceUID}, slope)
+    assert Image.open(io.BytesIO(http.get(f"{base}/rendered").content)).size == (128, 128)  # rendered without it
+    palette = fresh("CT_small.dcm", PhotometricInterpretation="PALETTE COLOR")  # and no palette
+    assert stow(http, [encode(palette)]).status_code == 200
+    base = instance_path({"uid": palette.StudyInstanceUID}, palette)
+    assert http.get(f"{base}/rendered").status_code == 406
+    study_rendered = http.get(f"/studies/{palette.StudyInstanceUID}/rendered")
+    assert study_rendered.status_code == 200 and split(study_rendered) == []  # left out, the body still whole
+    assert http.get(f"{base}/metadata").status_code == 200
+
+
 # -- WADO-RS: errors --------------------------------------------------------------------------
 
 

@@ -27,6 +27,8 @@ LOGGER = logging.getLogger(__name__)
 PIXEL_DATA = 0x7FE00010
 MAX_VIEWPORT = 8192
 FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG"}
+# What malformed or contradictory image attributes raise in pydicom and numpy.
+HEADER_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError)
 
 
 @dataclass(frozen=True)
@@ -126,16 +128,34 @@ def _header_window(ds: Dataset) -> Window | None:
     return Window(center, width, function)
 
 
+def _modality(frame: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values → modality values; a malformed Modality LUT or rescale is left out."""
+    try:
+        return np.asarray(apply_modality_lut(frame, ds), dtype=np.float64)
+    except HEADER_ERRORS as exc:
+        LOGGER.info("Modality LUT not applied: %s", exc)
+        return frame.astype(np.float64)
+
+
+def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """The VOI LUT Sequence's first LUT → 0..1; None when it is malformed."""
+    try:
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        return np.clip(np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float64) / float(2**bits - 1),
+                       0.0, 1.0)
+    except HEADER_ERRORS as exc:
+        LOGGER.info("VOI LUT not applied: %s", exc)
+        return None
+
+
 def _grey(frame: np.ndarray, ds: Dataset, window: Window | None) -> np.ndarray:
     """A monochrome frame → 0..1, after the Modality LUT and VOI transform."""
-    values = apply_modality_lut(frame, ds).astype(np.float64)
+    values = _modality(frame, ds)
     window = window or (None if "VOILUTSequence" in ds else _header_window(ds))
-    if window is not None:
-        scaled = _windowed(values, window)
-    elif "VOILUTSequence" in ds:
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        scaled = np.clip(apply_voi_lut(values, ds, prefer_lut=True) / float(2**bits - 1), 0.0, 1.0)
-    else:
+    scaled = _windowed(values, window) if window is not None else None
+    if scaled is None and "VOILUTSequence" in ds:
+        scaled = _voi_lut(values, ds)
+    if scaled is None:
         low, high = float(values.min()), float(values.max())
         scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
@@ -159,11 +179,18 @@ def _image(path: Path, index: int, options: RenderOptions) -> Image.Image:
     deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
     try:  # from the file, one frame read, unless the dataset must be inflated first
         frame = pixel_array(dcmread(path) if deflated else path, index=index)
-    except (NotImplementedError, RuntimeError, ValueError, TypeError, AttributeError, KeyError, OSError) as exc:
+    except (NotImplementedError, RuntimeError, OSError, *HEADER_ERRORS) as exc:
         LOGGER.info("cannot decode %s: %s", path, exc)
         raise NotAcceptable(f"The pixel data cannot be decoded here to render it ({exc})") from exc
-    photometric = str(ds.get("PhotometricInterpretation", ""))
-    if photometric == "PALETTE COLOR":
+    try:
+        return _picture(frame, ds, options)
+    except HEADER_ERRORS as exc:  # attributes that contradict the pixels, or malformed ones
+        LOGGER.info("cannot render %s: %s", path, exc)
+        raise NotAcceptable(f"The image cannot be rendered from its attributes ({exc})") from exc
+
+
+def _picture(frame: np.ndarray, ds: Dataset, options: RenderOptions) -> Image.Image:
+    if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
         rgb = _to_8bit(apply_color_lut(frame, ds), bits)
     elif frame.ndim == 3:
@@ -200,11 +227,7 @@ def native_frames(path: Path, numbers: list[int]) -> list[bytes]:
     for number in numbers:
         if not 1 <= number <= frames:
             raise NotFound(f"Frame {number} does not exist (the instance has {frames})")
-    allocated = int(ds.get("BitsAllocated") or 0)
-    pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
-    if allocated == 1 and pixels % 8:
-        raise NotAcceptable("Single-bit frames that do not end on a byte boundary are not served")
-    length = get_expected_length(ds, "bytes") // frames
+    allocated, length = _frame_layout(ds, frames)
     raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
     out = []
     if isinstance(raw, RawDataElement) and raw.value is None and syntax != DeflatedExplicitVRLittleEndian:
@@ -215,6 +238,20 @@ def native_frames(path: Path, numbers: list[int]) -> list[bytes]:
     else:
         data = ds.PixelData
         out = [data[(n - 1) * length:n * length] for n in numbers]
-    if not syntax.is_little_endian and allocated in (16, 32):
+    if not syntax.is_little_endian and allocated in (16, 32) and length % (allocated // 8) == 0:
         out = [np.frombuffer(f, dtype=f">u{allocated // 8}").astype(f"<u{allocated // 8}").tobytes() for f in out]
     return out
+
+
+def _frame_layout(ds: Dataset, frames: int) -> tuple[int, int]:
+    """(Bits Allocated, bytes per frame) of native Pixel Data, or 406 when the attributes do
+    not say."""
+    try:
+        allocated = int(ds.get("BitsAllocated") or 0)
+        pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
+        length = get_expected_length(ds, "bytes") // frames
+    except HEADER_ERRORS as exc:
+        raise NotAcceptable(f"The frames cannot be located from the image attributes ({exc})") from exc
+    if allocated == 1 and pixels % 8:
+        raise NotAcceptable("Single-bit frames that do not end on a byte boundary are not served")
+    return allocated, length
