@@ -212,7 +212,10 @@ def _bulk_value(path: Path, steps: list[str]) -> bytes:
     for depth, tag in enumerate(tags):
         if not isinstance(current, Dataset) or tag not in current:
             raise NotFound("No such bulk data element")
-        value = current[tag].value
+        try:
+            value = current[tag].value
+        except (ValueError, TypeError, KeyError) as exc:  # a malformed value is no bulk data
+            raise NotFound(f"The element holds no readable value ({exc})") from exc
         if depth < len(items):
             if not isinstance(value, DicomSequence) or not 0 <= items[depth] < len(value):
                 raise NotFound("No such bulk data element")
