@@ -19,6 +19,7 @@ import anyio
 import orjson
 from fastapi import APIRouter, Request
 from pydicom import DataElement, Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.sequence import Sequence as DicomSequence
 from starlette.responses import Response, StreamingResponse
@@ -57,7 +58,7 @@ def _multipart(parts: AsyncIterator[bytes], part_type: str, boundary: str) -> St
 def _syntax(path: Path) -> str:
     try:
         return str(read_file_meta_info(path).get("TransferSyntaxUID", "") or "")
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, InvalidDicomError) as exc:
         LOGGER.warning("unreadable file meta of %s: %s", path, exc)
         return ""
 
