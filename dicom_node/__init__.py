@@ -40,6 +40,7 @@ async def start_node(settings: Settings, indexer: DicomIndexer) -> DicomNode:
         ae_title=settings.dicom_aet, host=settings.dicom_host or settings.host, port=settings.dicom_port,
         allowed=settings.dicom_allowed, max_associations=settings.dicom_max_associations,
         max_pdu_bytes=settings.dicom_max_pdu_bytes, fsync=settings.dicom_fsync,
+        destinations=settings.dicom_destinations,
     )
     await asyncio.to_thread(node.start)
     return node

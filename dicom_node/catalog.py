@@ -347,8 +347,8 @@ class Catalog:
         computed: dict[str, list[Any]] = {}
         if level == "STUDY":
             computed = {
-                "ModalitiesInStudy": list(doc.get("ModalitiesInStudy") or []),
-                "SOPClassesInStudy": list(doc.get("SOPClassesInStudy") or []),
+                "ModalitiesInStudy": sorted(doc.get("ModalitiesInStudy") or []),
+                "SOPClassesInStudy": sorted(doc.get("SOPClassesInStudy") or []),
                 "NumberOfStudyRelatedSeries": [doc.get("NumberOfStudyRelatedSeries", 0)],
                 "NumberOfStudyRelatedInstances": [doc.get("NumberOfStudyRelatedInstances", 0)],
             }

@@ -1,4 +1,5 @@
-"""The DICOM Application Entity: Verification (C-ECHO) and Storage (C-STORE) SCP.
+"""The DICOM Application Entity: Verification (C-ECHO), Storage (C-STORE) and Query/Retrieve
+(C-FIND, C-MOVE, C-GET) SCP.
 
 pynetdicom serves each association in its own thread; FHIR indexing belongs to the server's
 event loop. The C-STORE handler checks the received file, places it in the file store and hands
@@ -34,6 +35,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from dicom_node.files import FileStore
 from dicom_node.indexing import DicomIndexer
 from dicom_node.ingest import accept
+from dicom_node.retrieve import query_retrieve
 
 LOGGER = logging.getLogger(__name__)
 SUCCESS = 0x0000
@@ -137,6 +139,7 @@ class DicomNode:
         max_associations: int = 16,
         max_pdu_bytes: int = 64 << 20,
         fsync: bool = True,
+        destinations: str = "",
     ) -> None:
         self.indexer = indexer
         self.files = files
@@ -157,6 +160,8 @@ class DicomNode:
         self.ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
         for context in AllStoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        # C-FIND, C-MOVE and C-GET from the catalog (dicom_node/query.py, retrieve.py).
+        self.query_retrieve = query_retrieve(self.ae, indexer.catalog, loop, destinations)
         self.max_pdu_bytes = max_pdu_bytes
         self.server: ThreadedAssociationServer | None = None
 
@@ -180,6 +185,7 @@ class DicomNode:
             (evt.EVT_RELEASED, self._forget),
             (evt.EVT_ABORTED, self._forget),
             (evt.EVT_CONN_CLOSE, self._forget),
+            *self.query_retrieve,
         ]
         self.server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
         LOGGER.info("DICOM node %s listening on %s:%d", self.ae.ae_title, *self.address)

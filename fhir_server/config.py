@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     dicom_fsync: bool = True
     # identifier.system of a Patient whose PatientID comes without IssuerOfPatientID.
     dicom_patient_system: str = "urn:fhir-server:dicom:patient-id"
+    # C-MOVE destinations the node sends to: `AET=host:port`, comma-separated (others: 0xA801).
+    dicom_destinations: str = ""
 
 
 @lru_cache

@@ -1,0 +1,150 @@
+"""C-FIND SCP: Patient Root and Study Root Query/Retrieve Information Model - FIND, answered from
+the catalog at the PATIENT, STUDY, SERIES and IMAGE levels.
+
+pynetdicom calls the handler in the association's thread; the catalog belongs to the server's
+event loop (its database client). Matches are pulled from the loop in small batches
+(`LoopIterator`) and sent one pending response each as they come; a C-CANCEL, looked for between
+matches, ends the answer with the Cancel status. An identifier that cannot be decoded or is no
+valid query gets a failure status, and the association goes on.
+"""
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any, TypeVar
+
+from pydicom import Dataset
+from pymongo.errors import PyMongoError
+from pynetdicom import evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from dicom_node.catalog import Catalog
+
+LOGGER = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PENDING = 0xFF00
+CANCEL = 0xFE00
+OUT_OF_RESOURCES = 0xA700
+IDENTIFIER_DOES_NOT_MATCH = 0xA900  # an invalid query
+UNABLE_TO_PROCESS = 0xC000  # an identifier that cannot be decoded, or an error of the node
+LOOP_TIMEOUT_S = 300.0
+# Query/retrieve identifiers are small: the uncompressed syntaxes and deflate.
+QR_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+]
+# The information model of each SOP class: the root its hierarchy starts at.
+FIND_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelFind): "PATIENT",
+    str(StudyRootQueryRetrieveInformationModelFind): "STUDY",
+}
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run `coroutine` on the server's loop from a pynetdicom thread, and wait for it."""
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(LOOP_TIMEOUT_S)
+
+
+class LoopIterator(Iterator[T]):
+    """An async iterator of the event loop consumed from another thread, `batch` items per trip
+    to the loop (a trip costs about as much as a match)."""
+
+    def __init__(self, source: AsyncIterator[T], loop: asyncio.AbstractEventLoop, batch: int = 32) -> None:
+        self._source = source
+        self._loop = loop
+        self._batch = batch
+        self._buffer: deque[T] = deque()
+        self._exhausted = False
+
+    def __next__(self) -> T:
+        if not self._buffer and not self._exhausted:
+            items, self._exhausted = on_loop(self._loop, self._take())
+            self._buffer.extend(items)
+        if not self._buffer:
+            raise StopIteration
+        return self._buffer.popleft()
+
+    async def _take(self) -> tuple[list[T], bool]:
+        items: list[T] = []
+        try:
+            while len(items) < self._batch:
+                items.append(await anext(self._source))
+        except StopAsyncIteration:
+            return items, True
+        return items, False
+
+    def close(self) -> None:
+        """Stop the source early (a cancelled or failed answer): its cursor is closed."""
+        if not self._exhausted:
+            self._exhausted = True
+            aclose = getattr(self._source, "aclose", None)
+            if aclose is not None:
+                on_loop(self._loop, aclose())
+
+
+def query_level(identifier: Dataset, root: str) -> str:
+    """The identifier's QueryRetrieveLevel, checked against the model; ValueError if invalid."""
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if not level:
+        raise ValueError("the identifier has no QueryRetrieveLevel")
+    if level not in ("PATIENT", "STUDY", "SERIES", "IMAGE"):
+        raise ValueError(f"QueryRetrieveLevel '{level}' is not PATIENT, STUDY, SERIES or IMAGE")
+    if root == "STUDY" and level == "PATIENT":
+        raise ValueError("the Study Root model has no PATIENT level")
+    return level
+
+
+def decoded(event: evt.Event) -> Dataset:
+    """The request's identifier, every element decoded (ValueError if one cannot be)."""
+    try:
+        identifier: Dataset = event.identifier
+        for _ in identifier:  # pydicom decodes elements when first read
+            pass
+    except Exception as exc:  # noqa: BLE001 - whatever pydicom raises on a garbled identifier
+        raise ValueError(f"the identifier cannot be decoded: {exc}") from exc
+    return identifier
+
+
+class FindService:
+    """The EVT_C_FIND handler over the catalog."""
+
+    def __init__(self, catalog: Catalog, loop: asyncio.AbstractEventLoop) -> None:
+        self.catalog = catalog
+        self.loop = loop
+
+    def handle(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        root = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), "STUDY")
+        try:
+            identifier = decoded(event)
+        except ValueError as exc:
+            LOGGER.warning("C-FIND refused (0x%04X): %s", UNABLE_TO_PROCESS, exc)
+            yield UNABLE_TO_PROCESS, None
+            return
+        matches: LoopIterator[Dataset] | None = None
+        try:
+            level = query_level(identifier, root)
+            matches = LoopIterator(self.catalog.find(level, identifier, root=root), self.loop)
+            for response in matches:
+                if event.is_cancelled:
+                    yield CANCEL, None
+                    return
+                yield PENDING, response
+        except ValueError as exc:
+            LOGGER.warning("C-FIND refused (0x%04X): %s", IDENTIFIER_DOES_NOT_MATCH, exc)
+            yield IDENTIFIER_DOES_NOT_MATCH, None
+        except PyMongoError as exc:
+            LOGGER.error("C-FIND failed, database error: %s", exc)
+            yield OUT_OF_RESOURCES, None
+        except Exception:  # noqa: BLE001 - the peer gets a failure status, the node goes on
+            LOGGER.exception("C-FIND failed")
+            yield UNABLE_TO_PROCESS, None
+        finally:
+            if matches is not None:
+                matches.close()

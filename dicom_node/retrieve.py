@@ -1,0 +1,238 @@
+"""C-MOVE and C-GET SCP: Patient Root and Study Root Query/Retrieve Information Model - MOVE and
+GET, at the PATIENT, STUDY, SERIES and IMAGE levels.
+
+The identifier's unique keys select instances in the catalog; each becomes one C-STORE
+sub-operation, to a known destination (`FHIR_DICOM_DESTINATIONS`, `AET=host:port`) on a new
+association for C-MOVE, back to the requestor on its own association for C-GET. pynetdicom runs
+the sub-operations, counts them (remaining, completed, failed, warning) and gives the final
+status (0xB000 when some failed, 0xA702 when all did, PS3.4 C.4.2.3 and C.4.3.3).
+
+Files are sent as stored: no transcoding. pynetdicom's handlers must yield Datasets, which it
+encodes again; the node yields a `StoredInstance` (a Dataset naming the file), which its
+`send_c_store` sends as the file's bytes, streamed from disk
+(`STORE_SEND_CHUNKED_DATASET`), in a presentation context of the file's own transfer syntax.
+A peer that accepted none fails that sub-operation, with a log line saying so.
+"""
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pydicom import Dataset
+from pymongo.errors import PyMongoError
+from pynetdicom import AE, AllStoragePresentationContexts, _config, build_context, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from dicom_node.catalog import Catalog, InstanceRef
+from dicom_node.query import (
+    CANCEL,
+    FIND_MODELS,
+    IDENTIFIER_DOES_NOT_MATCH,
+    OUT_OF_RESOURCES,
+    PENDING,
+    QR_TRANSFER_SYNTAXES,
+    UNABLE_TO_PROCESS,
+    FindService,
+    decoded,
+    on_loop,
+    query_level,
+)
+
+LOGGER = logging.getLogger(__name__)
+MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2: odd ids 1-255)
+MOVE_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelMove): "PATIENT",
+    str(StudyRootQueryRetrieveInformationModelMove): "STUDY",
+}
+GET_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelGet): "PATIENT",
+    str(StudyRootQueryRetrieveInformationModelGet): "STUDY",
+}
+
+
+def parse_destinations(text: str) -> dict[str, tuple[str, int]]:
+    """`AET=host:port,AET2=host:port` → {AET: (host, port)}; ValueError naming a malformed entry."""
+    destinations: dict[str, tuple[str, int]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        title, _, address = item.partition("=")
+        host, _, port = address.strip().rpartition(":")
+        title = title.strip()
+        if not title or len(title) > 16 or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"FHIR_DICOM_DESTINATIONS: '{item}' is not AET=host:port")
+        destinations[title] = (host.strip("[]"), int(port))
+    return destinations
+
+
+class StoredInstance(Dataset):
+    """A stored file as a C-GET/C-MOVE handler yields it: the SOP Class and Instance UIDs
+    pynetdicom reads (a failed sub-operation is listed by its UID), and the file it sends."""
+
+    def __init__(self, ref: InstanceRef) -> None:
+        super().__init__()
+        self.SOPClassUID = ref.sop_class
+        self.SOPInstanceUID = ref.sop
+        self.stored = ref
+
+
+_send_c_store = Association.send_c_store
+
+
+def _send_stored(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+    """Association.send_c_store, sending a StoredInstance's file as it is."""
+    if not isinstance(dataset, StoredInstance):
+        return _send_c_store(self, dataset, *args, **kwargs)
+    ref = dataset.stored
+    try:
+        return _send_c_store(self, ref.path, *args, **kwargs)
+    except (ValueError, OSError, AttributeError) as exc:
+        LOGGER.warning("instance %s (%s) not sent to %s: %s", ref.sop, ref.transfer_syntax or "no transfer syntax",
+                       self.acceptor.ae_title if self.is_requestor else self.requestor.ae_title, exc)
+        raise
+
+
+def install_file_sending() -> None:
+    """Send files without decoding them (pynetdicom then never converts their syntax)."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    Association.send_c_store = _send_stored  # type: ignore[method-assign]
+
+
+def storage_contexts(refs: list[InstanceRef]) -> list[PresentationContext]:
+    """What to propose to a C-MOVE destination: each SOP class in each transfer syntax it is
+    stored in, one context each, so that the destination accepts or refuses every pair alone."""
+    pairs = sorted({(ref.sop_class, ref.transfer_syntax) for ref in refs if ref.transfer_syntax})
+    if len(pairs) > MAX_CONTEXTS:
+        LOGGER.warning("C-MOVE: %d SOP class and transfer syntax pairs, %d proposed (the others fail)",
+                       len(pairs), MAX_CONTEXTS)
+    return [build_context(sop_class, syntax) for sop_class, syntax in pairs[:MAX_CONTEXTS]] or [
+        build_context(Verification)]
+
+
+def prefer_requestor_syntaxes(event: evt.Event) -> None:
+    """EVT_REQUESTED: for the storage classes a C-GET SCU takes the SCP role for, accept the
+    first transfer syntax it proposes that the node supports (pynetdicom would take the node's
+    first): the syntax it prefers the files in, most often the one they are stored in. Plain
+    C-STORE associations keep the node's order."""
+    takes_scp = {str(sop) for sop, item in event.assoc.requestor.role_selection.items() if item.scp_role}
+    if not takes_scp:
+        return
+    proposed: dict[str, list[str]] = {}
+    for context in sorted(event.assoc.requestor.requested_contexts, key=lambda c: c.context_id or 0):
+        if str(context.abstract_syntax) in takes_scp:
+            proposed.setdefault(str(context.abstract_syntax), []).extend(map(str, context.transfer_syntax))
+    for context in event.assoc.acceptor.supported_contexts:  # this association's copy
+        order = proposed.get(str(context.abstract_syntax))
+        if order:
+            context.transfer_syntax = sorted(context.transfer_syntax,
+                                             key=lambda ts: order.index(ts) if ts in order else len(order))
+
+
+class RetrieveService:
+    """The EVT_C_MOVE and EVT_C_GET handlers over the catalog."""
+
+    def __init__(self, catalog: Catalog, loop: asyncio.AbstractEventLoop, destinations: dict[str, tuple[str, int]]) -> None:
+        self.catalog = catalog
+        self.loop = loop
+        self.destinations = destinations
+        install_file_sending()
+
+    def handle_move(self, event: evt.Event) -> Iterator[Any]:
+        title = str(event.move_destination or "").strip()
+        destination = self.destinations.get(title)
+        if destination is None:
+            LOGGER.warning("C-MOVE refused: unknown destination '%s' (FHIR_DICOM_DESTINATIONS)", title)
+            yield None, None  # pynetdicom answers 0xA801, move destination unknown
+            return
+        refs, failure = self._select(event, MOVE_MODELS)
+        yield destination[0], destination[1], {"contexts": storage_contexts(refs)}
+        yield from self._sub_operations(event, refs, failure)
+
+    def handle_get(self, event: evt.Event) -> Iterator[Any]:
+        refs, failure = self._select(event, GET_MODELS)
+        yield from self._sub_operations(event, refs, failure)
+
+    def _sub_operations(self, event: evt.Event, refs: list[InstanceRef], failure: int | None) -> Iterator[Any]:
+        """The count, then one pending C-STORE per instance (pynetdicom runs and counts them).
+        A failure is answered as one failed sub-operation: pynetdicom has no other way to fail
+        a retrieve once it has its destination."""
+        if failure is not None:
+            yield 1
+            yield failure, None
+            return
+        yield len(refs)
+        for ref in refs:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, StoredInstance(ref)
+
+    def _select(self, event: evt.Event, models: dict[str, str]) -> tuple[list[InstanceRef], int | None]:
+        """The instances the identifier names, or the failure status to answer with."""
+        root = models.get(str(event.request.AffectedSOPClassUID), "STUDY")
+        try:
+            identifier = decoded(event)
+        except ValueError as exc:
+            LOGGER.warning("retrieve refused (0x%04X): %s", UNABLE_TO_PROCESS, exc)
+            return [], UNABLE_TO_PROCESS
+        try:
+            level = query_level(identifier, root)
+            return on_loop(self.loop, self._instances(level, identifier)), None
+        except ValueError as exc:
+            LOGGER.warning("retrieve refused (0x%04X): %s", IDENTIFIER_DOES_NOT_MATCH, exc)
+            return [], IDENTIFIER_DOES_NOT_MATCH
+        except PyMongoError as exc:
+            LOGGER.error("retrieve failed, database error: %s", exc)
+            return [], OUT_OF_RESOURCES
+
+    async def _instances(self, level: str, identifier: Dataset) -> list[InstanceRef]:
+        """The instances of the unique key at `level` (one value, or a list of UIDs: PS3.4
+        C.4.2.2.1), each once. ValueError when the identifier lacks that key."""
+        keyword = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
+                   "IMAGE": "SOPInstanceUID"}[level]
+        values = _values(identifier, keyword)
+        if not values:
+            raise ValueError(f"a {level.lower()}-level retrieve needs {keyword}")
+        found: dict[str, InstanceRef] = {}
+        if level == "IMAGE":
+            batches = [await self.catalog.instances(sops=values)]
+        else:
+            criterion = {"PATIENT": "patient_id", "STUDY": "study", "SERIES": "series"}[level]
+            batches = [await self.catalog.instances(**{criterion: value}) for value in values]
+        for ref in (ref for batch in batches for ref in batch):
+            found.setdefault(ref.sop, ref)
+        return list(found.values())
+
+
+def _values(identifier: Dataset, keyword: str) -> list[str]:
+    value = identifier.get(keyword)
+    if value is None or value == "":
+        return []
+    values = [value] if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in values if str(v).strip()]
+
+
+def query_retrieve(
+    ae: AE, catalog: Catalog, loop: asyncio.AbstractEventLoop, destinations: str
+) -> list[tuple[Any, Callable[..., Any]]]:
+    """Make `ae` a Query/Retrieve SCP (FIND, MOVE and GET of both roots) over `catalog`: its
+    presentation contexts, and the handlers to bind. C-GET's sub-operations run on the SCU's
+    own association with the roles reversed: the storage classes accept its role selection.
+    ValueError for malformed destinations (the node does not start)."""
+    find = FindService(catalog, loop)
+    retrieve = RetrieveService(catalog, loop, parse_destinations(destinations))
+    for sop_class in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS):
+        ae.add_supported_context(sop_class, QR_TRANSFER_SYNTAXES)
+    storage = {str(context.abstract_syntax) for context in AllStoragePresentationContexts}
+    for context in ae.supported_contexts:
+        if str(context.abstract_syntax) in storage:
+            ae.add_supported_context(context.abstract_syntax, context.transfer_syntax, scu_role=True, scp_role=True)
+    return [(evt.EVT_REQUESTED, prefer_requestor_syntaxes), (evt.EVT_C_FIND, find.handle),
+            (evt.EVT_C_MOVE, retrieve.handle_move), (evt.EVT_C_GET, retrieve.handle_get)]
