@@ -114,6 +114,8 @@ def _merged(kind: str, attributes: dict[str, Any]) -> dict[str, Any]:
     """`$set` of a study, series or patient: the attributes this instance has, each alone (as
     the ImagingStudy takes the latest instance's value where it has one, keeping the others)."""
     fields = {keyword: value for keyword, value in _flat(kind, attributes).items() if value is not None}
+    if isinstance(fields.get("StudyDate"), str):  # ACR-NEMA YYYY.MM.DD: ranges compare YYYYMMDD
+        fields["StudyDate"] = fields["StudyDate"].replace(".", "")
     return {**fields, **{f"json.{tag}": element for tag, element in attributes.items()}, "updated": datetime.now(UTC)}
 
 

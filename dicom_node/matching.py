@@ -14,7 +14,7 @@ person names are insignificant.
 """
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,7 +208,7 @@ class Condition:
         if len(self.values) != 1:
             return None
         value = self.values[0]
-        prefix = re.split(r"[*?]", value, maxsplit=1)[0]
+        prefix = re.split(r"[*?=]", value, maxsplit=1)[0]  # `pn` holds each component group alone
         if self.fuzzy:
             words = _words(value)
             return words[0] if words else None
@@ -365,7 +365,3 @@ def element_json(keyword: str, values: list[Any]) -> dict[str, Any]:
     """A DICOM JSON element of `keyword` holding `values` (empty when there are none)."""
     vr = dictionary_VR(keyword)
     return {"vr": vr, "Value": values} if values else {"vr": vr}
-
-
-def needs(keys: list[Key], predicate: Callable[[Key], bool]) -> bool:
-    return any(predicate(key) for key in keys)
