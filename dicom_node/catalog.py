@@ -74,6 +74,7 @@ FLAT = {
 }
 STUDY_TAG, SERIES_TAG = 0x0020000D, 0x0020000E
 STUDY_UID, SERIES_UID = tag_hex(STUDY_TAG), tag_hex(SERIES_TAG)
+PATIENT_TAGS = [tag_hex(tag) for tag, level in LEVEL_OF.items() if level == "PATIENT"]
 PATIENT_COUNTS = {0x00201200, 0x00201202, 0x00201204}  # NumberOfPatientRelated{Studies,Series,Instances}
 
 
@@ -205,11 +206,12 @@ class Catalog:
             await self.recount(uid)
 
     async def _record_study_doc(self, study: str, group: list[dict[str, Any]], new_instances: int, new_series: int) -> None:
-        attributes = {**_folded(group, "patient"), **_folded(group, "study"), STUDY_UID: _uid_element(study)}
+        # The patient is the latest instance's: a study sent again for another patient moves, and
+        # keeps none of the earlier patient's attributes.
+        patient = group[-1]["dicom"]["patient"]
+        attributes = {**_folded(group, "study"), **patient, STUDY_UID: _uid_element(study)}
         changes = _merged(STUDIES, attributes)
-        # The patient is the latest instance's, issuer included: a study re-sent for another
-        # patient moves (PatientID and issuer are never kept from an earlier instance).
-        patient_id, issuer = _value(attributes, "PatientID"), _value(attributes, "IssuerOfPatientID")
+        patient_id, issuer = _value(patient, "PatientID"), _value(patient, "IssuerOfPatientID")
         key = patient_key(patient_id, issuer)
         name = _value(attributes, "PatientName")
         identity = {"PatientID": patient_id, "IssuerOfPatientID": issuer, "patient": key}
@@ -223,10 +225,12 @@ class Catalog:
             projection={"patient": 1}, upsert=True, return_document=ReturnDocument.BEFORE)
         await self.patients.update_one(
             {"_id": key},
-            {"$set": {**_merged(PATIENTS, _folded(group, "patient")), "PatientID": patient_id, "IssuerOfPatientID": issuer,
+            {"$set": {**_merged(PATIENTS, patient), "PatientID": patient_id, "IssuerOfPatientID": issuer,
                       **({"pn": pn_index([name])} if name else {})}},
             upsert=True)
         if previous is not None and previous.get("patient") not in (None, key):
+            stale = {f"json.{tag}": "" for tag in PATIENT_TAGS if tag not in patient}
+            await self.studies.update_one({"_id": study}, {"$unset": stale})
             await self._drop_patient_if_unused(previous["patient"])
 
     def _instance_doc(self, facts: dict[str, Any]) -> dict[str, Any]:

@@ -518,3 +518,49 @@ def test_reindex_catalogues_an_existing_store(node: ServerProcess, studies: Stud
         assert summary(rebuilt) == summary(live)
         a1 = rebuilt["dicom_studies"].find_one({"_id": studies.a1})
         assert (a1["NumberOfStudyRelatedSeries"], a1["NumberOfStudyRelatedInstances"]) == (2, 3)
+
+
+def test_catalog_follows_instances_sent_again(node: ServerProcess, tmp_path: Path) -> None:
+    """The same instance again changes nothing; sent for another patient or into another
+    series, it moves, and the counts follow."""
+    study, first_series, patient, other = generate_uid(), generate_uid(), f"QD{TAG}", f"QE{TAG}"
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ct.SOPInstanceUID = ct.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.PatientID = study, first_series, patient
+    mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    mr.SOPInstanceUID = mr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    mr.StudyInstanceUID, mr.SeriesInstanceUID, mr.PatientID = study, generate_uid(), other
+
+    def send(*datasets: Dataset) -> None:
+        ae = AE(ae_title="QRTEST")
+        for ds in datasets:
+            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title=AET)
+        assert [int(assoc.send_c_store(ds).Status) for ds in datasets] == [0] * len(datasets)
+        assoc.release()
+
+    def study_row() -> tuple[object, ...]:
+        [found] = findscu(node, tmp_path, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}", "PatientID",
+                                           "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
+                                           "NumberOfStudyRelatedInstances"])
+        modalities = found.ModalitiesInStudy
+        return (found.PatientID, sorted([modalities] if isinstance(modalities, str) else modalities),
+                int(found.NumberOfStudyRelatedSeries), int(found.NumberOfStudyRelatedInstances))
+
+    def patients() -> set[str]:
+        found = findscu(node, tmp_path, ["QueryRetrieveLevel=PATIENT", f"PatientID=Q?{TAG}",
+                                         "NumberOfPatientRelatedStudies"], "-P")
+        return {f"{p.PatientID}:{int(p.NumberOfPatientRelatedStudies)}" for p in found if p.PatientID in (patient, other)}
+
+    send(ct)
+    send(ct)
+    assert study_row() == (patient, ["CT"], 1, 1)
+    assert patients() == {f"{patient}:1"}
+    send(mr)  # the latest instance's patient is the study's
+    assert study_row() == (other, ["CT", "MR"], 2, 2)
+    assert patients() == {f"{other}:1"}
+    ct.SeriesInstanceUID = generate_uid()  # the CT instance moves to a new series: the old one is gone
+    send(ct)
+    assert study_row() == (patient, ["CT", "MR"], 2, 2)
+    series = findscu(node, tmp_path, ["QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}", "SeriesInstanceUID"])
+    assert uids(series, "SeriesInstanceUID") == {ct.SeriesInstanceUID, mr.SeriesInstanceUID}
