@@ -21,6 +21,7 @@ never lose one; when an instance or series changes study, series, class or modal
 is counted again (`recount`), as `fhir-server dicom reindex` does for every study.
 """
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -308,14 +309,17 @@ class Catalog:
         returned = keys + [_return_key(k) for k in uniques if _tag(k) not in {key.tag for key in keys}]
         skipped = 0
         sent = 0
-        async for view in self._matches(level, keys, returned):
-            if skipped < offset:
-                skipped += 1
-                continue
-            yield _response(level, view, returned)
-            sent += 1
-            if limit is not None and sent >= limit:
-                return
+        if limit is not None and limit <= 0:
+            return
+        async with contextlib.aclosing(self._matches(level, keys, returned)) as matches:  # closes its cursor
+            async for view in matches:
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                yield _response(level, view, returned)
+                sent += 1
+                if limit is not None and sent >= limit:
+                    return
 
     async def _matches(
         self, level: str, keys: list[Key], returned: list[Key], restrict: dict[str, set[str]] | None = None

@@ -138,10 +138,15 @@ def prefer_requestor_syntaxes(event: evt.Event) -> None:
 class RetrieveService:
     """The EVT_C_MOVE and EVT_C_GET handlers over the catalog."""
 
-    def __init__(self, catalog: Catalog, loop: asyncio.AbstractEventLoop, destinations: dict[str, tuple[str, int]]) -> None:
+    def __init__(
+        self, catalog: Catalog, loop: asyncio.AbstractEventLoop, destinations: dict[str, tuple[str, int]],
+        on_open: Callable[[evt.Event], None] | None = None,
+    ) -> None:
         self.catalog = catalog
         self.loop = loop
         self.destinations = destinations
+        # The node's own connection set-up (TCP_NODELAY...) for the associations C-MOVE opens.
+        self.connection_handlers = [(evt.EVT_CONN_OPEN, on_open)] if on_open is not None else []
         install_file_sending()
 
     def handle_move(self, event: evt.Event) -> Iterator[Any]:
@@ -152,7 +157,7 @@ class RetrieveService:
             yield None, None  # pynetdicom answers 0xA801, move destination unknown
             return
         refs, failure = self._select(event, MOVE_MODELS)
-        yield destination[0], destination[1], {"contexts": storage_contexts(refs)}
+        yield destination[0], destination[1], {"contexts": storage_contexts(refs), "evt_handlers": self.connection_handlers}
         yield from self._sub_operations(event, refs, failure)
 
     def handle_get(self, event: evt.Event) -> Iterator[Any]:
@@ -220,14 +225,16 @@ def _values(identifier: Dataset, keyword: str) -> list[str]:
 
 
 def query_retrieve(
-    ae: AE, catalog: Catalog, loop: asyncio.AbstractEventLoop, destinations: str
+    ae: AE, catalog: Catalog, loop: asyncio.AbstractEventLoop, destinations: str,
+    on_open: Callable[[evt.Event], None] | None = None,
 ) -> list[tuple[Any, Callable[..., Any]]]:
     """Make `ae` a Query/Retrieve SCP (FIND, MOVE and GET of both roots) over `catalog`: its
-    presentation contexts, and the handlers to bind. C-GET's sub-operations run on the SCU's
-    own association with the roles reversed: the storage classes accept its role selection.
-    ValueError for malformed destinations (the node does not start)."""
+    presentation contexts, and the handlers to bind (`on_open` also for the associations C-MOVE
+    opens). C-GET's sub-operations run on the SCU's own association with the roles reversed: the
+    storage classes accept its role selection. ValueError for malformed destinations (the node
+    does not start)."""
     find = FindService(catalog, loop)
-    retrieve = RetrieveService(catalog, loop, parse_destinations(destinations))
+    retrieve = RetrieveService(catalog, loop, parse_destinations(destinations), on_open)
     for sop_class in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS):
         ae.add_supported_context(sop_class, QR_TRANSFER_SYNTAXES)
     storage = {str(context.abstract_syntax) for context in AllStoragePresentationContexts}
