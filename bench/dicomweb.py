@@ -65,14 +65,16 @@ from dicom_node.sender import set_nodelay  # pynetdicom leaves Nagle's algorithm
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 DESTINATION_AET = "BENCHDEST"
 PATIENTS = 100
-# QIDO study searches: (name, query string). Key attributes compared between the targets.
+# QIDO study searches: (name, query string, whole answers compared). A search with a limit has
+# no defined order: only its size is compared. PatientName without `^`: Orthanc 1.10 matches no
+# name when a query holds a component separator (`Bench^Patient04*` finds nothing there).
 QUERIES = (
-    ("by PatientID", "PatientID=BENCH-017"),
-    ("by PatientName wildcard", "PatientName=Bench%5EPatient04*"),
-    ("by StudyDate range", "StudyDate=20240301-20240331"),
-    ("by AccessionNumber", "AccessionNumber=BENCH00421"),
-    ("by ModalitiesInStudy", "ModalitiesInStudy=MR&limit=50"),
-    ("first page of all", "limit=100"),
+    ("by PatientID", "PatientID=BENCH-017", True),
+    ("by PatientName wildcard", "PatientName=Bench*Patient04*", True),
+    ("by StudyDate range", "StudyDate=20240101-20240630", True),
+    ("by AccessionNumber", "AccessionNumber=BENCH00421", True),
+    ("by ModalitiesInStudy", "ModalitiesInStudy=MR", True),
+    ("first page of all (limit 100)", "limit=100", False),
 )
 COMPARED = ("0020000D", "00100020", "00080020", "00080050")  # StudyInstanceUID, PatientID, StudyDate, AccessionNumber
 
@@ -135,7 +137,7 @@ def qido(target: Node | Orthanc, repeat: int) -> dict[str, tuple[float, float, l
     """Per query: median and p95 latency (ms), and the answer's key attributes."""
     results = {}
     with httpx.Client(timeout=60, headers={"Accept": "application/dicom+json"}) as client:
-        for name, query in QUERIES:
+        for name, query, _ in QUERIES:
             url = f"{target.dicomweb}/studies?{query}"
             answer = client.get(url)
             if answer.status_code not in (200, 204):
@@ -161,7 +163,7 @@ def wado(target: Node | Orthanc, study: str, expected_bytes: int, rounds: int) -
              'Accept: multipart/related; type="application/dicom"', f"{target.dicomweb}/studies/{study}"],
             capture_output=True, text=True, timeout=600, check=True)
         size, seconds = done.stdout.split()
-        if int(size) < expected_bytes:
+        if int(size) < 0.99 * expected_bytes:  # each target writes its own File Meta header
             raise BenchError(f"{target.label}: WADO-RS gave {size} bytes, the files sent hold {expected_bytes}")
         rates.append(int(size) / 1e6 / float(seconds))
     return statistics.median(rates)
@@ -281,7 +283,7 @@ def report(order: list[str], labels: dict[str, str], results: dict[str, dict[str
     print(f"{'measure':<44}" + "".join(f"{labels[t]:>22}" for t in order)
           + ("   ratio (node / Orthanc, >1 = better)" if len(order) == 2 else ""))
     rows: list[tuple[str, list[float], bool]] = []  # (name, values, lower is better)
-    for name, _ in QUERIES:
+    for name, *_ in QUERIES:
         rows.append((f"QIDO {name}: median ms", [results[t]["qido"][name][0] for t in order], True))  # type: ignore[index]
         rows.append((f"QIDO {name}: p95 ms", [results[t]["qido"][name][1] for t in order], True))  # type: ignore[index]
     rows.append(("WADO-RS study retrieval MB/s", [results[t]["wado"] for t in order], False))  # type: ignore[misc]
@@ -295,10 +297,11 @@ def report(order: list[str], labels: dict[str, str], results: dict[str, dict[str
         print(f"{title:<44}" + "".join(f"{v:>22,.2f}" for v in values) + ratio)
     problems = []
     if len(order) == 2:
-        for name, _ in QUERIES:
+        for name, _, whole in QUERIES:
             mine, theirs = (results[t]["qido"][name][2] for t in order)  # type: ignore[index]
-            same = mine == theirs
-            print(f"check: QIDO {name}: {len(mine)} and {len(theirs)} studies, " + ("same answers" if same else "ANSWERS DIFFER"))
+            same = mine == theirs if whole else len(mine) == len(theirs)
+            print(f"check: QIDO {name}: {len(mine)} and {len(theirs)} studies, "
+                  + (("same answers" if whole else "as many") if same else "ANSWERS DIFFER"))
             if not same:
                 problems.append(f"QIDO {name}: the answers differ (first: {mine[:1]} vs {theirs[:1]})")
     for t in order:
