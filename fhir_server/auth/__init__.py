@@ -1,0 +1,1 @@
+"""Identity and access: SMART on FHIR scopes, access tokens, accounts and the audit trail."""
