@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -187,6 +188,12 @@ def access_token(key: SigningKey, *, issuer: str, audience: str, subject: str, c
     return key.sign(claims), claims
 
 
+async def prepare(db: AsyncDatabase) -> None:
+    """Revocations are dropped once the token would have expired anyway."""
+    await db[REVOKED].create_index("expires", expireAfterSeconds=0)
+
+
 async def revoke(db: AsyncDatabase, token_id: str, expires: int) -> None:
     """Refuse this token from now on (kept until it would have expired anyway)."""
-    await db[REVOKED].update_one({"_id": token_id}, {"$set": {"expires": expires}}, upsert=True)
+    until = datetime.fromtimestamp(expires + LEEWAY_S, UTC)
+    await db[REVOKED].update_one({"_id": token_id}, {"$set": {"expires": until}}, upsert=True)

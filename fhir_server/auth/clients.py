@@ -1,0 +1,151 @@
+"""Registered clients of the built-in authorization server, and SMART Backend Services
+authentication: a client proves who it is with a JWT signed by its own key (`private_key_jwt`,
+RFC 7523), checked against the public keys registered for it (a JWKS, or a JWKS URL).
+
+Clients are kept in MongoDB (`auth_clients`); assertion ids (`jti`) are kept until they expire
+(`auth_assertions`), so an assertion cannot be replayed on any server process.
+"""
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import jwt
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from fhir_server.auth.scopes import Grants, ScopeError
+
+CLIENTS = "auth_clients"
+ASSERTIONS = "auth_assertions"
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ALGORITHMS = ["RS384", "ES384", "RS256", "ES256"]  # SMART requires RS384 and ES384
+MAX_ASSERTION_LIFETIME_S = 300  # SMART: exp at most five minutes ahead
+LEEWAY_S = 30
+
+
+class ClientError(Exception):
+    """An OAuth error of the token endpoint (RFC 6749 5.2): `error` is its code."""
+
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.error, self.description, self.status = error, description, status
+
+
+@dataclass(frozen=True)
+class Client:
+    client_id: str
+    name: str
+    scope: str  # the most the client may ask for
+    jwks: dict[str, Any] | None = None  # its public keys, for private_key_jwt
+    jwks_url: str | None = None
+    redirect_uris: tuple[str, ...] = ()  # for authorization_code (apps acting for a user)
+    fhir_user: str | None = None  # a backend service may act as a Practitioner
+    roles: tuple[str, ...] = field(default_factory=tuple)
+
+    def allowed(self, requested: str) -> str:
+        """The requested scopes the client may have (all of them when none is asked for);
+        ClientError `invalid_scope` for a scope it may not have."""
+        try:
+            mine = Grants.parse(self.scope)
+            wanted = Grants.parse(requested or self.scope)
+        except ScopeError as exc:
+            raise ClientError("invalid_scope", str(exc)) from exc
+        for scope in wanted.scopes:
+            if not any(s.context == scope.context and s.resource_type in ("*", scope.resource_type)
+                       and scope.permissions <= s.permissions and (not s.search or s.search == scope.search)
+                       for s in mine.scopes):
+                raise ClientError("invalid_scope", f"the client may not have '{scope.text}'")
+        extra = wanted.other - mine.other
+        if extra:
+            raise ClientError("invalid_scope", f"the client may not have {' '.join(sorted(extra))}")
+        return wanted.text
+
+
+async def prepare(db: AsyncDatabase) -> None:
+    """Assertion ids are dropped once their assertion has expired."""
+    await db[ASSERTIONS].create_index("expires", expireAfterSeconds=0)
+
+
+async def register(db: AsyncDatabase, client: Client) -> Client:
+    """Store a new client (its id must be new)."""
+    document = {"_id": client.client_id, "name": client.name, "scope": client.scope, "jwks": client.jwks,
+                "jwks_url": client.jwks_url, "redirect_uris": list(client.redirect_uris), "fhir_user": client.fhir_user,
+                "roles": list(client.roles), "created": time.time()}
+    try:
+        await db[CLIENTS].insert_one(document)
+    except DuplicateKeyError as exc:
+        raise ValueError(f"a client '{client.client_id}' exists already") from exc
+    return client
+
+
+def new_client_id() -> str:
+    return secrets.token_urlsafe(12)
+
+
+async def find(db: AsyncDatabase, client_id: str) -> Client | None:
+    found = await db[CLIENTS].find_one({"_id": client_id})
+    if found is None:
+        return None
+    return Client(client_id, found.get("name", ""), found.get("scope", ""), found.get("jwks"), found.get("jwks_url"),
+                  tuple(found.get("redirect_uris", ())), found.get("fhir_user"), tuple(found.get("roles", ())))
+
+
+async def _client_keys(client: Client) -> list[jwt.PyJWK]:
+    document = client.jwks
+    if document is None and client.jwks_url:
+        try:
+            async with httpx.AsyncClient(timeout=10) as http:
+                answer = await http.get(client.jwks_url)
+                answer.raise_for_status()
+                document = answer.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise ClientError("invalid_client", f"the client's keys cannot be fetched: {exc}", 401) from exc
+    keys = []
+    for item in (document or {}).get("keys", []):
+        try:
+            keys.append(jwt.PyJWK(item))
+        except (jwt.PyJWKError, jwt.InvalidKeyError, TypeError):
+            continue
+    return keys
+
+
+async def authenticate(db: AsyncDatabase, assertion_type: str | None, assertion: str | None, token_url: str) -> Client:
+    """The client a `private_key_jwt` assertion proves (SMART Backend Services): signed by one of
+    its registered keys, iss = sub = client_id, aud = this token endpoint, exp at most five
+    minutes ahead, jti never seen before. ClientError `invalid_client` (401) otherwise."""
+    if assertion_type != ASSERTION_TYPE or not assertion:
+        raise ClientError("invalid_client", f"client_assertion_type must be {ASSERTION_TYPE}, with a client_assertion", 401)
+    try:
+        header = jwt.get_unverified_header(assertion)
+        unverified = jwt.decode(assertion, options={"verify_signature": False})
+    except jwt.PyJWTError as exc:
+        raise ClientError("invalid_client", f"the client assertion is not a JWT: {exc}", 401) from exc
+    client_id = str(unverified.get("iss", ""))
+    client = await find(db, client_id) if client_id else None
+    if client is None or unverified.get("sub") != client_id:
+        raise ClientError("invalid_client", "unknown client, or iss and sub differ", 401)
+    keys = [k for k in await _client_keys(client) if header.get("kid") in (None, k.key_id)]
+    claims = None
+    for key in keys:
+        try:
+            claims = jwt.decode(assertion, key.key, algorithms=ALGORITHMS, audience=token_url, issuer=client_id,
+                                leeway=LEEWAY_S, options={"require": ["exp", "iss", "sub", "aud", "jti"]})
+            break
+        except jwt.InvalidSignatureError:
+            continue
+        except jwt.PyJWTError as exc:
+            raise ClientError("invalid_client", f"the client assertion is not valid: {exc}", 401) from exc
+    if claims is None:
+        raise ClientError("invalid_client", "the client assertion is not signed by a key of the client", 401)
+    if int(claims["exp"]) > time.time() + MAX_ASSERTION_LIFETIME_S + LEEWAY_S:
+        raise ClientError("invalid_client", "the client assertion expires more than five minutes ahead", 401)
+    try:
+        expires = datetime.fromtimestamp(int(claims["exp"]) + LEEWAY_S, UTC)
+        await db[ASSERTIONS].insert_one({"_id": f"{client_id}|{claims['jti']}", "expires": expires})
+    except DuplicateKeyError as exc:
+        raise ClientError("invalid_client", "the client assertion was used already", 401) from exc
+    return client
