@@ -22,6 +22,8 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from dicom_node.statuses import CANNOT_UNDERSTAND, DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES
+
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float and Double Float Pixel Data
 SPECTROSCOPY = 0x56000020  # Spectroscopy Data: MR Spectroscopy has Rows and Columns but no pixels
@@ -34,11 +36,6 @@ class BadInstance(ValueError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
-
-
-CANNOT_UNDERSTAND = 0xC210
-DOES_NOT_MATCH_SOP_CLASS = 0xA900
-OUT_OF_RESOURCES = 0xA700
 
 
 def _uid(ds: Dataset, keyword: str) -> str:

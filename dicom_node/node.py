@@ -37,12 +37,9 @@ from dicom_node.files import FileStore
 from dicom_node.indexing import DicomIndexer
 from dicom_node.ingest import accept
 from dicom_node.retrieve import query_retrieve
+from dicom_node.statuses import SUCCESS
 
 LOGGER = logging.getLogger(__name__)
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC210
-PROCESSING_FAILURE = 0xC211
 RELEASE_WAIT_S = 25.0  # the longest an A-RELEASE waits for indexing (DCMTK gives up after 30 s)
 REQUEST_LIMIT = 1 << 20  # an A-ASSOCIATE-RQ larger than this is not a real one
 TRANSFER_SYNTAXES = [

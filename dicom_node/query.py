@@ -23,15 +23,17 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_node.catalog import Catalog
+from dicom_node.statuses import (
+    CANCEL,
+    IDENTIFIER_DOES_NOT_MATCH,
+    OUT_OF_RESOURCES,
+    PENDING,
+    UNABLE_TO_PROCESS,
+)
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 
-PENDING = 0xFF00
-CANCEL = 0xFE00
-OUT_OF_RESOURCES = 0xA700
-IDENTIFIER_DOES_NOT_MATCH = 0xA900  # an invalid query
-UNABLE_TO_PROCESS = 0xC000  # an identifier that cannot be decoded, or an error of the node
 LOOP_TIMEOUT_S = 300.0
 # Query/retrieve identifiers are small: the uncompressed syntaxes and deflate.
 QR_TRANSFER_SYNTAXES = [

@@ -33,18 +33,13 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_node.catalog import Catalog, InstanceRef
-from dicom_node.query import (
+from dicom_node.query import FIND_MODELS, QR_TRANSFER_SYNTAXES, FindService, decoded, on_loop, query_level
+from dicom_node.statuses import (
     CANCEL,
-    FIND_MODELS,
     IDENTIFIER_DOES_NOT_MATCH,
     OUT_OF_RESOURCES,
     PENDING,
-    QR_TRANSFER_SYNTAXES,
     UNABLE_TO_PROCESS,
-    FindService,
-    decoded,
-    on_loop,
-    query_level,
 )
 
 LOGGER = logging.getLogger(__name__)
