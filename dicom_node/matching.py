@@ -45,8 +45,11 @@ LEVEL_OF: dict[int, str] = {
 }
 # RetrieveAETitle and InstanceAvailability belong to every level (PS3.4 C.4.1.1.3.2).
 ANY_LEVEL = {tag_for_keyword("RetrieveAETitle"), tag_for_keyword("InstanceAvailability")}
-# Not keys: what the identifier says about itself, and the zone its times are in.
-NOT_KEYS = {tag_for_keyword(k) for k in ("QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC")}
+# Not keys: what the identifier says about itself.
+NOT_KEYS = {tag_for_keyword(k) for k in ("QueryRetrieveLevel", "SpecificCharacterSet")}
+# The zone of the identifier's dates and times (PS3.4 C.4.1.1.3.2), not a value to match: the
+# node does not shift queries between zones, but returns each study's offset (QIDO-RS requires it).
+RETURNED_ONLY = {tag_for_keyword("TimezoneOffsetFromUTC")}
 
 WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
 NUMERIC_VRS = {"IS", "DS", "US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"}
@@ -313,6 +316,8 @@ def _key(element: DataElement, fuzzy: bool, nested: bool) -> Key:
     name = keyword_for_tag(tag) or f"({element.tag.group:04X},{element.tag.element:04X})"
     if element.tag.is_private or (level is None and not nested):
         return Key(tag, vr, None, keyword=name)
+    if tag in RETURNED_ONLY and not nested:
+        return Key(tag, vr, level, keyword=name)
     if vr == "SQ":
         items = list(element.value or [])
         if len(items) > 1:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
+import httpx
 import pydicom
 import pymongo
 import pytest
@@ -50,9 +51,9 @@ class Studies:
         b = {"PatientID": self.b, "PatientName": "Doe^John", "PatientBirthDate": "19700202", "PatientSex": "M"}
         c = {"PatientID": self.c, "PatientName": "Roe^Carl"}
         study_a1 = {"StudyInstanceUID": self.a1, "StudyDate": "20240105", "StudyTime": "101500",
-                    "AccessionNumber": f"ACC{TAG}1", "StudyDescription": "CT head", **a}
+                    "AccessionNumber": f"ACC{TAG}1", "StudyDescription": "CT head", "TimezoneOffsetFromUTC": "+0100", **a}
         study_a2 = {"StudyInstanceUID": self.a2, "StudyDate": "20240310", "StudyTime": "090000",
-                    "AccessionNumber": f"ACC{TAG}2", **a}
+                    "AccessionNumber": f"ACC{TAG}2", "TimezoneOffsetFromUTC": "+0930", **a}
         study_b1 = {"StudyInstanceUID": self.b1, "StudyDate": "20231201", "StudyTime": "235959",
                     "AccessionNumber": f"ACC{TAG}3", **b}
         for number in (1, 2):
@@ -283,6 +284,21 @@ def test_study_root_series_and_image_levels(node: ServerProcess, studies: Studie
                                       f"SOPInstanceUID={wanted[0]}\\{wanted[1]}\\{generate_uid()}", "SOPClassUID"])
     assert uids(images, "SOPInstanceUID") == set(wanted)
     assert all(i.SeriesInstanceUID in (studies.a2_sc, studies.a2_ct) for i in images)
+
+
+def test_timezone_offset_is_returned_never_matched(node: ServerProcess, studies: Studies, tmp_path: Path) -> None:
+    """TimezoneOffsetFromUTC in an identifier is the zone of its dates and times: each match
+    carries its own offset (the study's at every level), and no value filters matches out."""
+    keys = ["QueryRetrieveLevel=STUDY", f"PatientID={studies.a}", "StudyInstanceUID"]
+    asked = findscu(node, tmp_path, [*keys, "TimezoneOffsetFromUTC"])
+    assert {(str(r.StudyInstanceUID), r.TimezoneOffsetFromUTC) for r in asked} == {
+        (studies.a1, "+0100"), (studies.a2, "+0930")}
+    assert uids(findscu(node, tmp_path, [*keys, "TimezoneOffsetFromUTC=-0500"])) == {studies.a1, studies.a2}
+    series = findscu(node, tmp_path, ["QueryRetrieveLevel=SERIES", f"StudyInstanceUID={studies.a1}",
+                                      "SeriesInstanceUID", "TimezoneOffsetFromUTC"])
+    assert {r.TimezoneOffsetFromUTC for r in series} == {"+0100"} and len(series) == 2
+    found = httpx.get(f"{node.url}/dicomweb/studies", params={"StudyInstanceUID": studies.a1}, timeout=30).json()
+    assert [item["00080201"].get("Value") for item in found] == [["+0100"]]
 
 
 def test_c_cancel_ends_a_find_early(node: ServerProcess, studies: Studies) -> None:
