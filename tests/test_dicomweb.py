@@ -375,7 +375,9 @@ def test_frames_errors(study: dict, http: httpx.Client) -> None:
 
 def test_malformed_image_attributes_are_never_a_500(http: httpx.Client) -> None:
     frames = fresh("CT_small.dcm", NumberOfFrames="77")
-    raw = encode(frames).replace(b"77", b"ab", 1)  # an IS pydicom cannot read as a number
+    element = b"\x28\x00\x08\x00IS\x02\x00"  # (0028,0008) IS, 2 bytes: not "77" in a random UID
+    raw = encode(frames).replace(element + b"77", element + b"ab", 1)  # an IS pydicom cannot read as a number
+    assert raw != encode(frames)
     refused = stow(http, [raw])
     assert refused.status_code == 409 and refused.json()[FAILED_SOP_SEQUENCE]["Value"][0][FAILURE_REASON]["Value"] == [0xC210]
     slope = fresh("CT_small.dcm", RescaleSlope="7.5")
