@@ -94,6 +94,34 @@ def _send_stored(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> 
         raise
 
 
+# The destination of a C-MOVE refused before any sub-operation (no host has this name).
+NO_DESTINATION = "no-destination.invalid"
+
+
+class _NoAssociation:
+    """What pynetdicom gets for NO_DESTINATION: it associates with the destination before it
+    reads the handler's first status, so without this a failure status could only be sent after
+    a real association, and an unreachable destination would answer 0xA801 for an invalid
+    identifier. pynetdicom only releases it (the failure is yielded before any sub-operation)."""
+
+    is_established = True
+
+    def release(self) -> None:
+        """Nothing to release: no connection was made."""
+
+
+def refuse_without_destination(ae: AE) -> None:
+    """Let `ae`'s C-MOVE handler answer a failure without contacting any destination."""
+    associate = ae.associate
+
+    def associating(addr: Any, port: int, *args: Any, **kwargs: Any) -> Any:
+        if addr == NO_DESTINATION:
+            return _NoAssociation()
+        return associate(addr, port, *args, **kwargs)
+
+    ae.associate = associating  # type: ignore[method-assign]
+
+
 def install_file_sending() -> None:
     """Send files without decoding them (pynetdicom then never converts their syntax)."""
     _config.STORE_SEND_CHUNKED_DATASET = True
@@ -145,13 +173,20 @@ class RetrieveService:
         install_file_sending()
 
     def handle_move(self, event: evt.Event) -> Iterator[Any]:
+        """The identifier first: an invalid one is 0xA900 (or 0xC000, 0xA700) whatever the
+        destination, which is never contacted for it, nor for a retrieve that matches nothing
+        (0 sub-operations); then an unknown or unreachable destination is 0xA801."""
+        refs, failure = self._select(event, MOVE_MODELS)
+        if failure is not None:
+            yield NO_DESTINATION, 0  # pynetdicom "associates" with it (`refuse_without_destination`)
+            yield from self._sub_operations(event, refs, failure)
+            return
         title = str(event.move_destination or "").strip()
         destination = self.destinations.get(title)
         if destination is None:
             LOGGER.warning("C-MOVE refused: unknown destination '%s' (FHIR_DICOM_DESTINATIONS)", title)
             yield None, None  # pynetdicom answers 0xA801, move destination unknown
             return
-        refs, failure = self._select(event, MOVE_MODELS)
         yield destination[0], destination[1], {"contexts": storage_contexts(refs), "evt_handlers": self.connection_handlers}
         yield from self._sub_operations(event, refs, failure)
 
@@ -230,6 +265,7 @@ def query_retrieve(
     does not start)."""
     find = FindService(catalog, loop)
     retrieve = RetrieveService(catalog, loop, parse_destinations(destinations), on_open)
+    refuse_without_destination(ae)
     for sop_class in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS):
         ae.add_supported_context(sop_class, QR_TRANSFER_SYNTAXES)
     storage = {str(context.abstract_syntax) for context in AllStoragePresentationContexts}

@@ -421,6 +421,24 @@ def test_move_counts_failures_and_unknown_destinations(
         assoc.release()
 
 
+def test_move_checks_the_identifier_before_the_destination(node: ServerProcess, studies: Studies) -> None:
+    """An invalid identifier is 0xA900 whatever the destination (never contacted for it, nor
+    for a retrieve matching nothing); the destination's own errors come after."""
+    model = StudyRootQueryRetrieveInformationModelMove
+    assoc = association(node.dicom_port, model)
+    try:
+        for destination in ("DEST", "DOWN", "NOWHERE"):
+            invalid = list(assoc.send_c_move(query("SERIES", StudyInstanceUID=studies.a1), destination, model))
+            assert [int(s.Status) for s, _ in invalid] == [0xA900], destination
+            nothing = list(assoc.send_c_move(query("STUDY", StudyInstanceUID=generate_uid()), destination, model))
+            expected = (0xA801, (0, 0, 0)) if destination == "NOWHERE" else (0x0000, (0, 0, 0))
+            assert [(int(s.Status), counts(s)[1:]) for s, _ in nothing] == [expected], destination
+        [(status, _)] = list(assoc.send_c_move(query("STUDY", StudyInstanceUID=studies.b1), "DOWN", model))
+        assert int(status.Status) == 0xA801  # a valid identifier: the destination's error
+    finally:
+        assoc.release()
+
+
 def test_movescu_reports_an_unknown_destination(node: ServerProcess, studies: Studies) -> None:
     result = subprocess.run(["movescu", "-v", "-S", "-aec", AET, "-aem", "NOWHERE", "127.0.0.1", str(node.dicom_port),
                              "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={studies.b1}"],
