@@ -40,7 +40,7 @@ async def start_node(settings: Settings, indexer: DicomIndexer) -> DicomNode:
         ae_title=settings.dicom_aet, host=settings.dicom_host or settings.host, port=settings.dicom_port,
         allowed=settings.dicom_allowed, max_associations=settings.dicom_max_associations,
         max_pdu_bytes=settings.dicom_max_pdu_bytes, fsync=settings.dicom_fsync,
-        destinations=settings.dicom_destinations,
+        destinations=settings.dicom_destinations, connection_timeout_s=settings.dicom_connection_timeout_s,
     )
     await asyncio.to_thread(node.start)
     return node

@@ -153,6 +153,7 @@ class DicomNode:
         max_pdu_bytes: int = 64 << 20,
         fsync: bool = True,
         destinations: str = "",
+        connection_timeout_s: float = 10.0,
     ) -> None:
         self.indexer = indexer
         self.files = files
@@ -170,6 +171,9 @@ class DicomNode:
         self.ae.network_timeout = 60
         self.ae.acse_timeout = 30
         self.ae.dimse_timeout = 60
+        # The associations the node requests (C-MOVE's to its destinations): a host that drops
+        # packets would otherwise hold the retrieve for the system's SYN retries (minutes).
+        self.ae.connection_timeout = connection_timeout_s
         self.ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
         for context in AllStoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)

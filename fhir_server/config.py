@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     dicom_patient_system: str = "urn:fhir-server:dicom:patient-id"
     # C-MOVE destinations the node sends to: `AET=host:port`, comma-separated (others: 0xA801).
     dicom_destinations: str = ""
+    # How long the node waits for a C-MOVE destination's TCP connection (then 0xA801): without
+    # it, a host that drops packets holds the retrieve for the system's minutes-long SYN retries.
+    dicom_connection_timeout_s: float = Field(default=10.0, gt=0)
 
 
 @lru_cache

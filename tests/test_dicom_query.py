@@ -4,6 +4,7 @@ the final responses and identifiers no SCP should choke on."""
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -109,12 +110,25 @@ def destinations(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
 
 
 @pytest.fixture(scope="module")
+def black_hole() -> Iterator[int]:
+    """A port whose connections never complete: its accept queue is full (one connection in a
+    backlog of 0), so the kernel drops further SYNs, as a host behind a dropping firewall does."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filler.connect(listener.getsockname())
+        yield int(listener.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
 def node(
-    database: EmbeddedDatabase, tmp_path_factory: pytest.TempPathFactory, destinations: dict[str, tuple[Path, int]]
+    database: EmbeddedDatabase, tmp_path_factory: pytest.TempPathFactory, destinations: dict[str, tuple[Path, int]],
+    black_hole: int,
 ) -> Iterator[ServerProcess]:
     known = ",".join(f"{title}=127.0.0.1:{port}" for title, (_, port) in destinations.items())
     env = {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "fhir_dicom_qr", "FHIR_DICOM_AET": AET,
-           "FHIR_DICOM_DESTINATIONS": f"{known},DOWN=127.0.0.1:{free_port()}"}
+           "FHIR_DICOM_DESTINATIONS": f"{known},DOWN=127.0.0.1:{free_port()},HOLE=127.0.0.1:{black_hole}",
+           "FHIR_DICOM_CONNECTION_TIMEOUT_S": "2"}
     proc = ServerProcess(tmp_path_factory.mktemp("dicom_qr"), env).start()
     yield proc
     proc.stop()
@@ -435,6 +449,20 @@ def test_move_checks_the_identifier_before_the_destination(node: ServerProcess, 
             assert [(int(s.Status), counts(s)[1:]) for s, _ in nothing] == [expected], destination
         [(status, _)] = list(assoc.send_c_move(query("STUDY", StudyInstanceUID=studies.b1), "DOWN", model))
         assert int(status.Status) == 0xA801  # a valid identifier: the destination's error
+    finally:
+        assoc.release()
+
+
+def test_move_to_a_destination_that_never_answers_gives_up(node: ServerProcess, studies: Studies) -> None:
+    """A destination whose host drops the connection attempt: 0xA801 after the connection
+    timeout (2 s here), not after the system's SYN retries."""
+    model = StudyRootQueryRetrieveInformationModelMove
+    assoc = association(node.dicom_port, model)
+    try:
+        started = time.monotonic()
+        [(status, _)] = list(assoc.send_c_move(query("STUDY", StudyInstanceUID=studies.b1), "HOLE", model))
+        assert int(status.Status) == 0xA801
+        assert time.monotonic() - started < 10
     finally:
         assoc.release()
 
