@@ -14,7 +14,8 @@ from dicomweb_client import DICOMwebClient
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import RLELossless, generate_uid
 from python_multipart.multipart import MultipartParser, parse_options_header
 from requests import HTTPError
 
@@ -333,6 +334,35 @@ def test_rendered_follows_the_window_and_viewport(study: dict, http: httpx.Clien
     for bad in ({"window": "40"}, {"window": "a,b"}, {"viewport": "0,10"}, {"quality": "101"}, {"window": "1,1,cubic"}):
         assert http.get(url, params=bad).status_code == 400, bad
     assert http.get(url, headers={"Accept": "image/gif"}).status_code == 406
+
+
+def rle_zeros(rows: int, columns: int) -> Dataset:
+    """An 8-bit RLE Lossless image of zeros (Rows × Columns a multiple of 128): 2 bytes per 128
+    pixels compressed, however large it is decoded."""
+    ds = fresh("CT_small.dcm", Rows=rows, Columns=columns, BitsAllocated=8, BitsStored=8, HighBit=7,
+               PixelRepresentation=0)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    segment = bytes([129, 0]) * (rows * columns // 128)  # PackBits: the next byte 128 times
+    header = (1).to_bytes(4, "little") + (64).to_bytes(4, "little") + bytes(56)  # one segment, at 64
+    ds.PixelData = encapsulate([header + segment])
+    return ds
+
+
+def test_rendered_refuses_a_frame_too_large_before_decoding_it(http: httpx.Client) -> None:
+    huge = rle_zeros(10_000, 10_000)  # 100 megapixels in 1.6 MB: some 2 GB to render in float64
+    assert stow(http, [encode(huge)]).status_code == 200
+    base = instance_path({"uid": huge.StudyInstanceUID}, huge)
+    response = http.get(f"{base}/rendered", params={"viewport": "64,64"})
+    assert response.status_code == 406, response.text
+    assert "10000×10000" in response.json()["issue"][0]["diagnostics"]
+    assert response.elapsed.total_seconds() < 5  # refused from the header, nothing decoded
+    study_rendered = http.get(f"/studies/{huge.StudyInstanceUID}/rendered")
+    assert study_rendered.status_code == 200 and split(study_rendered) == []  # left out
+    small = rle_zeros(256, 512)  # the same encoding, within the budget
+    assert stow(http, [encode(small)]).status_code == 200
+    image = Image.open(io.BytesIO(http.get(f"{instance_path({'uid': small.StudyInstanceUID}, small)}/rendered",
+                                           params={"viewport": "64,64"}).content))
+    assert image.size == (64, 32)
 
 
 def test_rendered_series_and_study_are_one_image_per_instance(study: dict, http: httpx.Client) -> None:

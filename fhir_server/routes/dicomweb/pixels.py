@@ -1,7 +1,8 @@
 """Pixel data for WADO-RS: rendered images (PS3.18 8.3.5, 10.4.1.1.3) and native frames.
 
-Rendering decodes one frame with pydicom (its own and Pillow's decoders), applies the Modality
-LUT, then the VOI transform (a `window` parameter, else the VOI LUT Sequence, else the header's
+Rendering decodes one frame with pydicom (its own and Pillow's decoders), once its size is
+known to fit MAX_RENDER_PIXELS (a small compressed file may declare any size), applies the
+Modality LUT, in float32, shrinks to the viewport when one is asked, then the VOI transform (a `window` parameter, else the VOI LUT Sequence, else the header's
 Window Center/Width with its VOI LUT Function, else the frame's min-max), inverts MONOCHROME1,
 and encodes 8-bit JPEG or PNG with Pillow. Colour images go as RGB (pydicom converts YBR),
 palette colour through its LUT. Blocking: the routes call these in a thread.
@@ -26,6 +27,9 @@ from fhir_server.errors import BadRequest, NotAcceptable, NotFound
 LOGGER = logging.getLogger(__name__)
 PIXEL_DATA = 0x7FE00010
 MAX_VIEWPORT = 8192
+# Pixels (Rows × Columns) of the largest frame rendered: decoding and windowing cost about
+# 8 bytes a pixel, so a frame of this size needs some 400 MB while it is rendered.
+MAX_RENDER_PIXELS = 50_000_000
 FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG"}
 # What malformed or contradictory image attributes raise in pydicom and numpy.
 HEADER_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError)
@@ -103,13 +107,25 @@ def header(path: Path) -> Dataset:
 
 
 def _windowed(values: np.ndarray, window: Window) -> np.ndarray:
-    """PS3.3 C.11.2.1.2: values → 0..1."""
-    c, w = window.center, window.width
+    """PS3.3 C.11.2.1.2: values → 0..1, in place (`values` is the caller's own float32 copy:
+    a frame-sized temporary per step would double what rendering costs)."""
+    c, w = np.float32(window.center), np.float32(window.width)
     if window.function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+        values -= c
+        values *= np.float32(-4.0) / w
+        np.exp(values, out=values)
+        values += np.float32(1.0)
+        return np.reciprocal(values, out=values)
     if window.function == "LINEAR_EXACT":
-        return np.clip((values - c) / w + 0.5, 0.0, 1.0)
-    return np.clip((values - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0) if w > 1 else (values > c - 0.5).astype(float)
+        values -= c
+        values /= w
+    elif w > 1:
+        values -= c - np.float32(0.5)
+        values /= w - np.float32(1.0)
+    else:
+        return (values > c - np.float32(0.5)).astype(np.float32)
+    values += np.float32(0.5)
+    return np.clip(values, 0.0, 1.0, out=values)
 
 
 def _first(value: object) -> float:
@@ -129,45 +145,83 @@ def _header_window(ds: Dataset) -> Window | None:
 
 
 def _modality(frame: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Stored values → modality values; a malformed Modality LUT or rescale is left out."""
+    """Stored values → modality values, as a new float32 array (pydicom rescales in float64:
+    twice the memory, for precision a rendered image cannot show); a malformed Modality LUT
+    or rescale is left out."""
     try:
-        return np.asarray(apply_modality_lut(frame, ds), dtype=np.float64)
+        if not ds.get("ModalityLUTSequence"):
+            return _rescaled(frame, ds)
+        return np.asarray(apply_modality_lut(frame, ds), dtype=np.float32)
     except HEADER_ERRORS as exc:
         LOGGER.info("Modality LUT not applied: %s", exc)
-        return frame.astype(np.float64)
+        return frame.astype(np.float32)
+
+
+def _rescaled(frame: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Rescale Slope and Intercept applied (as pydicom does: only when both are present)."""
+    values = frame.astype(np.float32)
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        if not np.isfinite([slope, intercept]).all():
+            raise ValueError(f"Rescale Slope {slope} or Intercept {intercept} is not finite")
+        values *= np.float32(slope)
+        values += np.float32(intercept)
+    return values
+
+
+def _shrunk(values: np.ndarray, viewport: tuple[int, int] | None) -> np.ndarray:
+    """Modality values reduced to fit the viewport, before the VOI transform works on them
+    (enlarging waits for the 8-bit image: a float32 copy of that size would cost 4 times more)."""
+    height, width = values.shape
+    if viewport is None or (width <= viewport[0] and height <= viewport[1]):
+        return values
+    return np.array(ImageOps.contain(Image.fromarray(values), viewport))
 
 
 def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
     """The VOI LUT Sequence's first LUT → 0..1; None when it is malformed."""
     try:
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        return np.clip(np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float64) / float(2**bits - 1),
-                       0.0, 1.0)
+        scaled = np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float32)
+        scaled /= np.float32(2**bits - 1)
+        return np.clip(scaled, 0.0, 1.0, out=scaled)
     except HEADER_ERRORS as exc:
         LOGGER.info("VOI LUT not applied: %s", exc)
         return None
 
 
-def _grey(frame: np.ndarray, ds: Dataset, window: Window | None) -> np.ndarray:
-    """A monochrome frame → 0..1, after the Modality LUT and VOI transform."""
-    values = _modality(frame, ds)
-    window = window or (None if "VOILUTSequence" in ds else _header_window(ds))
+def _grey(frame: np.ndarray, ds: Dataset, options: RenderOptions) -> np.ndarray:
+    """A monochrome frame → 0..1, after the Modality LUT, the viewport and the VOI transform."""
+    values = _shrunk(_modality(frame, ds), options.viewport)
+    window = options.window or (None if "VOILUTSequence" in ds else _header_window(ds))
     scaled = _windowed(values, window) if window is not None else None
     if scaled is None and "VOILUTSequence" in ds:
         scaled = _voi_lut(values, ds)
     if scaled is None:
-        low, high = float(values.min()), float(values.max())
-        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        scaled = _min_max(values)
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        scaled = 1.0 - scaled
+        scaled = np.subtract(np.float32(1.0), scaled, out=scaled)
     return scaled
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    """The frame's own range → 0..1, in place."""
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros_like(values)
+    values -= np.float32(low)
+    values /= np.float32(high - low)
+    return values
 
 
 def _to_8bit(values: np.ndarray, bits: int) -> np.ndarray:
     """Colour samples of `bits` bits → uint8."""
     if values.dtype == np.uint8 and bits <= 8:
         return values
-    return np.clip(values.astype(np.float64) / float(2**bits - 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    scaled = values.astype(np.float32)
+    scaled *= np.float32(255.0 / float(2**bits - 1))
+    scaled += np.float32(0.5)
+    return np.clip(scaled, 0, 255, out=scaled).astype(np.uint8)
 
 
 def _image(path: Path, index: int, options: RenderOptions) -> Image.Image:
@@ -176,6 +230,7 @@ def _image(path: Path, index: int, options: RenderOptions) -> Image.Image:
         raise NotAcceptable("The instance is not an image: it has no rendered representation")
     if not 0 <= index < frame_count(ds):
         raise NotFound(f"Frame {index + 1} does not exist (the instance has {frame_count(ds)})")
+    _check_size(ds)
     deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
     try:  # from the file, one frame read, unless the dataset must be inflated first
         frame = pixel_array(dcmread(path) if deflated else path, index=index)
@@ -189,6 +244,18 @@ def _image(path: Path, index: int, options: RenderOptions) -> Image.Image:
         raise NotAcceptable(f"The image cannot be rendered from its attributes ({exc})") from exc
 
 
+def _check_size(ds: Dataset) -> None:
+    """Refuse, before decoding, a frame larger than MAX_RENDER_PIXELS: its size is what the
+    header declares, whatever the (compressed) Pixel Data weighs."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except HEADER_ERRORS as exc:
+        raise NotAcceptable(f"The image size cannot be read from its attributes ({exc})") from exc
+    if rows * columns > MAX_RENDER_PIXELS:
+        raise NotAcceptable(f"The image is {columns}×{rows} pixels (Columns×Rows): frames of more than "
+                            f"{MAX_RENDER_PIXELS} pixels are not rendered; retrieve the instance instead")
+
+
 def _picture(frame: np.ndarray, ds: Dataset, options: RenderOptions) -> Image.Image:
     if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
@@ -196,8 +263,10 @@ def _picture(frame: np.ndarray, ds: Dataset, options: RenderOptions) -> Image.Im
     elif frame.ndim == 3:
         rgb = _to_8bit(frame, int(ds.get("BitsStored") or 8))
     else:
-        grey = (_grey(frame, ds, options.window) * 255.0 + 0.5).astype(np.uint8)
-        return Image.fromarray(grey, mode="L")
+        grey = _grey(frame, ds, options)
+        grey *= np.float32(255.0)
+        grey += np.float32(0.5)
+        return Image.fromarray(grey.astype(np.uint8), mode="L")
     return Image.fromarray(rgb[..., :3], mode="RGB")
 
 
