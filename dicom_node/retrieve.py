@@ -9,13 +9,15 @@ status (0xB000 when some failed, 0xA702 when all did, PS3.4 C.4.2.3 and C.4.3.3)
 
 Files are sent as stored: no transcoding. pynetdicom's handlers must yield Datasets, which it
 encodes again; the node yields a `StoredInstance` (a Dataset naming the file), which its
-`send_c_store` sends as the file's bytes, streamed from disk
-(`STORE_SEND_CHUNKED_DATASET`), in a presentation context of the file's own transfer syntax.
-A peer that accepted none fails that sub-operation, with a log line saying so.
+`send_c_store` sends as the file's bytes, streamed from disk (`STORE_SEND_CHUNKED_DATASET`, for
+those sends only), in a presentation context of the file's own transfer syntax. A peer that
+accepted none fails that sub-operation, with a log line saying so.
 """
 
 import asyncio
+import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -81,13 +83,49 @@ class StoredInstance(Dataset):
 _send_c_store = Association.send_c_store
 
 
+class ChunkedSends:
+    """pynetdicom's `STORE_SEND_CHUNKED_DATASET`, true only while this thread sends a
+    StoredInstance. pynetdicom reads the flag in `send_c_store` (the only place it does) to
+    choose between streaming a file's bytes and decoding it to encode it again; the request it
+    builds there is out of reach of a wrapper, so the flag stays, but set to True for the
+    process it would change every other path-based send (an importer's, a plugin's). Elsewhere
+    it is what it was before the node installed this."""
+
+    def __init__(self, default: bool) -> None:
+        self.default = default
+        self._local = threading.local()
+
+    def __bool__(self) -> bool:
+        return bool(getattr(self._local, "on", self.default))
+
+    @contextlib.contextmanager
+    def enabled(self) -> Iterator[None]:
+        previous = getattr(self._local, "on", None)
+        self._local.on = True
+        try:
+            yield
+        finally:
+            self._local.on = previous if previous is not None else self.default
+
+
+def chunked_sends() -> ChunkedSends:
+    """The installed flag (installed again, keeping its value as the default, if someone set a
+    plain bool since)."""
+    flag = _config.STORE_SEND_CHUNKED_DATASET
+    if not isinstance(flag, ChunkedSends):
+        flag = ChunkedSends(bool(flag))
+        _config.STORE_SEND_CHUNKED_DATASET = flag  # type: ignore[assignment]
+    return flag
+
+
 def _send_stored(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
     """Association.send_c_store, sending a StoredInstance's file as it is."""
     if not isinstance(dataset, StoredInstance):
         return _send_c_store(self, dataset, *args, **kwargs)
     ref = dataset.stored
     try:
-        return _send_c_store(self, ref.path, *args, **kwargs)
+        with chunked_sends().enabled():
+            return _send_c_store(self, ref.path, *args, **kwargs)
     except (ValueError, OSError, AttributeError) as exc:
         LOGGER.warning("instance %s (%s) not sent to %s: %s", ref.sop, ref.transfer_syntax or "no transfer syntax",
                        self.acceptor.ae_title if self.is_requestor else self.requestor.ae_title, exc)
@@ -123,8 +161,9 @@ def refuse_without_destination(ae: AE) -> None:
 
 
 def install_file_sending() -> None:
-    """Send files without decoding them (pynetdicom then never converts their syntax)."""
-    _config.STORE_SEND_CHUNKED_DATASET = True
+    """Send StoredInstances' files without decoding them (pynetdicom then never converts their
+    syntax); other sends are left as they were."""
+    chunked_sends()
     Association.send_c_store = _send_stored  # type: ignore[method-assign]
 
 

@@ -557,6 +557,43 @@ def test_pynetdicom_get_with_role_selection(node: ServerProcess, studies: Studie
     assert got == {mr.SOPInstanceUID: dataset_bytes(stored(node, mr))}
 
 
+def test_only_the_nodes_own_sends_stream_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process: once the node's file sending is installed, a path another part of the
+    process sends is still decoded as pynetdicom does by default; a StoredInstance is streamed."""
+    from pynetdicom import _config, association
+
+    from dicom_node.catalog import InstanceRef
+    from dicom_node.retrieve import StoredInstance, install_file_sending
+
+    install_file_sending()
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    path = tmp_path / "ct.dcm"
+    ds.save_as(path)
+    decoded: list[str] = []
+    monkeypatch.setattr(association, "dcmread", lambda name, *a, **k: decoded.append(name) or pydicom.dcmread(name, *a, **k))
+    scp = AE(ae_title="LOCALSCP")
+    scp.add_supported_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0)])
+    try:
+        scu = AE(ae_title="LOCALSCU")
+        scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = scu.associate("127.0.0.1", port, ae_title="LOCALSCP")
+        assert assoc.is_established
+        try:
+            assert int(assoc.send_c_store(path).Status) == 0
+            assert decoded == [str(path)]  # someone else's file: pynetdicom's default
+            ref = InstanceRef(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID,
+                              ds.file_meta.TransferSyntaxUID, path, path.stat().st_size)
+            assert int(assoc.send_c_store(StoredInstance(ref)).Status) == 0
+            assert decoded == [str(path)]  # the node's: streamed as stored, never decoded
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()
+    assert not _config.STORE_SEND_CHUNKED_DATASET
+
+
 # --- the catalog -----------------------------------------------------------------------------------
 
 
