@@ -389,6 +389,23 @@ def test_frames_of_an_uncompressed_multiframe(study: dict, http: httpx.Client, d
     assert Image.open(io.BytesIO(rendered.content)).size == (10, 10)
 
 
+def test_frames_are_each_sent_once_and_as_stored(study: dict, http: httpx.Client) -> None:
+    ds = by_name(study, "rtdose.dcm")
+    base = instance_path(study, ds)
+    assert http.get(f"{base}/frames/{','.join(['1'] * 5000)}").status_code == 400  # 5,000 copies of a frame
+    assert http.get(f"{base}/frames/1,2,1").status_code == 400
+    every = list(range(15, 0, -1))
+    response = http.get(f"{base}/frames/{','.join(map(str, every))}")
+    assert [body for _, body in split(response)] == [ds.pixel_array[n - 1].astype("<u4").tobytes() for n in every]
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 4096, size=(3, 700, 800), dtype="<u2")  # frames of 1.1 MB: read in chunks
+    large = fresh("CT_small.dcm", Rows=700, Columns=800, NumberOfFrames=3, PixelData=pixels.tobytes())
+    assert stow(http, [encode(large)]).status_code == 200
+    got = split(http.get(f"{instance_path({'uid': large.StudyInstanceUID}, large)}/frames/3,1"))
+    assert [body for _, body in got] == [pixels[2].tobytes(), pixels[0].tobytes()]
+    assert [int(headers["content-length"]) for headers, _ in got] == [700 * 800 * 2] * 2
+
+
 def test_frames_errors(study: dict, http: httpx.Client) -> None:
     ds = by_name(study, "rtdose.dcm")
     base = instance_path(study, ds)

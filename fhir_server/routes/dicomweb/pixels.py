@@ -12,6 +12,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,7 +23,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, p
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from fhir_server.errors import BadRequest, NotAcceptable, NotFound
+from fhir_server.errors import BadRequest, NotAcceptable, NotFound, TooCostly
 
 LOGGER = logging.getLogger(__name__)
 PIXEL_DATA = 0x7FE00010
@@ -30,6 +31,7 @@ MAX_VIEWPORT = 8192
 # Pixels (Rows × Columns) of the largest frame rendered: decoding and windowing cost about
 # 8 bytes a pixel, so a frame of this size needs some 400 MB while it is rendered.
 MAX_RENDER_PIXELS = 50_000_000
+MAX_FRAMES_BYTES = 1 << 30  # the frames one response may carry
 FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG"}
 # What malformed or contradictory image attributes raise in pydicom and numpy.
 HEADER_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError)
@@ -283,10 +285,53 @@ def render(path: Path, index: int, options: RenderOptions) -> bytes:
     return buffer.getvalue()
 
 
-def native_frames(path: Path, numbers: list[int]) -> list[bytes]:
-    """Frames `numbers` (1-based) of uncompressed Pixel Data, each as little endian bytes,
-    read from the file without loading the rest of the pixels (blocking)."""
-    ds = header(path)
+@dataclass
+class Frames:
+    """Frames of native Pixel Data, to be read a chunk at a time as the response goes out:
+    from the file, opened before the response starts (so a copy of the instance stored
+    meanwhile cannot shift them), or from `data` when the Pixel Data was read with the header
+    (a small one, or a deflated file's: its positions count inflated bytes, and it is in
+    memory already, at most the 1 GiB the store takes)."""
+
+    handle: BinaryIO
+    numbers: list[int]
+    start: int  # where the Pixel Data value starts in the file
+    length: int  # bytes per frame
+    swap: int = 0  # bytes per sample to swap to little endian (a big endian file), else 0
+    data: bytes | None = None
+
+    def read(self, number: int, offset: int, size: int) -> bytes:
+        """`size` bytes from `offset` in frame `number` (1-based), little endian (blocking)."""
+        position = (number - 1) * self.length + offset
+        if self.data is not None:
+            data = self.data[position:position + size]
+        else:
+            self.handle.seek(self.start + position)
+            data = self.handle.read(size)
+        if len(data) != size:  # checked when stored: the file was cut since
+            raise OSError(f"frame {number} of {self.handle.name} is cut short")
+        if self.swap:
+            data = np.frombuffer(data, dtype=f">u{self.swap}").astype(f"<u{self.swap}").tobytes()
+        return data
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def native_frames(path: Path, numbers: list[int]) -> Frames:
+    """Frames `numbers` (1-based) of uncompressed Pixel Data, located without reading the
+    pixels; 404 for a frame that does not exist, 406 for compressed ones, 400 when they add up
+    to more than MAX_FRAMES_BYTES (blocking). The caller closes them."""
+    handle = open(path, "rb")  # noqa: SIM115 - Frames owns it, closed by the caller
+    try:
+        return _locate_frames(handle, numbers)
+    except BaseException:
+        handle.close()
+        raise
+
+
+def _locate_frames(handle: BinaryIO, numbers: list[int]) -> Frames:
+    ds = dcmread(handle, defer_size=1024)
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if not is_image(ds) or PIXEL_DATA not in ds:
         raise NotFound("The instance has no Pixel Data")
@@ -297,19 +342,14 @@ def native_frames(path: Path, numbers: list[int]) -> list[bytes]:
         if not 1 <= number <= frames:
             raise NotFound(f"Frame {number} does not exist (the instance has {frames})")
     allocated, length = _frame_layout(ds, frames)
+    if length * len(numbers) > MAX_FRAMES_BYTES:
+        raise TooCostly(f"The {len(numbers)} frames hold {length * len(numbers)} bytes: at most "
+                        f"{MAX_FRAMES_BYTES} go in one response, ask for fewer at a time")
+    swap = allocated // 8 if not syntax.is_little_endian and allocated in (16, 32) and length % (allocated // 8) == 0 else 0
     raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
-    out = []
     if isinstance(raw, RawDataElement) and raw.value is None and syntax != DeflatedExplicitVRLittleEndian:
-        with open(path, "rb") as handle:
-            for number in numbers:
-                handle.seek(raw.value_tell + (number - 1) * length)
-                out.append(handle.read(length))
-    else:
-        data = ds.PixelData
-        out = [data[(n - 1) * length:n * length] for n in numbers]
-    if not syntax.is_little_endian and allocated in (16, 32) and length % (allocated // 8) == 0:
-        out = [np.frombuffer(f, dtype=f">u{allocated // 8}").astype(f"<u{allocated // 8}").tobytes() for f in out]
-    return out
+        return Frames(handle, numbers, raw.value_tell, length, swap)
+    return Frames(handle, numbers, 0, length, swap, data=bytes(ds.PixelData))
 
 
 def _frame_layout(ds: Dataset, frames: int) -> tuple[int, int]:

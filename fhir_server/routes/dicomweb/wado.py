@@ -247,19 +247,29 @@ async def retrieve_bulkdata(request: Request, study: str, series: str, instance:
 
 
 def _frame_numbers(text: str) -> list[int]:
+    """A frame list, each frame at most once: a repeated one would let a short URL ask for the
+    same frame thousands of times over."""
     numbers = [p.strip() for p in text.split(",")]
     if not numbers or len(numbers) > MAX_FRAMES or not all(n.isdigit() and len(n) <= 9 for n in numbers):
         raise BadRequest("Frames are listed as 1-based numbers separated by commas")
-    return [int(n) for n in numbers]
+    found = [int(n) for n in numbers]
+    if len(set(found)) != len(found):
+        raise BadRequest("A frame is listed more than once")
+    return found
 
 
-async def _frames(frames: list[bytes], boundary: str) -> AsyncIterator[bytes]:
+async def _frames(frames: pixels.Frames, boundary: str) -> AsyncIterator[bytes]:
+    """Each frame in a part, read from the file a chunk at a time as the body is sent."""
     content_type = f"{OCTETS}; transfer-syntax={EXPLICIT_LE}"
-    for frame in frames:
-        yield multipart_header(boundary, [("Content-Type", content_type), ("Content-Length", str(len(frame)))])
-        yield frame
-        yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode()
+    try:
+        for number in frames.numbers:
+            yield multipart_header(boundary, [("Content-Type", content_type), ("Content-Length", str(frames.length))])
+            for offset in range(0, frames.length, CHUNK):
+                yield await asyncio.to_thread(frames.read, number, offset, min(CHUNK, frames.length - offset))
+            yield b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+    finally:
+        frames.close()
 
 
 @router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frame_list}")
