@@ -405,11 +405,13 @@ class Catalog:
     # -- retrieval ------------------------------------------------------------------------------------
 
     async def instances(
-        self, *, patient_id: str | None = None, study: str | None = None, series: str | None = None,
-        sops: list[str] | None = None,
+        self, *, patient_id: str | None = None, issuer: str | None = None, study: str | None = None,
+        series: str | None = None, sops: list[str] | None = None,
     ) -> list[InstanceRef]:
         """The stored instances every given criterion selects (at least one is needed), in study,
-        series and instance number order."""
+        series and instance number order. A patient with an `issuer` is that issuer's PatientID
+        alone (the same PatientID of another issuer is another patient); without one, the
+        PatientID of any issuer."""
         await self._ready()
         criteria: dict[str, Any] = {}
         if sops is not None:
@@ -419,7 +421,8 @@ class Catalog:
         if study is not None:
             criteria["StudyInstanceUID"] = study
         if patient_id is not None:
-            studies = [d["_id"] async for d in self.studies.find({"PatientID": patient_id}, {"_id": 1})]
+            whose = {"patient": patient_key(patient_id, issuer)} if issuer else {"PatientID": patient_id}
+            studies = [d["_id"] async for d in self.studies.find(whose, {"_id": 1})]
             criteria.setdefault("StudyInstanceUID", {"$in": studies})
             if study is not None and study not in studies:
                 return []

@@ -268,7 +268,8 @@ class RetrieveService:
 
     async def _instances(self, level: str, identifier: Dataset) -> list[InstanceRef]:
         """The instances of the unique key at `level` (one value, or a list of UIDs: PS3.4
-        C.4.2.2.1), each once. ValueError when the identifier lacks that key."""
+        C.4.2.2.1; PatientID with its IssuerOfPatientID when given), each once. ValueError when
+        the identifier lacks that key."""
         keyword = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
                    "IMAGE": "SOPInstanceUID"}[level]
         values = _values(identifier, keyword)
@@ -277,8 +278,11 @@ class RetrieveService:
         found: dict[str, InstanceRef] = {}
         if level == "IMAGE":
             batches = [await self.catalog.instances(sops=values)]
+        elif level == "PATIENT":  # the patient key is PatientID in the namespace of its issuer
+            issuer = next(iter(_values(identifier, "IssuerOfPatientID")), None)
+            batches = [await self.catalog.instances(patient_id=value, issuer=issuer) for value in values]
         else:
-            criterion = {"PATIENT": "patient_id", "STUDY": "study", "SERIES": "series"}[level]
+            criterion = {"STUDY": "study", "SERIES": "series"}[level]
             batches = [await self.catalog.instances(**{criterion: value}) for value in values]
         for ref in (ref for batch in batches for ref in batch):
             found.setdefault(ref.sop, ref)

@@ -532,6 +532,28 @@ def test_getscu_patient_level(node: ServerProcess, studies: Studies, tmp_path: P
     assert dataset_bytes(got[mr.SOPInstanceUID]) == dataset_bytes(stored(node, mr))
 
 
+def test_patient_level_retrieve_honours_the_issuer(node: ServerProcess, tmp_path: Path) -> None:
+    """One PatientID in two issuers' namespaces is two patients: a retrieve naming the issuer
+    gets that patient's instances alone; without an issuer, the PatientID of any issuer."""
+    patient_id, sent = f"QI{TAG}", {}
+    for issuer in ("HOSP_A", "HOSP_B"):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientID, ds.IssuerOfPatientID = patient_id, issuer
+        sent[issuer] = ds
+    ae = AE(ae_title="QRTEST")
+    ae.add_requested_context(sent["HOSP_A"].SOPClassUID, sent["HOSP_A"].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title=AET)
+    assert [int(assoc.send_c_store(ds).Status) for ds in sent.values()] == [0, 0]
+    assoc.release()
+    keys = ["QueryRetrieveLevel=PATIENT", f"PatientID={patient_id}"]
+    output, got = getscu(node, tmp_path / "a", [*keys, "IssuerOfPatientID=HOSP_A"], "-P")
+    assert set(got) == {sent["HOSP_A"].SOPInstanceUID}, output
+    output, got = getscu(node, tmp_path / "both", keys, "-P")
+    assert set(got) == {ds.SOPInstanceUID for ds in sent.values()}, output
+
+
 def test_pynetdicom_get_with_role_selection(node: ServerProcess, studies: Studies) -> None:
     """An SCU proposing the implicit VR syntax alone gets the implicit VR instance as stored."""
     [mr] = studies.of(SeriesInstanceUID=studies.a1_mr)
