@@ -17,8 +17,10 @@ selective key alone, and every key is matched here (dicom_node/matching.py).
 
 The indexer writes it (`record`) once FHIR has the instances. Counts grow with `$inc` by the
 instances an upsert actually inserted, so a re-sent instance counts once and parallel writers
-never lose one; when an instance or series changes study, series, class or modality the study
-is counted again (`recount`), as `fhir-server dicom reindex` does for every study.
+never lose one; when a batch holds an instance the catalog already had (sent again, or a retry
+after a write that failed between the upsert and the `$inc`), or an instance or series changes
+study, series, class or modality, the study is counted again (`recount`), as `fhir-server dicom
+reindex` does for every study.
 """
 
 import contextlib
@@ -189,6 +191,11 @@ class Catalog:
         placed = {d["_id"]: (d["StudyInstanceUID"], d["SeriesInstanceUID"], d["SOPClassUID"]) for d in docs}
         recount = {d["StudyInstanceUID"] for sop, d in before.items()
                    if (d["StudyInstanceUID"], d["SeriesInstanceUID"], d.get("SOPClassUID")) != placed[sop]}
+        if before:
+            # An instance already catalogued may not have been counted: a write that failed after
+            # the instances' upsert and before the counts' `$inc` (retried by the one-by-one
+            # fallback, the marker pass or a sender) finds it there and would add nothing.
+            recount.add(study)
         new_series = 0
         for uid in series_uids:
             attributes = _folded(group, "series", uid)
