@@ -285,6 +285,48 @@ def test_metadata_bulk_data_uris_resolve(http: httpx.Client) -> None:
     assert http.get(f"{base}/bulkdata/zz").status_code == 400
 
 
+def peak_growth(server: ServerProcess, call: object) -> int:
+    """How far the server's peak resident memory rises above what it holds during `call()`
+    (Linux: writing 5 to clear_refs resets the peak, VmHWM)."""
+    assert server.process is not None and callable(call)
+    status = Path(f"/proc/{server.process.pid}/status")
+
+    def kilobytes(field: str) -> int:
+        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith(field))
+
+    Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")
+    before = kilobytes("VmRSS:")
+    call()
+    return (kilobytes("VmHWM:") - before) * 1024
+
+
+def test_large_bulk_data_stays_in_the_file(http: httpx.Client, server: ServerProcess) -> None:
+    value = np.random.default_rng(5).bytes(48 << 20)
+    ds = fresh("CT_small.dcm")
+    ds.add_new(0x00091010, "OB", value)
+    item = Dataset()
+    item.add_new(0x00091012, "OB", bytes(range(256)) * 8)
+    ds.add_new(0x00091011, "SQ", [item])
+    assert stow(http, [encode(ds)]).status_code == 200
+    base = instance_path({"uid": ds.StudyInstanceUID}, ds)
+    root = str(http.base_url).rstrip("/")
+    found: list[dict] = []
+    assert peak_growth(server, lambda: found.append(http.get(f"{base}/metadata").json()[0])) < 16 << 20
+    assert found[0]["00091010"] == {"vr": "OB", "BulkDataURI": f"{root}{base}/bulkdata/00091010"}
+    bodies: list[bytes] = []
+    assert peak_growth(server, lambda: bodies.append(split(http.get(f"{base}/bulkdata/00091010"))[0][1])) < 16 << 20
+    assert bodies[0] == value
+    nested = found[0]["00091011"]["Value"][0]["00091012"]["BulkDataURI"]
+    assert nested.endswith(f"{base}/bulkdata/00091011/0/00091012")
+    assert split(http.get(nested))[0][1] == bytes(range(256)) * 8
+    implicit = fresh("rtdose.dcm", EncapsulatedDocument=bytes(range(256)) * 20)  # implicit VR: OB from the dictionary
+    assert stow(http, [encode(implicit)]).status_code == 200
+    base = instance_path({"uid": implicit.StudyInstanceUID}, implicit)
+    uri = http.get(f"{base}/metadata").json()[0]["00420011"]
+    assert uri == {"vr": "OB", "BulkDataURI": f"{root}{base}/bulkdata/00420011"}
+    assert split(http.get(uri["BulkDataURI"]))[0][1] == bytes(range(256)) * 20
+
+
 # -- WADO-RS: rendered and frames ---------------------------------------------------------------
 
 

@@ -12,16 +12,20 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 import orjson
 from fastapi import APIRouter, Request
 from pydicom import DataElement, Dataset, dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
+from pydicom.hooks import hooks
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from starlette.responses import Response, StreamingResponse
 
 from dicom_node.files import PIXEL_TAGS
@@ -47,6 +51,7 @@ OCTETS = "application/octet-stream"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 CHUNK = 1 << 20
 BULK_THRESHOLD = 1024  # binary values longer than this go by BulkDataURI, shorter ones inline
+DEFER_SIZE = BULK_THRESHOLD  # values longer than this stay in the file when it is parsed
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW", "US or SS or OW"})
 MAX_FRAMES = 10_000
 
@@ -138,28 +143,65 @@ def _element_json(element: DataElement, handler: Callable[[DataElement], str]) -
         return None
 
 
-def instance_metadata(path: Path, base: str) -> dict[str, Any] | None:
-    """One instance as DICOM JSON, without its pixels, large binary values as BulkDataURIs."""
+def _deferred(ds: Dataset, tag: int) -> RawDataElement | None:
+    """The element as read when its value was left in the file (longer than DEFER_SIZE)."""
+    raw = ds.get_item(tag, keep_deferred=True)
+    return raw if isinstance(raw, RawDataElement) and raw.value is None and raw.length else None
+
+
+def _raw_vr(ds: Dataset, raw: RawDataElement) -> str:
+    """The VR pydicom will give an element, found without reading its value (an implicit VR
+    file's from the dictionary); an ambiguous one (`OB or OW`) is only settled by reading it."""
+    found: dict[str, Any] = {}
     try:
-        ds = dcmread(path, stop_before_pixels=True)
+        hooks.raw_element_vr(raw, found, ds=ds)
+    except (KeyError, ValueError) as exc:  # no VR to be had: the value is read as any other
+        LOGGER.info("no VR for element %s: %s", raw.tag, exc)
+        return ""
+    return str(found["VR"])
+
+
+def _top_level_json(ds: Dataset, tag: int, url: str) -> dict[str, Any] | None:
+    """One top-level element as DICOM JSON: a binary value left in the file becomes its
+    BulkDataURI unread; anything else is read (a sequence with its items)."""
+    raw = _deferred(ds, tag)
+    if raw is not None and (vr := _raw_vr(ds, raw)) in BULK_VRS and " " not in vr:
+        return {"vr": vr, "BulkDataURI": f"{url}/bulkdata/{tag:08X}"}
+    try:
+        element = ds[tag]
+    except Exception as exc:  # noqa: BLE001 - one malformed value must not cost the others
+        LOGGER.info("element %08X left out of the metadata: %s", tag, exc)
+        return None
+    paths: dict[int, str] = {}
+    if element.VR == "SQ":
+        for index, item in enumerate(element.value):
+            _bulk_paths(item, f"{tag:08X}/{index}/", paths)
+
+    def handler(bulk: DataElement) -> str:
+        return f"{url}/bulkdata/{paths.get(id(bulk), f'{bulk.tag:08X}')}"
+
+    return _element_json(element, handler)
+
+
+def instance_metadata(path: Path, base: str) -> dict[str, Any] | None:
+    """One instance as DICOM JSON, without its pixels, large binary values as BulkDataURIs.
+    Values longer than DEFER_SIZE are left in the file when it is parsed: a top-level binary
+    one is never read (those in sequences are, with their sequence)."""
+    url = instance_url(base, path)
+    try:
+        with open(path, "rb") as handle:
+            ds = dcmread(handle, stop_before_pixels=True, defer_size=DEFER_SIZE)
+            out = {}
+            for tag in list(ds.keys()):
+                if tag in PIXEL_TAGS:
+                    continue
+                encoded = _top_level_json(ds, tag, url)
+                if encoded is not None:
+                    out[f"{tag:08X}"] = encoded
+            return out
     except Exception as exc:  # noqa: BLE001 - a file that cannot be read is left out, not a 500
         LOGGER.warning("cannot read %s for its metadata: %s", path, exc)
         return None
-    for tag in PIXEL_TAGS:
-        ds.pop(tag, None)
-    paths: dict[int, str] = {}
-    _bulk_paths(ds, "", paths)
-    url = instance_url(base, path)
-
-    def handler(element: DataElement) -> str:
-        return f"{url}/bulkdata/{paths.get(id(element), f'{element.tag:08X}')}"
-
-    out = {}
-    for element in ds:
-        encoded = _element_json(element, handler)
-        if encoded is not None:
-            out[f"{element.tag:08X}"] = encoded
-    return out
 
 
 async def _metadata_items(files: list[Path], base: str) -> AsyncIterator[bytes]:
@@ -198,8 +240,26 @@ async def instance_metadata_route(request: Request, study: str, series: str, ins
 # -- bulk data --------------------------------------------------------------------------------
 
 
-def _bulk_value(path: Path, steps: list[str]) -> bytes:
-    """The value at `tag[/item/tag...]` (as the metadata's BulkDataURIs name it)."""
+@dataclass
+class _Bulk:
+    """A bulk data value to send: `length` bytes at `start` in the open file, read a chunk at a
+    time, or `data` when it was read with its dataset (in a sequence, short, or deflated)."""
+
+    handle: BinaryIO
+    start: int
+    length: int
+    data: bytes | None = None
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.handle.seek(self.start + offset)
+        chunk = self.handle.read(size)
+        if len(chunk) != size:  # checked when stored: the file was cut since
+            raise OSError(f"bulk data of {self.handle.name} is cut short")
+        return chunk
+
+
+def _bulk_steps(steps: list[str]) -> tuple[list[int], list[int]]:
+    """`tag[/item/tag...]` → (tags, item indexes), or 400."""
     if len(steps) % 2 == 0:
         raise BadRequest("A bulk data path is tag[/item/tag...]")
     try:
@@ -209,7 +269,30 @@ def _bulk_value(path: Path, steps: list[str]) -> bytes:
         raise BadRequest("A bulk data path is tag[/item/tag...] (tags as 8 hex digits)") from None
     if tags[-1] in PIXEL_TAGS:
         raise NotFound("Pixel data is served as frames (…/frames/1,2,…) or with the instance")
-    current: Any = dcmread(path, stop_before_pixels=True)
+    return tags, items
+
+
+def _bulk_value(path: Path, steps: list[str]) -> _Bulk:
+    """The value at `tag[/item/tag...]` (as the metadata's BulkDataURIs name it), from the file
+    opened here (blocking); the caller closes it."""
+    tags, items = _bulk_steps(steps)
+    handle = open(path, "rb")  # noqa: SIM115 - _Bulk owns it, closed by the caller
+    try:
+        ds = dcmread(handle, stop_before_pixels=True, defer_size=DEFER_SIZE)
+        raw = _deferred(ds, tags[0]) if len(tags) == 1 and tags[0] in ds else None
+        deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        if raw is not None and not deflated and _raw_vr(ds, raw) in BULK_VRS:
+            return _Bulk(handle, raw.value_tell, raw.length)
+        data = _loaded_value(ds, tags, items)
+        return _Bulk(handle, 0, len(data), data)
+    except BaseException:
+        handle.close()
+        raise
+
+
+def _loaded_value(ds: Dataset, tags: list[int], items: list[int]) -> bytes:
+    """A binary value read with its dataset, found through its sequences' items."""
+    current: Any = ds
     for depth, tag in enumerate(tags):
         if not isinstance(current, Dataset) or tag not in current:
             raise NotFound("No such bulk data element")
@@ -228,19 +311,27 @@ def _bulk_value(path: Path, steps: list[str]) -> bytes:
     return current
 
 
-async def _one_part(data: bytes, part_type: str, boundary: str) -> AsyncIterator[bytes]:
-    yield multipart_header(boundary, [("Content-Type", part_type), ("Content-Length", str(len(data)))])
-    yield data
-    yield f"\r\n--{boundary}--\r\n".encode()
+async def _bulk_part(bulk: _Bulk, boundary: str) -> AsyncIterator[bytes]:
+    """The value in one part, read from the file a chunk at a time as the body is sent."""
+    try:
+        yield multipart_header(boundary, [("Content-Type", OCTETS), ("Content-Length", str(bulk.length))])
+        if bulk.data is not None:
+            yield bulk.data
+        else:
+            for offset in range(0, bulk.length, CHUNK):
+                yield await asyncio.to_thread(bulk.read, offset, min(CHUNK, bulk.length - offset))
+        yield f"\r\n--{boundary}--\r\n".encode()
+    finally:
+        bulk.handle.close()
 
 
 @router.get("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{bulk_path:path}")
 async def retrieve_bulkdata(request: Request, study: str, series: str, instance: str, bulk_path: str) -> Response:
     negotiate_multipart(request, [OCTETS])
     path = await asyncio.to_thread(instance_file, store_of(request), study, series, instance)
-    data = await asyncio.to_thread(_bulk_value, path, bulk_path.strip("/").split("/"))
+    bulk = await asyncio.to_thread(_bulk_value, path, bulk_path.strip("/").split("/"))
     boundary = uuid.uuid4().hex
-    return _multipart(_one_part(data, OCTETS, boundary), OCTETS, boundary)
+    return _multipart(_bulk_part(bulk, boundary), OCTETS, boundary)
 
 
 # -- frames -----------------------------------------------------------------------------------
