@@ -14,15 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_node.files import DOES_NOT_MATCH_SOP_CLASS, BadInstance, check_instance
+from dicom_node.files import BadInstance, check_instance
 from dicom_node.indexing import DicomIndexer
+from dicom_node.statuses import (
+    CANNOT_UNDERSTAND,
+    DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    SUCCESS,
+)
 from mappings.dicom import instance_facts
 
 LOGGER = logging.getLogger(__name__)
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC210
-PROCESSING_FAILURE = 0xC211
 
 
 @dataclass(frozen=True)

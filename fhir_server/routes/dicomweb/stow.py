@@ -26,7 +26,8 @@ from starlette.responses import Response
 
 from dicom_node.files import UID
 from dicom_node.indexing import DicomIndexer
-from dicom_node.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, accept
+from dicom_node.ingest import accept
+from dicom_node.statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
 from fhir_server.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from fhir_server.routes.dicomweb.common import check_uid, dicom_json, dicomweb_base
 
