@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom import Dataset
+
 from dicom_node.files import BadInstance, check_instance
 from dicom_node.indexing import DicomIndexer
 from dicom_node.statuses import (
@@ -46,10 +48,15 @@ def accept(
     fsync: bool,
     loop: asyncio.AbstractEventLoop,
     study: str | None = None,
+    check_meta: bool = False,
 ) -> Accepted:
     """Check `path` (its SOP Instance UID `sop_instance_uid` and Study Instance UID `study`
-    when given), move it into the store and schedule its indexing on `loop`; blocking, so never
-    called on the loop itself. A refused file is left where it is (the caller's to drop)."""
+    when given, its File Meta with `check_meta`), move it into the store and schedule its
+    indexing on `loop`; blocking, so never called on the loop itself. A refused file is left
+    where it is (the caller's to drop).
+
+    `check_meta` is for files the sender wrote (STOW-RS): a C-STORE's File Meta is
+    pynetdicom's, written from the request, so it names what the request does."""
     if not indexer.database_ok:
         return Accepted(OUT_OF_RESOURCES)  # FHIR cannot be told: the sender may try again later
     try:
@@ -57,6 +64,8 @@ def accept(
         if study is not None and dataset.StudyInstanceUID != study:
             raise BadInstance(f"The instance belongs to study {dataset.StudyInstanceUID}, not {study}",
                               DOES_NOT_MATCH_SOP_CLASS)
+        if check_meta:
+            _check_file_meta(dataset)
         facts = instance_facts(dataset)
     except BadInstance as exc:
         LOGGER.warning("instance refused (0x%04X): %s", exc.status, exc)
@@ -72,3 +81,16 @@ def accept(
         return Accepted(OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else PROCESSING_FAILURE)
     future = asyncio.run_coroutine_threadsafe(indexer.add(facts), loop)
     return Accepted(SUCCESS, facts, future)
+
+
+def _check_file_meta(dataset: Dataset) -> None:
+    """A PS3.10 file names its SOP Class and Instance in its File Meta (Media Storage SOP Class
+    and Instance UIDs, Type 1, PS3.10 7.1): a file whose meta lacks them, or names another
+    instance than its dataset, is refused (0xA900), since a reader may trust either."""
+    meta = dataset.file_meta
+    for meta_keyword, keyword in (("MediaStorageSOPClassUID", "SOPClassUID"),
+                                  ("MediaStorageSOPInstanceUID", "SOPInstanceUID")):
+        named, actual = str(meta.get(meta_keyword, "") or "").strip(), str(dataset[keyword].value).strip()
+        if named != actual:
+            raise BadInstance(f"The File Meta's {meta_keyword} {named or '(missing)'} is not the dataset's "
+                              f"{keyword} {actual}", DOES_NOT_MATCH_SOP_CLASS)

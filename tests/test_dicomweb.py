@@ -189,6 +189,24 @@ def test_stow_with_some_parts_refused_is_202(http: httpx.Client, server: ServerP
     assert not list((server.data_dir / "dicom" / "incoming").iterdir())  # refused parts are dropped
 
 
+def test_stow_refuses_a_file_meta_that_names_another_instance(http: httpx.Client, server: ServerProcess) -> None:
+    other = fresh("CT_small.dcm")
+    other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    other_class = fresh("CT_small.dcm")
+    other_class.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    bare = fresh("CT_small.dcm")
+    del bare.file_meta.MediaStorageSOPClassUID
+    del bare.file_meta.MediaStorageSOPInstanceUID
+    response = stow(http, [encode(other), encode(other_class), encode(bare)])
+    assert response.status_code == 409, response.text
+    failed = response.json()[FAILED_SOP_SEQUENCE]["Value"]
+    assert [i[FAILURE_REASON]["Value"] for i in failed] == [[0xA900]] * 3
+    assert [i["00081155"]["Value"][0] for i in failed] == [d.SOPInstanceUID for d in (other, other_class, bare)]
+    for ds in (other, other_class, bare):
+        assert not (server.data_dir / "dicom" / "store" / ds.StudyInstanceUID).exists()
+    assert not list((server.data_dir / "dicom" / "incoming").iterdir())
+
+
 @pytest.mark.parametrize(("content_type", "body", "status"), [
     ("application/dicom", b"x", 415),
     ('multipart/related; type="application/dicom+json"; boundary=b0undary', multipart([b"{}"]), 415),

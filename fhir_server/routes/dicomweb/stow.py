@@ -187,7 +187,7 @@ def _store_part(
         part.path.unlink(missing_ok=True)
         LOGGER.warning("STOW-RS instance refused: %s is not a storage SOP class", sop_class)
         return _Outcome(sop_class, sop_instance, SOP_CLASS_NOT_SUPPORTED)
-    accepted = accept(indexer, part.path, None, fsync=fsync, loop=loop, study=study)
+    accepted = accept(indexer, part.path, None, fsync=fsync, loop=loop, study=study, check_meta=True)
     if accepted.status != SUCCESS or accepted.facts is None:
         part.path.unlink(missing_ok=True)
         return _Outcome(sop_class, sop_instance, accepted.status)  # logged by accept
