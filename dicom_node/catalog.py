@@ -79,6 +79,11 @@ STUDY_TAG, SERIES_TAG = 0x0020000D, 0x0020000E
 STUDY_UID, SERIES_UID = tag_hex(STUDY_TAG), tag_hex(SERIES_TAG)
 PATIENT_TAGS = [tag_hex(tag) for tag, level in LEVEL_OF.items() if level == "PATIENT"]
 PATIENT_COUNTS = {0x00201200, 0x00201202, 0x00201204}  # NumberOfPatientRelated{Studies,Series,Instances}
+# A relational query gathers at most this many matching parents (an `$in` of them); beyond, each
+# candidate's parent is read and checked (a query document has at most 16 MiB, and no set of
+# every study matching `PatientName=*` is held in memory).
+MAX_IN = 1000
+MAX_CACHED = 10_000  # parents a query keeps read (their views, or whether they match)
 
 
 def _tag(keyword: str) -> int:
@@ -332,31 +337,72 @@ class Catalog:
         self, level: str, keys: list[Key], returned: list[Key], restrict: dict[str, set[str]] | None = None
     ) -> AsyncIterator[dict[str, Any]]:
         """Views of the entities at `level` (whose parents are in `restrict`) every matching key
-        matches; keys of higher levels (a relational query) first become the set of matching
-        parents, studies then series."""
+        matches. Keys of higher levels (a relational query) first become the set of matching
+        parents, studies then series, found with the unique keys given for them (a query scoped
+        to a study reads that study alone); more than MAX_IN parents are not gathered (nor sent
+        as one `$in`, which would grow past what MongoDB takes): each candidate's parent is
+        checked instead."""
         own = [k for k in keys if k.matching and _evaluated_at(k, level) == level]
         restrict = dict(restrict or {})
+        per_document: list[tuple[str, list[Key]]] = []
         for parent in ("STUDY", "SERIES"):
             parent_keys = [k for k in keys if k.matching and _evaluated_at(k, level) == parent]
-            if parent_keys and level_index(parent) < level_index(level):
-                field = UNIQUE_KEYS[parent]
-                restrict[field] = {view["_id"] async for view in self._matches(parent, parent_keys, [], restrict)}
-                if not restrict[field]:
-                    return
+            if not parent_keys or level_index(parent) >= level_index(level):
+                continue
+            found = await self._parent_uids(parent, [*parent_keys, *_unique_keys_of(keys, parent)], restrict)
+            if found is None:
+                per_document.append((parent, parent_keys))
+            elif not found:
+                return
+            else:
+                restrict[UNIQUE_KEYS[parent]] = found
         wants_parents = any(_evaluated_at(k, level) != level for k in returned if k.level is not None)
-        counts = level in ("PATIENT", "STUDY") and any(k.tag in PATIENT_COUNTS for k in [*own, *returned])
+        counts = _wants_counts(level, [*own, *returned])
         parents: dict[tuple[str, str], dict[str, Any] | None] = {}
+        verdicts: dict[tuple[str, str], bool] = {}
         async for doc in self.db[COLLECTION[level]].find(_prefilter(level, own, restrict)):
             if any(doc.get(field) not in allowed for field, allowed in restrict.items()):
                 continue
-            view = self._view(level, doc)
-            if counts:
-                view.update(await self._patient_counts(doc["_id"] if level == "PATIENT" else doc.get("patient", "")))
+            view = await self._full_view(level, doc, counts)
             if not all(k.matches(view) for k in own):
+                continue
+            if per_document and not await self._parents_match(doc, per_document, verdicts):
                 continue
             if wants_parents:
                 view = await self._with_parents(level, doc, view, parents)
             yield view
+
+    async def _parent_uids(self, parent: str, keys: list[Key], restrict: dict[str, set[str]]) -> set[str] | None:
+        """The UIDs of the `parent` entities `keys` match, or None when there are more than MAX_IN."""
+        found: set[str] = set()
+        async with contextlib.aclosing(self._matches(parent, keys, [], restrict)) as views:
+            async for view in views:
+                found.add(view["_id"])
+                if len(found) > MAX_IN:
+                    return None
+        return found
+
+    async def _full_view(self, level: str, doc: dict[str, Any], counts: bool) -> dict[str, Any]:
+        """The entity's view, with its patient's counts when asked for (`_wants_counts`)."""
+        view = self._view(level, doc)
+        if counts:
+            view.update(await self._patient_counts(doc["_id"] if level == "PATIENT" else doc.get("patient", "")))
+        return view
+
+    async def _parents_match(
+        self, doc: dict[str, Any], checks: list[tuple[str, list[Key]]], verdicts: dict[tuple[str, str], bool]
+    ) -> bool:
+        """Whether the document's parents match their keys (each parent read once per query)."""
+        for parent, keys in checks:
+            uid = doc.get(UNIQUE_KEYS[parent], "")
+            if (parent, uid) not in verdicts:
+                found = await self.db[COLLECTION[parent]].find_one({"_id": uid})
+                view = await self._full_view(parent, found, _wants_counts(parent, keys)) if found is not None else None
+                matched = view is not None and all(k.matches(view) for k in keys)
+                _remember(verdicts, (parent, uid), matched)
+            if not verdicts[(parent, uid)]:
+                return False
+        return True
 
     def _view(self, level: str, doc: dict[str, Any]) -> dict[str, Any]:
         """The entity's DICOM JSON with what the catalog computes for it."""
@@ -393,7 +439,7 @@ class Catalog:
             uid = doc.get(field)
             if (parent, uid) not in cache:
                 found = await self.db[COLLECTION[parent]].find_one({"_id": uid})
-                cache[(parent, uid)] = self._view(parent, found) if found is not None else None
+                _remember(cache, (parent, uid), self._view(parent, found) if found is not None else None)
             for tag, element in (cache[(parent, uid)] or {}).items():
                 merged.setdefault(tag, element)
         return merged
@@ -450,6 +496,27 @@ class Catalog:
             path = self.files.root / path
         return InstanceRef(doc["StudyInstanceUID"], doc["SeriesInstanceUID"], doc["_id"], doc["SOPClassUID"],
                            doc.get("TransferSyntaxUID", ""), path, int(doc.get("size", 0)))
+
+
+def _unique_keys_of(keys: list[Key], parent: str) -> list[Key]:
+    """The matching unique keys of `parent` and the levels above it among a lower level's keys
+    (StudyInstanceUID for a study; and SeriesInstanceUID for a series): what narrows the parents
+    of a relational query to those the query names."""
+    wanted = {_tag(UNIQUE_KEYS[lvl]) for lvl in ("STUDY", "SERIES")[: level_index(parent)]}
+    return [k for k in keys if k.tag in wanted and k.condition is not None]
+
+
+def _wants_counts(level: str, keys: list[Key]) -> bool:
+    """Whether the patient's counts are asked for (computed per patient: only when needed)."""
+    return level in ("PATIENT", "STUDY") and any(k.tag in PATIENT_COUNTS for k in keys)
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    """A per-query cache of parents, emptied at MAX_CACHED entries (memory stays bounded on a
+    scan of many parents; an entry read again costs one more lookup)."""
+    if len(cache) >= MAX_CACHED:
+        cache.clear()
+    cache[key] = value
 
 
 def _return_key(keyword: str) -> Key:

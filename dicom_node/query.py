@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
+from bson.errors import BSONError
 from pydicom import Dataset
 from pymongo.errors import PyMongoError
 from pynetdicom import evt
@@ -141,7 +142,7 @@ class FindService:
         except ValueError as exc:
             LOGGER.warning("C-FIND refused (0x%04X): %s", IDENTIFIER_DOES_NOT_MATCH, exc)
             yield IDENTIFIER_DOES_NOT_MATCH, None
-        except PyMongoError as exc:
+        except (PyMongoError, BSONError) as exc:  # BSONError: a query larger than a database document
             LOGGER.error("C-FIND failed, database error: %s", exc)
             yield OUT_OF_RESOURCES, None
         except Exception:  # noqa: BLE001 - the peer gets a failure status, the node goes on

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from bson.errors import BSONError
 from pydicom import Dataset
 from pymongo.errors import PyMongoError
 from pynetdicom import AE, AllStoragePresentationContexts, _config, build_context, evt
@@ -262,7 +263,7 @@ class RetrieveService:
         except ValueError as exc:
             LOGGER.warning("retrieve refused (0x%04X): %s", IDENTIFIER_DOES_NOT_MATCH, exc)
             return [], IDENTIFIER_DOES_NOT_MATCH
-        except PyMongoError as exc:
+        except (PyMongoError, BSONError) as exc:  # BSONError: a query larger than a database document
             LOGGER.error("retrieve failed, database error: %s", exc)
             return [], OUT_OF_RESOURCES
 

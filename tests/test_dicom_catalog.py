@@ -2,19 +2,34 @@
 made to do on cue (a write failing halfway), and how queries reach the database."""
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pydicom
 import pytest
+from bson.errors import BSONError
 from conftest import unique
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+)
 
+from dicom_node import catalog as catalog_module
 from dicom_node.catalog import Catalog
+from dicom_node.query import FindService
+from dicom_node.retrieve import RetrieveService
+from fhir_server.errors import install_error_handlers
+from fhir_server.routes import dicomweb
 from fhir_server.storage.client import CODEC_OPTIONS
 from fhir_server.storage.embedded import EmbeddedDatabase
 from mappings.dicom import instance_facts
@@ -86,3 +101,105 @@ def test_counts_are_right_after_a_write_failed_halfway(
     run(database, scenario)
 
 
+
+
+def record_finds(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
+    """Every (collection, filter) the catalog asks MongoDB for from now on."""
+    asked: list[tuple[str, dict[str, Any]]] = []
+    original = AsyncCollection.find
+
+    def find(self: AsyncCollection, *args: Any, **kwargs: Any) -> Any:
+        asked.append((self.name, dict(args[0] if args else kwargs.get("filter") or {})))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncCollection, "find", find)
+    return asked
+
+
+def longest_in(asked: list[tuple[str, dict[str, Any]]]) -> int:
+    return max((len(c["$in"]) for _, f in asked for c in f.values() if isinstance(c, dict) and "$in" in c), default=0)
+
+
+def identifier(**keys: object) -> Dataset:
+    ds = Dataset()
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_relational_queries_send_no_large_in_and_scoped_ones_read_their_study(
+    database: EmbeddedDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys of a parent level: up to MAX_IN matching parents go to MongoDB as one `$in`, more are
+    checked per candidate (3 here, for 5 studies), with the same matches; a query naming its
+    study reads that study alone, never every study."""
+    tag = unique()
+    studies = [generate_uid() for _ in range(5)]
+
+    async def scenario(catalog: Catalog) -> None:
+        await catalog.prepare()
+        for study in studies:
+            await catalog.record([facts_of(study, generate_uid(), StudyDescription=f"wide {tag}")])
+        asked = record_finds(monkeypatch)
+        queries = {"SERIES": identifier(StudyDescription=f"wide {tag}", SeriesInstanceUID=""),
+                   "IMAGE": identifier(StudyDescription=f"*{tag}", Modality="CT", SOPInstanceUID="")}
+        for cap, longest in ((3, 3), (1000, 5)):
+            monkeypatch.setattr(catalog_module, "MAX_IN", cap, raising=False)
+            for level, query in queries.items():
+                asked.clear()
+                found = [ds async for ds in catalog.find(level, query)]
+                assert {ds.StudyInstanceUID for ds in found} == set(studies), (cap, level)
+                assert longest_in(asked) <= longest, (cap, level)
+        asked.clear()
+        scoped = identifier(StudyInstanceUID=studies[0], StudyDescription=f"*{tag}*", SeriesInstanceUID="")
+        assert [ds.StudyInstanceUID async for ds in catalog.find("SERIES", scoped)] == [studies[0]]
+        read = [f for name, f in asked if name == "dicom_studies"]
+        assert read and all(f.get("_id") in ({"$in": [studies[0]]}, studies[0]) for f in read), read
+
+    run(database, scenario)
+
+
+class BrokenCatalog:
+    """A catalog whose every query is larger than a database document."""
+
+    async def find(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        raise BSONError("document too large")
+        yield  # an async generator, as the catalog's
+
+    find_json = find
+
+    async def instances(self, **criteria: Any) -> list[Any]:
+        raise BSONError("document too large")
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """The server's event loop, running in its own thread as the node's handlers expect."""
+    running = asyncio.new_event_loop()
+    thread = threading.Thread(target=running.run_forever, daemon=True)
+    thread.start()
+    yield running
+    running.call_soon_threadsafe(running.stop)
+    thread.join(5)
+    running.close()
+
+
+def test_a_query_too_large_for_the_database_is_a_failure_status(loop: asyncio.AbstractEventLoop) -> None:
+    """bson.errors.BSONError (not a PyMongoError) is answered as a database error is: C-FIND
+    and C-GET 0xA700, QIDO-RS a 400 too-costly OperationOutcome; never an exception."""
+    event = SimpleNamespace(identifier=identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=generate_uid()),
+                            request=SimpleNamespace(AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind),
+                            is_cancelled=False)
+    catalog: Any = BrokenCatalog()
+    assert list(FindService(catalog, loop).handle(event)) == [(0xA700, None)]
+    event.request.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelGet
+    assert list(RetrieveService(catalog, loop, {}).handle_get(event)) == [1, (0xA700, None)]
+
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(dicomweb.router)
+    app.state.dicom = SimpleNamespace(catalog=catalog)
+    with TestClient(app) as http:
+        response = http.get("/dicomweb/studies", params={"PatientID": "123"})
+    assert response.status_code == 400, response.text
+    assert response.json()["issue"][0]["code"] == "too-costly"

@@ -14,13 +14,15 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from bson.errors import BSONError
 from fastapi import APIRouter, Request
 from pydicom import DataElement, Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.sequence import Sequence
+from pymongo.errors import ConnectionFailure, PyMongoError
 from starlette.responses import Response
 
-from fhir_server.errors import BadRequest
+from fhir_server.errors import BadRequest, FhirError, TooCostly
 from fhir_server.routes.dicomweb.common import JSON_TYPES, check_uid, dicom_json, dicomweb_base, negotiate
 
 router = APIRouter()
@@ -201,6 +203,12 @@ async def _search(request: Request, search: Search) -> Response:
             found.append(ds)
     except ValueError as exc:
         raise BadRequest(f"Invalid search: {exc}") from exc
+    except BSONError as exc:  # a query larger than a database document
+        raise TooCostly(f"The search is too large for the database: {exc}") from exc
+    except ConnectionFailure:
+        raise  # 503, as every route answers a database that cannot be reached
+    except PyMongoError as exc:
+        raise FhirError(f"The DICOM catalog could not be searched: {exc}") from exc
     headers = None
     if len(found) > wanted and (limit is None or limit > MAX_RESULTS):  # PS3.18 8.3.4.4
         headers = {"Warning": f'299 {request.url.hostname or "-"}: "{MORE_RESULTS}"'}
