@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     dicom_max_pdu_bytes: int = Field(default=64 * 1024 * 1024, ge=16 * 1024)
     # fsync each received file before answering (survives power loss, not only a crash).
     dicom_fsync: bool = True
+    # DICOMweb STOW-RS: the most parts (files) one request may hold (then 413), each a file on disk.
+    dicomweb_max_parts: int = Field(default=10_000, ge=1)
     # identifier.system of a Patient whose PatientID comes without IssuerOfPatientID.
     dicom_patient_system: str = "urn:fhir-server:dicom:patient-id"
     # C-MOVE destinations the node sends to: `AET=host:port`, comma-separated (others: 0xA801).

@@ -1,6 +1,8 @@
 """DICOMweb (PS3.18) against a real server: STOW-RS, WADO-RS and QIDO-RS with dicomweb-client
 and plain HTTP, the FHIR ImagingStudy they keep up to date, and the error paths."""
 
+import asyncio
+import errno
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,9 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless, generate_uid
 from python_multipart.multipart import MultipartParser, parse_options_header
 from requests import HTTPError
+from starlette.requests import Request
 
+from fhir_server.routes.dicomweb import stow as stow_route
 from fhir_server.storage.embedded import EmbeddedDatabase
 
 DICOM_JSON = "application/dicom+json"
@@ -29,12 +33,13 @@ SAMPLES = {  # name → what it exercises
     "rtdose.dcm": "uncompressed multi-frame (15 frames, 32-bit, implicit VR)",
     "SC_rgb_jpeg_dcmtk.dcm": "compressed (JPEG baseline), colour",
 }
+MAX_PARTS = 100  # FHIR_DICOMWEB_MAX_PARTS of the server under test
 FAILED_SOP_SEQUENCE, REFERENCED_SOP_SEQUENCE, FAILURE_REASON, RETRIEVE_URL = "00081198", "00081199", "00081197", "00081190"
 
 
 @pytest.fixture(scope="module")
 def server(database: EmbeddedDatabase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "fhir_dicomweb"}
+    env = {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "fhir_dicomweb", "FHIR_DICOMWEB_MAX_PARTS": str(MAX_PARTS)}
     proc = ServerProcess(tmp_path_factory.mktemp("dicomweb"), env).start()
     yield proc
     proc.stop()
@@ -221,6 +226,37 @@ def test_stow_bad_requests_are_4xx(http: httpx.Client, server: ServerProcess, co
     response = http.post("/studies", content=body, headers={"Content-Type": content_type})
     assert response.status_code == status, response.text
     assert not list((server.data_dir / "dicom" / "incoming").iterdir())
+
+
+def test_stow_takes_at_most_max_parts(http: httpx.Client, server: ServerProcess) -> None:
+    assert stow(http, [b"x"] * MAX_PARTS).status_code == 409  # as many as allowed: each refused on its own
+    response = stow(http, [b"x"] * (MAX_PARTS + 1))
+    assert response.status_code == 413, response.text
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert str(MAX_PARTS) in response.json()["issue"][0]["diagnostics"]
+    assert not list((server.data_dir / "dicom" / "incoming").iterdir())
+
+
+def test_stow_answers_a_full_disk_with_507_and_keeps_no_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: the part files' writes fail as on a full disk (ENOSPC)."""
+    written: list[int] = []
+
+    def full_disk(self: object, data: bytes, start: int, end: int) -> None:
+        written.append(end - start)
+        if len(written) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stow_route._PartFiles, "_data", full_disk)
+    body = multipart([b"x" * 100, b"y" * 100, b"z" * 100])
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+    with pytest.raises(stow_route.InsufficientStorage) as raised:
+        asyncio.run(stow_route._receive(request, tmp_path, b"b0undary", "application/dicom", MAX_PARTS))
+    assert raised.value.status == 507
+    assert list(tmp_path.iterdir()) == []  # the part written before is gone too
 
 
 def test_stow_with_an_invalid_study_uid_in_the_url_is_400(http: httpx.Client) -> None:

@@ -10,6 +10,7 @@ ImagingStudy is up to date when the client reads it. A malformed or cut-off body
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from dicom_node.files import UID
 from dicom_node.indexing import DicomIndexer
 from dicom_node.ingest import accept
 from dicom_node.statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
-from fhir_server.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from fhir_server.errors import BadRequest, FhirError, PayloadTooLarge, UnsupportedMediaType
 from fhir_server.routes.dicomweb.common import check_uid, dicom_json, dicomweb_base
 
 LOGGER = logging.getLogger(__name__)
@@ -40,6 +41,13 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 STORAGE_CLASSES = frozenset(str(c.abstract_syntax) for c in AllStoragePresentationContexts)  # the C-STORE SCP's
 
 
+class InsufficientStorage(FhirError):
+    """507 (RFC 4918 11.5): the parts could not be written, the disk being full; the client
+    may send them again later."""
+
+    status, code = 507, "transient"
+
+
 @dataclass
 class _Part:
     path: Path
@@ -47,11 +55,14 @@ class _Part:
 
 
 class _PartFiles:
-    """python-multipart callbacks that write each part's body to a file of its own."""
+    """python-multipart callbacks that write each part's body to a file of its own, at most
+    `max_parts` of them (each costs a file and, later, a parse: a body of empty parts would
+    otherwise make millions)."""
 
-    def __init__(self, folder: Path, default_type: str) -> None:
+    def __init__(self, folder: Path, default_type: str, max_parts: int) -> None:
         self.folder = folder
         self.default_type = default_type
+        self.max_parts = max_parts
         self.parts: list[_Part] = []
         self.finished = False
         self._file: IO[bytes] | None = None
@@ -72,6 +83,8 @@ class _PartFiles:
         }
 
     def _begin(self) -> None:
+        if len(self.parts) >= self.max_parts:
+            raise PayloadTooLarge(f"A STOW-RS request may hold at most {self.max_parts} parts: send the rest in another")
         self._headers = {}
 
     def _header_end(self) -> None:
@@ -90,16 +103,18 @@ class _PartFiles:
         self._file.write(data[start:end])
 
     def _end(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        handle, self._file = self._file, None
+        if handle is not None:
+            handle.close()
 
     def _finish(self) -> None:
         self.finished = True
 
     def discard(self) -> None:
-        """Drop every part written (the request failed as a whole)."""
-        self._end()
+        """Drop every part written (the request failed as a whole), even when the disk is too
+        full to close the last one."""
+        with contextlib.suppress(OSError):
+            self._end()
         for part in self.parts:
             part.path.unlink(missing_ok=True)
         self.parts = []
@@ -117,12 +132,12 @@ def _request_type(request: Request) -> tuple[bytes, str]:
     return boundary, part_type
 
 
-async def _receive(request: Request, folder: Path, boundary: bytes, part_type: str) -> list[_Part]:
-    """Stream the body into part files; all of them or none (400/413)."""
+async def _receive(request: Request, folder: Path, boundary: bytes, part_type: str, max_parts: int) -> list[_Part]:
+    """Stream the body into part files; all of them or none (400, 413, 507 when the disk is full)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_STOW_BYTES:
         raise PayloadTooLarge(f"A STOW-RS request may hold at most {MAX_STOW_BYTES} bytes")
-    files = _PartFiles(folder, part_type)
+    files = _PartFiles(folder, part_type, max_parts)
     parser = MultipartParser(boundary, files.callbacks())
     pending, total = bytearray(), 0
     try:
@@ -141,6 +156,11 @@ async def _receive(request: Request, folder: Path, boundary: bytes, part_type: s
     except MultipartParseError as exc:
         await asyncio.to_thread(files.discard)
         raise BadRequest(f"The multipart body is malformed: {exc}") from exc
+    except OSError as exc:
+        await asyncio.to_thread(files.discard)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage("The parts cannot be written: the server's disk is full") from exc
+        raise
     except BaseException:
         await asyncio.to_thread(files.discard)
         raise
@@ -177,19 +197,32 @@ def _identify(path: Path) -> tuple[str, str]:
 def _store_part(
     indexer: DicomIndexer, part: _Part, study: str | None, fsync: bool, loop: asyncio.AbstractEventLoop
 ) -> _Outcome:
-    """One part through the C-STORE path (blocking: runs in a thread); a refused file is dropped."""
+    """One part through the C-STORE path (blocking: runs in a thread). Its file leaves
+    `incoming` whatever happens: placed in the store, or removed (refused, an error, or the
+    request cancelled while this thread runs)."""
+    outcome = None
+    try:
+        outcome = _check_and_accept(indexer, part, study, fsync, loop)
+        return outcome
+    finally:
+        if outcome is None or outcome.status != SUCCESS:
+            with contextlib.suppress(OSError):
+                part.path.unlink(missing_ok=True)
+
+
+def _check_and_accept(
+    indexer: DicomIndexer, part: _Part, study: str | None, fsync: bool, loop: asyncio.AbstractEventLoop
+) -> _Outcome:
+    """The STOW-RS checks, then the C-STORE path; the file is the caller's to remove unless stored."""
     if part.content_type != DICOM:
-        part.path.unlink(missing_ok=True)
         LOGGER.warning("STOW-RS part refused: of type %r, not %s", part.content_type, DICOM)
         return _Outcome("", "", CANNOT_UNDERSTAND)
     sop_class, sop_instance = _identify(part.path)
     if sop_class and sop_class not in STORAGE_CLASSES:
-        part.path.unlink(missing_ok=True)
         LOGGER.warning("STOW-RS instance refused: %s is not a storage SOP class", sop_class)
         return _Outcome(sop_class, sop_instance, SOP_CLASS_NOT_SUPPORTED)
     accepted = accept(indexer, part.path, None, fsync=fsync, loop=loop, study=study, check_meta=True)
     if accepted.status != SUCCESS or accepted.facts is None:
-        part.path.unlink(missing_ok=True)
         return _Outcome(sop_class, sop_instance, accepted.status)  # logged by accept
     facts = accepted.facts
     return _Outcome(facts["instance"]["sopClass"], facts["instance"]["uid"], SUCCESS,
@@ -245,15 +278,16 @@ async def store_instances(request: Request, study: str | None = None) -> Respons
         check_uid(study, "Study Instance UID")
     boundary, part_type = _request_type(request)
     indexer: DicomIndexer = request.app.state.dicom
-    parts = await _receive(request, indexer.files.incoming, boundary, part_type)
+    settings = request.app.state.settings
     loop = asyncio.get_running_loop()
-    fsync = bool(request.app.state.settings.dicom_fsync)
+    parts = await _receive(request, indexer.files.incoming, boundary, part_type, settings.dicomweb_max_parts)
     outcomes: list[_Outcome] = []
     try:
         for part in parts:
-            outcomes.append(await asyncio.to_thread(_store_part, indexer, part, study, fsync, loop))
+            outcomes.append(await asyncio.to_thread(_store_part, indexer, part, study, settings.dicom_fsync, loop))
     finally:
-        for part in parts[len(outcomes):]:  # cancelled midway: the parts not handled
+        # Cancelled or failed midway: the parts after the one at hand (which its thread removes)
+        for part in parts[len(outcomes) + 1:]:
             with contextlib.suppress(OSError):
                 part.path.unlink(missing_ok=True)
     await asyncio.gather(*(_await_indexing(o) for o in outcomes))
