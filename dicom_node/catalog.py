@@ -310,6 +310,18 @@ class Catalog:
         requested keys (values, or empty), QueryRetrieveLevel, the unique keys of this level and
         those above it (PatientID above studies in the Patient Root model, `root="PATIENT"`),
         SpecificCharacterSet when a value is not ASCII. ValueError for an invalid query."""
+        async with contextlib.aclosing(self.find_json(level, query, limit=limit, offset=offset, fuzzy=fuzzy,
+                                                      root=root)) as found:
+            async for item in found:
+                yield Dataset.from_json(item)
+
+    async def find_json(
+        self, level: str, query: Dataset, *, limit: int | None = None, offset: int = 0, fuzzy: bool = False,
+        root: str = "STUDY",
+    ) -> AsyncIterator[dict[str, Any]]:
+        """`find`'s matches as DICOM JSON, as the catalog holds them: what QIDO-RS answers with,
+        without a pydicom Dataset made and converted back per match (most of a search's time).
+        The elements may be shared with other matches: read them, do not change them."""
         await self._ready()
         level = str(level).strip().upper()
         if level not in LEVELS:
@@ -594,11 +606,15 @@ def _date_range(condition: Condition | None, candidates: list[tuple[int, dict[st
         candidates.append((7, {"StudyDate": bounds}))
 
 
-def _response(level: str, view: dict[str, Any], keys: list[Key]) -> Dataset:
-    found = response_json(view, [k for k in keys if k.tag != _tag("QueryRetrieveLevel")])
-    found[tag_hex(_tag("QueryRetrieveLevel"))] = {"vr": "CS", "Value": [level]}
+QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET = tag_hex(0x00080052), tag_hex(0x00080005)
+
+
+def _response(level: str, view: dict[str, Any], keys: list[Key]) -> dict[str, Any]:
+    """One match's response identifier as DICOM JSON."""
+    found = response_json(view, [k for k in keys if k.hex != QUERY_RETRIEVE_LEVEL])
+    found[QUERY_RETRIEVE_LEVEL] = {"vr": "CS", "Value": [level]}
     if not json.dumps(found, ensure_ascii=False).isascii():
-        found[tag_hex(_tag("SpecificCharacterSet"))] = {"vr": "CS", "Value": ["ISO_IR 192"]}
-    return Dataset.from_json(found)
+        found[SPECIFIC_CHARACTER_SET] = {"vr": "CS", "Value": ["ISO_IR 192"]}
+    return found
 
 

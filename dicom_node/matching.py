@@ -362,6 +362,8 @@ def response_json(view: dict[str, Any], keys: list[Key]) -> dict[str, Any]:
         element = view.get(key.hex)
         if key.vr == "SQ" and element and key.items is not None:
             element = {"vr": "SQ", "Value": [response_json(item, list(key.items)) for item in element.get("Value") or []]}
+        elif key.vr == "SQ" and not (element or {}).get("Value"):
+            element = {"vr": "SQ", "Value": []}  # a sequence without items, as pydicom writes it
         found[key.hex] = element if element else {"vr": key.vr}
     return found
 

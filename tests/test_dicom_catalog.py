@@ -2,6 +2,7 @@
 made to do on cue (a write failing halfway), and how queries reach the database."""
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from types import SimpleNamespace
@@ -28,6 +29,7 @@ from dicom_node import catalog as catalog_module
 from dicom_node.catalog import Catalog
 from dicom_node.query import FindService
 from dicom_node.retrieve import RetrieveService
+from fhir_server.config import Settings
 from fhir_server.errors import install_error_handlers
 from fhir_server.routes import dicomweb
 from fhir_server.storage.client import CODEC_OPTIONS
@@ -199,7 +201,40 @@ def test_a_query_too_large_for_the_database_is_a_failure_status(loop: asyncio.Ab
     install_error_handlers(app)
     app.include_router(dicomweb.router)
     app.state.dicom = SimpleNamespace(catalog=catalog)
+    app.state.settings = Settings(base_url=None)
     with TestClient(app) as http:
         response = http.get("/dicomweb/studies", params={"PatientID": "123"})
     assert response.status_code == 400, response.text
     assert response.json()["issue"][0]["code"] == "too-costly"
+
+
+def test_qido_answers_from_the_catalogs_json(database: EmbeddedDatabase, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QIDO-RS takes the catalog's DICOM JSON as it is (`find_json`): no pydicom Dataset made
+    and converted back per match, which was most of a search's time."""
+    tag, studies = unique(), [generate_uid() for _ in range(3)]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client: AsyncMongoClient = AsyncMongoClient(database.uri)
+        catalog = Catalog(client.get_database(f"fhir_catalog_{tag}", codec_options=CODEC_OPTIONS))
+        for study in studies:
+            await catalog.record([facts_of(study, generate_uid(), StudyDescription=f"json {tag}")])
+        app.state.dicom = SimpleNamespace(catalog=catalog)
+        yield
+        await client.close()
+
+    app = FastAPI(lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(dicomweb.router)
+    app.state.settings = Settings(base_url=None)
+    made: list[object] = []
+    from_json = Dataset.from_json.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(Dataset, "from_json", classmethod(lambda cls, *a, **k: made.append(a) or from_json(cls, *a, **k)))
+    with TestClient(app, base_url="http://qido.test") as http:
+        response = http.get("/dicomweb/studies", params={"StudyDescription": f"json {tag}"})
+    assert response.status_code == 200, response.text
+    found = {item["0020000D"]["Value"][0]: item for item in response.json()}
+    assert set(found) == set(studies)
+    assert all(item["00081190"]["Value"] == [f"http://qido.test/dicomweb/studies/{uid}"] for uid, item in found.items())
+    assert all("00080052" not in item for item in found.values())  # C-FIND's QueryRetrieveLevel, not QIDO-RS's
+    assert made == []

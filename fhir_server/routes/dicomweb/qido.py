@@ -1,8 +1,8 @@
 """QIDO-RS: searches for studies, series and instances (PS3.18 10.6), answered from the catalog.
 
 A search becomes a C-FIND identifier (a pydicom Dataset: matching keys with their values, return
-keys empty) for `app.state.dicom.catalog.find`, so QIDO-RS and C-FIND match alike and never
-open a file. Query parameters are attributes by keyword or tag (`PatientName=DOE*`,
+keys empty) for `app.state.dicom.catalog.find_json`, so QIDO-RS and C-FIND match alike and never
+open a file; the matches come back as the DICOM JSON the catalog holds. Query parameters are attributes by keyword or tag (`PatientName=DOE*`,
 `00100020=123`, `StudyDate=20240101-20240131`, a sequence's attribute as
 `RequestAttributesSequence.ScheduledProcedureStepID`), plus `limit`, `offset`, `includefield`
 and `fuzzymatching` (the catalog's: person names matched word by word, by prefix, any case). Every result has the attributes PS3.18 Table 10.6.3-3/4/5 requires of its
@@ -13,6 +13,7 @@ RetrieveURL.
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from bson.errors import BSONError
 from fastapi import APIRouter, Request
@@ -44,6 +45,9 @@ REQUIRED = {
               "Rows", "Columns", "BitsAllocated", "NumberOfFrames"),
 }
 UNIQUE = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+UNIQUE_LEVELS = ("STUDY", "SERIES", "IMAGE")
+UID_TAGS = {"STUDY": "0020000D", "SERIES": "0020000E", "IMAGE": "00080018"}
+SEGMENTS = {"STUDY": "studies", "SERIES": "series", "IMAGE": "instances"}
 QUERY_RETRIEVE_LEVEL = "00080052"
 MORE_RESULTS = "There are additional results that can be requested."
 
@@ -177,16 +181,20 @@ def _every_attribute(levels: tuple[str, ...]) -> list[str]:
     return [f"{tag:08X}" for tag, level in LEVEL_OF.items() if level in wanted]
 
 
-def _retrieve_url(base: str, level: str, ds: Dataset) -> str | None:
-    try:
-        url = f"{base}/studies/{ds.StudyInstanceUID}"
-        if level != "STUDY":
-            url += f"/series/{ds.SeriesInstanceUID}"
-        if level == "IMAGE":
-            url += f"/instances/{ds.SOPInstanceUID}"
-    except AttributeError:
-        return None
+def _retrieve_url(base: str, level: str, item: dict[str, Any]) -> str | None:
+    """The match's WADO-RS URL, from its UIDs (None when one is missing)."""
+    url = base
+    for lvl in UNIQUE_LEVELS[: UNIQUE_LEVELS.index(level) + 1]:
+        uid = _first_value(item, UID_TAGS[lvl])
+        if uid is None:
+            return None
+        url += f"/{SEGMENTS[lvl]}/{uid}"
     return url
+
+
+def _first_value(item: dict[str, Any], tag: str) -> str | None:
+    values = (item.get(tag) or {}).get("Value") or []
+    return str(values[0]) if values and values[0] else None
 
 
 async def _search(request: Request, search: Search) -> Response:
@@ -197,10 +205,10 @@ async def _search(request: Request, search: Search) -> Response:
     query = build_query(request, search)
     catalog = request.app.state.dicom.catalog
     wanted = min(limit or MAX_RESULTS, MAX_RESULTS)
-    found: list[Dataset] = []
-    try:
-        async for ds in catalog.find(search.level, query, limit=wanted + 1, offset=offset, fuzzy=fuzzy):
-            found.append(ds)
+    found: list[dict[str, Any]] = []
+    try:  # DICOM JSON as the catalog holds it: no Dataset made and converted back per match
+        async for item in catalog.find_json(search.level, query, limit=wanted + 1, offset=offset, fuzzy=fuzzy):
+            found.append(item)
     except ValueError as exc:
         raise BadRequest(f"Invalid search: {exc}") from exc
     except BSONError as exc:  # a query larger than a database document
@@ -214,10 +222,9 @@ async def _search(request: Request, search: Search) -> Response:
         headers = {"Warning": f'299 {request.url.hostname or "-"}: "{MORE_RESULTS}"'}
     base = dicomweb_base(request)
     results = []
-    for ds in found[:wanted]:
-        item = ds.to_json_dict(suppress_invalid_tags=True)
+    for item in found[:wanted]:
         item.pop(QUERY_RETRIEVE_LEVEL, None)  # C-FIND's, not QIDO-RS's
-        url = _retrieve_url(base, search.level, ds)
+        url = _retrieve_url(base, search.level, item)
         if url is not None:
             item["00081190"] = {"vr": "UR", "Value": [url]}
         results.append(dict(sorted(item.items())))
