@@ -578,6 +578,20 @@ def test_bad_accept_is_406(study: dict, http: httpx.Client) -> None:
     assert http.get(f"{url}/metadata", params={"accept": "image/png"}).status_code == 406  # the query parameter wins
 
 
+def test_accept_q_0_refuses_a_type(study: dict, http: httpx.Client) -> None:
+    rendered = f"{instance_path(study, by_name(study, 'CT_small.dcm'))}/rendered"
+    response = http.get(rendered, headers={"Accept": "*/*, image/jpeg;q=0"})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    response = http.get(rendered, headers={"Accept": "image/*;q=0, image/png;q=0.5"})  # the more specific wins
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert http.get(rendered, headers={"Accept": "image/*, image/png;q=0, image/jpeg;q=0"}).status_code == 406
+    assert http.get(rendered, params={"accept": "*/*, image/jpeg;q=0"}).headers["content-type"] == "image/png"
+    url = f"/studies/{study['uid']}"
+    assert http.get(url, headers={"Accept": f"*/*, {MULTIPART_DICOM}; q=0"}).status_code == 406
+    assert http.get(url, headers={"Accept": f"multipart/related; q=0, {MULTIPART_DICOM}"}).status_code == 200
+    assert http.get(f"{url}/metadata", headers={"Accept": "*/*, application/*;q=0"}).status_code == 406
+
+
 def test_dicomweb_client_raises_on_unknown_study(dicomweb: DICOMwebClient) -> None:
     with pytest.raises(HTTPError):
         dicomweb.retrieve_study_metadata(generate_uid())

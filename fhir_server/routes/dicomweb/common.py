@@ -69,6 +69,17 @@ class MediaRange:
     def transfer_syntax(self) -> str | None:
         return self.params.get("transfer-syntax")
 
+    @property
+    def specificity(self) -> int:
+        """How closely the range names a type: `*/*` < `image/*` < `image/png` < with parameters
+        (RFC 9110 12.5.1: the most specific range that matches a type gives its quality)."""
+        kind, _, sub = self.type.partition("/")
+        return (kind != "*") + (sub != "*") + len(self.params)
+
+    def covers(self, media_type: str, params: dict[str, str]) -> bool:
+        """The range matches `media_type` with `params`: every parameter it names, alike."""
+        return self.matches(media_type) and all(params.get(k, "").lower() == v.lower() for k, v in self.params.items())
+
 
 def _matches(pattern: str, media_type: str) -> bool:
     """`*/*`, `image/*` or an exact media type (case-insensitive)."""
@@ -86,26 +97,36 @@ def _media_range(text: str) -> MediaRange | None:
     try:
         q = float(params.pop("q", "1"))
     except ValueError:
-        q = 0.0
-    return MediaRange(media_type, params, q)
+        return None  # a malformed range is ignored, neither accepted nor refused
+    return MediaRange(media_type, params, q) if 0 <= q <= 1 else None
+
+
+def _ranges(request: Request) -> list[MediaRange]:
+    """Every media range of the Accept header (or of the `accept` query parameter, PS3.18
+    8.3.3.1), as given; `*/*` when there is none."""
+    values = request.query_params.getlist("accept") or [request.headers.get("accept", "")]
+    if not any(v.strip() for v in values):
+        return [MediaRange("*/*")]
+    return [r for value in values for item in value.split(",") if item.strip() if (r := _media_range(item)) is not None]
 
 
 def accepted(request: Request) -> list[MediaRange]:
-    """The Accept header's media ranges (or the `accept` query parameter's, PS3.18 8.3.3.1),
-    best first; `*/*` when there is none."""
-    values = request.query_params.getlist("accept") or [request.headers.get("accept", "")]
-    ranges = [r for value in values for item in value.split(",") if item.strip()
-              if (r := _media_range(item)) is not None and r.q > 0]
-    if not ranges and not any(v.strip() for v in values):
-        return [MediaRange("*/*")]
-    return sorted(ranges, key=lambda r: -r.q)
+    """The media ranges the client accepts (q > 0), best first."""
+    return sorted((r for r in _ranges(request) if r.q > 0), key=lambda r: -r.q)
+
+
+def _refused(request: Request, media_type: str, params: dict[str, str], offered_by: MediaRange) -> bool:
+    """A `q=0` range refuses what it covers (RFC 9110 12.5.1: `*/*, image/jpeg;q=0` is anything
+    but JPEG), unless a more specific range than it offered the type."""
+    return any(r.q == 0 and r.covers(media_type, params) and r.specificity >= offered_by.specificity
+               for r in _ranges(request))
 
 
 def negotiate(request: Request, offers: Sequence[str]) -> str:
     """The first of `offers` (single-part media types) the client accepts, or 406."""
     for media_range in accepted(request):
         for offer in offers:
-            if media_range.matches(offer):
+            if media_range.matches(offer) and not _refused(request, offer, {}, media_range):
                 return offer
     raise NotAcceptable(f"This resource is available as {', '.join(offers)}; the request accepts none of them")
 
@@ -123,7 +144,7 @@ def negotiate_multipart(
         chosen = next((t for t in part_types if _matches(wanted, t)), None)
         if chosen is not None:
             candidate = MediaRange("multipart/related", {**media_range.params, "type": chosen}, media_range.q)
-            if fits(candidate):
+            if fits(candidate) and not _refused(request, candidate.type, candidate.params, media_range):
                 return candidate
     offered = ", ".join(f'multipart/related; type="{t}"' for t in part_types)
     raise NotAcceptable(f"This resource is available as {offered}; the request accepts none of them")
