@@ -5,7 +5,6 @@ Errors are the server's `FhirError`s (an OperationOutcome body): PS3.18 leaves t
 an error response to the implementation.
 """
 
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +15,11 @@ from fastapi import Request
 from python_multipart.multipart import parse_options_header
 from starlette.responses import Response
 
-from dicom_node.files import FileStore
+from dicom_node.files import UID, FileStore
 from fhir_server.context import base_url
 from fhir_server.errors import BadRequest, NotAcceptable, NotFound
 
 DICOM_JSON = "application/dicom+json"
-UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 JSON_TYPES = (DICOM_JSON, "application/json")
 
 
