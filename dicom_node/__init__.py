@@ -1,10 +1,12 @@
 """The DICOM node: a Storage SCP whose instances are kept as received and indexed live in FHIR.
 
 `indexer_for` builds its store and indexer over the FHIR server's repository and search service
-(DICOMweb uses them too); `start_node` indexes what a crash left unindexed, and starts listening.
+(DICOMweb uses them too); `recover` sweeps and indexes what a crash left (at every start, DIMSE
+port or not); `start_node` recovers, then starts listening.
 """
 
 import asyncio
+import logging
 
 from dicom_node.catalog import Catalog
 from dicom_node.files import FileStore
@@ -13,6 +15,8 @@ from dicom_node.node import DicomNode
 from fhir_server.config import Settings
 from fhir_server.services.search import SearchService
 from fhir_server.storage.repository import ResourceRepository
+
+LOGGER = logging.getLogger(__name__)
 
 
 def dicomweb_address(settings: Settings) -> str:
@@ -32,9 +36,20 @@ def indexer_for(settings: Settings, repository: ResourceRepository, searches: Se
     )
 
 
-async def start_node(settings: Settings, indexer: DicomIndexer) -> DicomNode:
-    """Index what a crash left unindexed, then listen."""
+async def recover(settings: Settings, indexer: DicomIndexer) -> None:
+    """What a crash left: files half-received (older than `dicom_incoming_stale_s`: a younger
+    one may be another process's, on a shared data folder), and instances placed, by C-STORE or
+    STOW-RS, but not yet indexed (their markers). Run at every start, whether or not the node
+    listens for DIMSE."""
+    removed = await asyncio.to_thread(indexer.files.sweep_incoming, settings.dicom_incoming_stale_s)
+    if removed:
+        LOGGER.info("removed %d files left half-received in %s", removed, indexer.files.incoming)
     await indexer.reconcile()
+
+
+async def start_node(settings: Settings, indexer: DicomIndexer) -> DicomNode:
+    """Recover what a crash left, then listen."""
+    await recover(settings, indexer)
     node = DicomNode(
         indexer, indexer.files, asyncio.get_running_loop(),
         ae_title=settings.dicom_aet, host=settings.dicom_host or settings.host, port=settings.dicom_port,

@@ -9,8 +9,10 @@ present), then placed with a rename, after its marker is written: an instance is
 store without either being in FHIR or having a marker that says it is not yet.
 """
 
+import contextlib
 import os
 import re
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,10 +177,18 @@ class FileStore:
             _fsync_directory(target.parent)
         return target
 
-    def sweep_incoming(self) -> None:
-        """Drop what pynetdicom left half-received (a peer gone mid-dataset, a crash)."""
+    def sweep_incoming(self, older_than_s: float = 0.0) -> int:
+        """Drop what was left half-received (a peer gone mid-dataset, a crash) and not modified
+        for `older_than_s`: a younger file may be another process's receive in progress, on a
+        data folder several processes share. Returns how many were removed."""
+        removed = 0
+        deadline = time.time() - older_than_s
         for leftover in self.incoming.iterdir():
-            leftover.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # placed or removed by its receiver meanwhile
+                if leftover.is_file() and leftover.stat().st_mtime <= deadline:
+                    leftover.unlink()
+                    removed += 1
+        return removed
 
     def indexed(self, sop_instance_uid: str) -> None:
         (self.unindexed / sop_instance_uid).unlink(missing_ok=True)

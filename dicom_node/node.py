@@ -184,8 +184,7 @@ class DicomNode:
 
     def start(self) -> None:
         """Listen (in pynetdicom's threads); received datasets go to the store's incoming folder."""
-        self.files.prepare()
-        self.files.sweep_incoming()
+        self.files.prepare()  # what a crash left in `incoming` was swept by `recover` before
         _config.STORE_RECV_CHUNKED_DATASET = True
         # pynetdicom's temporary files in the store's file system: then placing is a rename.
         dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]

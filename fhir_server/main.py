@@ -59,14 +59,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ReadinessRule.from_settings(settings)  # a wrong FHIR_AI_READY_* setting stops the start, not each request
         app.state.exports = ExportService(repository, settings)
         await app.state.exports.start()
-        from dicom_node import indexer_for, start_node
+        from dicom_node import indexer_for, recover, start_node
 
         # The DICOM store and its indexer serve DICOMweb (app.state.dicom) whether or not the
-        # node listens for DIMSE.
+        # node listens for DIMSE; what a crash left (STOW-RS's too) is recovered either way.
         app.state.dicom = indexer_for(settings, repository, app.state.search)
         node = None
         if settings.dicom_port:
             node = await start_node(settings, app.state.dicom)
+        else:
+            await recover(settings, app.state.dicom)
         LOGGER.info("FHIR server ready", extra={"database": settings.mongodb_db})
         try:
             yield

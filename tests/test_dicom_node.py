@@ -1,11 +1,13 @@
 """The DICOM node over loopback: DCMTK and pynetdicom as the modalities, then the files and the
 FHIR resources checked."""
 
+import os
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -306,6 +308,35 @@ def test_an_instance_placed_but_not_indexed_is_indexed_at_start_and_by_reindex(
             )
             assert result.returncode == 0, result.stderr.decode()
             assert study(client, other.StudyInstanceUID)["numberOfInstances"] == 1
+    finally:
+        proc.stop()
+
+
+def test_dicomweb_only_start_recovers_what_a_crash_left(database: EmbeddedDatabase, tmp_path: Path) -> None:
+    """With no DIMSE port (`--dicom-port 0`) the start still indexes a marked instance (a
+    STOW-RS crash) and removes old half-received files, not a younger one that another
+    process on the same data folder may be receiving."""
+    data = tmp_path / "data"
+    ds = fresh("CT_small.dcm")
+    target = data / "dicom" / "store" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    save(ds, target.parent)
+    (data / "dicom" / "unindexed").mkdir(parents=True)
+    (data / "dicom" / "unindexed" / ds.SOPInstanceUID).write_text(str(target.relative_to(data / "dicom")))
+    incoming = data / "dicom" / "incoming"
+    incoming.mkdir()
+    old, young = incoming / "left-by-a-crash", incoming / "being-received"
+    for leftover in (old, young):
+        leftover.write_bytes(b"DICM half-received")
+    long_ago = time.time() - 2 * 3600
+    os.utime(old, (long_ago, long_ago))
+    proc = ServerProcess(data, {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "fhir_dicomweb_only"})
+    proc.dicom_port = 0  # no DIMSE node
+    proc.start()
+    try:
+        with httpx.Client(base_url=f"{proc.url}/fhir") as client:
+            assert study(client, ds.StudyInstanceUID)["numberOfInstances"] == 1
+        assert not (data / "dicom" / "unindexed" / ds.SOPInstanceUID).exists()
+        assert (old.exists(), young.exists()) == (False, True)
     finally:
         proc.stop()
 
