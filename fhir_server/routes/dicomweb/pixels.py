@@ -177,7 +177,20 @@ def _shrunk(values: np.ndarray, viewport: tuple[int, int] | None) -> np.ndarray:
     height, width = values.shape
     if viewport is None or (width <= viewport[0] and height <= viewport[1]):
         return values
-    return np.array(ImageOps.contain(Image.fromarray(values), viewport))
+    return np.array(ImageOps.contain(Image.fromarray(_block_means(values, viewport)), viewport))
+
+
+def _block_means(values: np.ndarray, viewport: tuple[int, int]) -> np.ndarray:
+    """The frame reduced by a whole factor that keeps it at least the viewport's size, each
+    pixel the mean of its block (the few rows and columns past the last whole block left
+    out): Pillow would first copy the whole float32 frame, this reads it where it lies."""
+    height, width = values.shape
+    factor = min(width // viewport[0], height // viewport[1])
+    if factor < 2:
+        return values
+    rows, columns = height // factor, width // factor
+    blocks = values[:rows * factor, :columns * factor].reshape(rows, factor, columns, factor)
+    return blocks.mean(axis=(1, 3), dtype=np.float32)
 
 
 def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
