@@ -190,8 +190,19 @@ class FileStore:
                     removed += 1
         return removed
 
-    def indexed(self, sop_instance_uid: str) -> None:
-        (self.unindexed / sop_instance_uid).unlink(missing_ok=True)
+    def indexed(self, sop_instance_uid: str, path: Path | None = None) -> None:
+        """FHIR has the instance: its marker goes; with `path`, only while the marker names that
+        file (the instance may have been placed again since, elsewhere: that copy is not
+        indexed yet)."""
+        marker = self.unindexed / sop_instance_uid
+        if path is not None:
+            try:
+                named = self.root / marker.read_text().strip()
+            except FileNotFoundError:
+                return
+            if named != path:
+                return
+        marker.unlink(missing_ok=True)
 
     def pending(self) -> list[tuple[str, Path]]:
         """(SOP Instance UID, file) of every instance placed but not yet indexed."""

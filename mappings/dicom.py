@@ -458,6 +458,39 @@ def imaging_study(
     return _compact(_ordered(study, STUDY_ORDER))
 
 
+def without_instances(existing: dict[str, Any], placed: dict[str, str | None]) -> dict[str, Any]:
+    """The ImagingStudy without the instances of `placed` where they no longer are: each SOP
+    Instance UID maps to the series of this study it now belongs to (None: it left the study),
+    and is removed from every other series. A series left without instances goes; counts and
+    modalities are computed again; the other elements are kept. `existing` itself when nothing
+    changes (no copy); a study left without any series has no `series`, counts or modality
+    (the caller decides what becomes of it)."""
+    def stays(instance: dict[str, Any], series_uid: str | None) -> bool:
+        uid = instance.get("uid")
+        return uid not in placed or placed[uid] == series_uid
+
+    if all(stays(i, series.get("uid")) for series in existing.get("series", []) for i in series.get("instance", [])):
+        return existing
+    study = copy.deepcopy(existing)
+    remaining = []
+    for series in study.get("series", []):
+        kept = [i for i in series.get("instance", []) if stays(i, series.get("uid"))]
+        if series.get("instance") and not kept:
+            continue
+        series["instance"] = kept
+        series["numberOfInstances"] = len(kept)
+        remaining.append(series)
+    for key in ("series", "numberOfSeries", "numberOfInstances", "modality"):
+        study.pop(key, None)
+    if remaining:
+        study["series"] = remaining
+        study["numberOfSeries"] = len(remaining)
+        study["numberOfInstances"] = sum(series["numberOfInstances"] for series in remaining)
+        modalities = {series["modality"].get("code"): series["modality"] for series in remaining if "modality" in series}
+        study["modality"] = [coding for code, coding in modalities.items() if code]
+    return _compact(_ordered(study, STUDY_ORDER))
+
+
 def endpoint_resource(address: str) -> dict[str, Any]:
     """The Endpoint (DICOMweb WADO-RS at `address`) that the node's studies are retrieved through."""
     return {

@@ -685,3 +685,73 @@ def test_catalog_follows_instances_sent_again(node: ServerProcess, tmp_path: Pat
     assert study_row() == (patient, ["CT", "MR"], 2, 2)
     series = findscu(node, tmp_path, ["QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}", "SeriesInstanceUID"])
     assert uids(series, "SeriesInstanceUID") == {ct.SeriesInstanceUID, mr.SeriesInstanceUID}
+
+
+def wado_parts(node: ServerProcess, study: str) -> int:
+    """How many instances WADO-RS sends for the study (0 when it is unknown: 404)."""
+    response = httpx.get(f"{node.url}/dicomweb/studies/{study}", timeout=60,
+                         headers={"Accept": 'multipart/related; type="application/dicom"'})
+    if response.status_code == 404:
+        return 0
+    assert response.status_code == 200, response.text
+    boundary = re.search(r'boundary="?([^";]+)', response.headers["content-type"]).group(1)  # type: ignore[union-attr]
+    return len(response.content.split(b"--" + boundary.encode())) - 2  # before the first, after the last
+
+
+def test_an_instance_sent_again_elsewhere_has_one_copy_everywhere(node: ServerProcess, tmp_path: Path) -> None:
+    """A CT sent into series S1, then into S2 of the same study, then into another study: one
+    file on disk, and WADO-RS, QIDO-RS, C-FIND and FHIR all count it once, where it is now (its
+    first study, left empty, is gone); again after `fhir-server dicom reindex`, even with an
+    older copy left in the first series (as the node used to leave it)."""
+    study, other, s1, s2, s3 = (generate_uid() for _ in range(5))
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ct.SOPInstanceUID = ct.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ct.PatientID = f"QM{TAG}"
+    store = node.data_dir / "dicom" / "store"
+    fhir = httpx.Client(base_url=f"{node.url}/fhir", timeout=60)
+
+    def send(study_uid: str, series_uid: str) -> None:
+        ct.StudyInstanceUID, ct.SeriesInstanceUID = study_uid, series_uid
+        ae = AE(ae_title="QRTEST")
+        ae.add_requested_context(ct.SOPClassUID, ct.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title=AET)
+        assert int(assoc.send_c_store(ct).Status) == 0
+        assoc.release()
+
+    def counts_of(study_uid: str) -> tuple[int, int, int, int | None]:
+        """WADO-RS parts, QIDO-RS instances, C-FIND instances, FHIR numberOfInstances."""
+        qido = httpx.get(f"{node.url}/dicomweb/studies/{study_uid}/instances", timeout=60)
+        found = findscu(node, tmp_path, ["QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study_uid}", "SOPInstanceUID"])
+        resource = fhir.get(f"/ImagingStudy/{study_uid}")
+        number = resource.json()["numberOfInstances"] if resource.status_code == 200 else None
+        return wado_parts(node, study_uid), len(qido.json()) if qido.status_code == 200 else 0, len(found), number
+
+    def copies() -> list[Path]:
+        return sorted(store.glob(f"*/*/{ct.SOPInstanceUID}.dcm"))
+
+    try:
+        send(study, s1)
+        send(study, s2)
+        assert copies() == [store / study / s2 / f"{ct.SOPInstanceUID}.dcm"]
+        assert counts_of(study) == (1, 1, 1, 1)
+        assert [s["uid"] for s in fhir.get(f"/ImagingStudy/{study}").json()["series"]] == [s2]
+        send(other, s3)
+        assert copies() == [store / other / s3 / f"{ct.SOPInstanceUID}.dcm"]
+        assert counts_of(other) == (1, 1, 1, 1)
+        assert counts_of(study) == (0, 0, 0, None)
+        assert fhir.get(f"/ImagingStudy/{study}").status_code == 410  # deleted: its versions stay in history
+        assert fhir.get(f"/ImagingStudy/{study}/_history").json()["total"] >= 3
+
+        stale = store / study / s1 / f"{ct.SOPInstanceUID}.dcm"  # a copy an earlier version left behind
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_bytes(copies()[0].read_bytes())
+        long_ago = time.time() - 3600
+        os.utime(stale, (long_ago, long_ago))
+        result = subprocess.run([sys.executable, "-m", "fhir_server", "dicom", "reindex", "--data-dir", str(node.data_dir)],
+                                capture_output=True, timeout=300, env=node.env)
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        assert copies() == [store / other / s3 / f"{ct.SOPInstanceUID}.dcm"]
+        assert counts_of(other) == (1, 1, 1, 1)
+        assert counts_of(study) == (0, 0, 0, None)
+    finally:
+        fhir.close()
