@@ -41,6 +41,47 @@ def _serve(args: argparse.Namespace) -> None:
     )
 
 
+def _clients(args: argparse.Namespace) -> None:
+    """`fhir-server clients add`: register a client of the built-in authorization server."""
+    import json
+
+    settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+    configure_logging("WARNING")
+    jwks = None
+    if args.jwks:
+        try:
+            jwks = json.loads(Path(args.jwks).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--jwks {args.jwks}: not a readable JWKS (JSON): {exc}") from exc
+        if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+            raise SystemExit(f"--jwks {args.jwks}: a JWKS is an object with a list of keys")
+    if (jwks is None) == (args.jwks_url is None):
+        raise SystemExit("give the client's public keys: --jwks FILE or --jwks-url URL")
+    print(asyncio.run(_add_client(settings, args, jwks)))
+
+
+async def _add_client(settings: Settings, args: argparse.Namespace, jwks: dict | None) -> str:
+    from fhir_server.auth import clients
+    from fhir_server.auth.scopes import Grants, ScopeError
+    from fhir_server.storage.client import open_database
+
+    try:
+        Grants.parse(args.scope)
+    except ScopeError as exc:
+        raise SystemExit(f"--scope: {exc}") from exc
+    database = await open_database(settings)
+    try:
+        client = clients.Client(args.id or clients.new_client_id(), args.name, args.scope, jwks, args.jwks_url,
+                                fhir_user=args.fhir_user)
+        try:
+            await clients.register(database.db, client)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from exc
+        return client.client_id
+    finally:
+        await database.close()
+
+
 def _reindex(args: argparse.Namespace) -> None:
     settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
     configure_logging("WARNING")
@@ -184,6 +225,19 @@ def main(argv: list[str] | None = None) -> None:
     reindex.add_argument("--data-dir", type=Path, help="data folder (default ./data, env FHIR_DATA_DIR)")
     reindex.add_argument("--all", action="store_true", help="every resource, not only those indexed differently")
     reindex.set_defaults(handler=_reindex)
+    client_commands = commands.add_parser(
+        "clients", help="clients of the built-in authorization server (embedded database: stop the server first)"
+    )
+    client_actions = client_commands.add_subparsers(dest="action", required=True)
+    adding = client_actions.add_parser("add", help="register a client (SMART Backend Services: private_key_jwt); prints its id")
+    adding.add_argument("--name", required=True)
+    adding.add_argument("--scope", required=True, help="the most it may ask for, e.g. 'system/*.rs system/Observation.cruds'")
+    adding.add_argument("--jwks", help="a file with the client's public keys (JWKS)")
+    adding.add_argument("--jwks-url", help="where the client publishes its public keys (JWKS)")
+    adding.add_argument("--fhir-user", help="the Practitioner (or other) resource it acts as, e.g. Practitioner/123")
+    adding.add_argument("--id", help="its client_id (default: a new random one)")
+    adding.add_argument("--data-dir", type=Path, help="data folder (default ./data, env FHIR_DATA_DIR)")
+    adding.set_defaults(handler=_clients)
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     args.handler(args)
