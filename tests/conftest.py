@@ -1,5 +1,6 @@
 """Test fixtures: the real embedded database and the real server, spoken to over loopback HTTP."""
 
+import asyncio
 import os
 import signal
 import socket
@@ -7,12 +8,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pymongo
 import pytest
+from pymongo import AsyncMongoClient
 
 from fhir_server.storage.embedded import EmbeddedDatabase
 
@@ -157,3 +160,16 @@ def assert_outcome(response: httpx.Response, status: int, text: str | None = Non
         assert any(text in i.get("diagnostics", "") for i in body["issue"]), body
     assert "Traceback" not in response.text
     return body
+
+
+def run_with_database(database: EmbeddedDatabase, scenario: Callable[[Any], Awaitable[None]]) -> None:
+    """Run `scenario` with a fresh database of the embedded server, through the async driver."""
+
+    async def main() -> None:
+        client: AsyncMongoClient = AsyncMongoClient(database.uri, tz_aware=True)
+        try:
+            await scenario(client[f"fhir_unit_{unique()}"])
+        finally:
+            await client.close()
+
+    asyncio.run(main())

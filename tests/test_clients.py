@@ -1,33 +1,19 @@
 """Clients of the built-in authorization server: SMART Backend Services authentication by a
 signed assertion (private_key_jwt), and the scopes a client may ask for."""
 
-import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import jwt
 import pytest
-from conftest import unique
+from conftest import run_with_database
 from cryptography.hazmat.primitives.asymmetric import ec
-from pymongo import AsyncMongoClient
 
 from fhir_server.auth.clients import ASSERTION_TYPE, Client, ClientError, authenticate, register
 from fhir_server.storage.embedded import EmbeddedDatabase
 
 TOKEN_URL = "http://127.0.0.1:8080/auth/token"
-
-
-def run(database: EmbeddedDatabase, scenario: Callable[[Any], Awaitable[None]]) -> None:
-    async def main() -> None:
-        client: AsyncMongoClient = AsyncMongoClient(database.uri, tz_aware=True)
-        try:
-            await scenario(client[f"fhir_clients_{unique()}"])
-        finally:
-            await client.close()
-
-    asyncio.run(main())
 
 
 def es384(kid: str) -> tuple[ec.EllipticCurvePrivateKey, dict[str, Any]]:
@@ -66,7 +52,7 @@ def test_backend_service_authentication(database: EmbeddedDatabase) -> None:
         await refused("not signed by a key of the client", assertion(es384("k1")[0], "ehr-1"))
         await refused("not a JWT", "garbage")
 
-    run(database, scenario)
+    run_with_database(database, scenario)
 
 
 def test_the_scopes_a_client_may_ask_for() -> None:

@@ -2,19 +2,17 @@
 issuer's (checked against its JWKS, served here by a local HTTP server); every way a token
 must fail: expired, wrong audience, wrong signature, unknown issuer or key, revoked."""
 
-import asyncio
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
 import pytest
-from conftest import unique
+from conftest import run_with_database, unique
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from pymongo import AsyncMongoClient
 
 from fhir_server.auth.tokens import (
     InvalidToken,
@@ -28,17 +26,6 @@ from fhir_server.storage.embedded import EmbeddedDatabase
 
 OWN = "http://127.0.0.1:8080/auth"
 AUDIENCE = "http://127.0.0.1:8080/fhir"
-
-
-def run(database: EmbeddedDatabase, scenario: Callable[[Any], Awaitable[None]]) -> None:
-    async def main() -> None:
-        client: AsyncMongoClient = AsyncMongoClient(database.uri, tz_aware=True)
-        try:
-            await scenario(client[f"fhir_tokens_{unique()}"])
-        finally:
-            await client.close()
-
-    asyncio.run(main())
 
 
 class Jwks:
@@ -115,7 +102,7 @@ def test_own_tokens_round_trip_and_fail_as_they_should(database: EmbeddedDatabas
         with pytest.raises(InvalidToken, match="scope"):
             await validator.validate(bad_scope, AUDIENCE)
 
-    run(database, scenario)
+    run_with_database(database, scenario)
 
 
 def test_external_issuer_by_its_jwks(database: EmbeddedDatabase, jwks: Jwks) -> None:
@@ -136,4 +123,4 @@ def test_external_issuer_by_its_jwks(database: EmbeddedDatabase, jwks: Jwks) -> 
             await validator.validate(external_token(other, "k2", issuer), AUDIENCE)
         assert jwks.fetches == 1
 
-    run(database, scenario)
+    run_with_database(database, scenario)
