@@ -23,11 +23,15 @@ def _serve(args: argparse.Namespace) -> None:
             "data_dir": args.data_dir,
             "dicom_port": args.dicom_port,
             "dicom_aet": args.dicom_aet,
+            "insecure": args.insecure or None,
         }.items()
         if v is not None
     }
     settings = Settings(**overrides)
     configure_logging(settings.log_level)
+    from fhir_server.main import check_exposure
+
+    check_exposure(settings)  # before the database starts
     from fhir_server.main import create_app
 
     uvicorn.run(
@@ -38,6 +42,8 @@ def _serve(args: argparse.Namespace) -> None:
         access_log=False,
         proxy_headers=True,
         timeout_graceful_shutdown=10,
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
     )
 
 
@@ -193,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--data-dir", type=Path, help="data folder (default ./data, env FHIR_DATA_DIR)")
     serve.add_argument("--dicom-port", type=int, help="DICOM port (default 11112, env FHIR_DICOM_PORT; 0: no node)")
     serve.add_argument("--dicom-aet", help="the node's AE title (default FHIRSERVER, env FHIR_DICOM_AET)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="run with authorization off on an address beyond loopback (env FHIR_INSECURE)")
     serve.set_defaults(handler=_serve)
     dicom = commands.add_parser("dicom", help="run the DICOM node alone; `dicom reindex` indexes every stored instance")
     dicom.add_argument("action", nargs="?", choices=("serve", "reindex"), default="serve")

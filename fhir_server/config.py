@@ -90,6 +90,20 @@ class Settings(BaseSettings):
     # a crash left half-received); younger ones may be another process's receiving, on a shared
     # data folder: longer than any receive (a 4 GiB STOW-RS body at 10 Mbit/s takes 55 minutes).
     dicom_incoming_stale_s: float = Field(default=3600.0, ge=0)
+    # Authorization (SMART on FHIR). Off: every request is allowed (local trials only: `serve`
+    # refuses to listen beyond loopback without it unless `insecure`). On: every FHIR and
+    # DICOMweb request needs a bearer access token of the built-in authorization server or of
+    # an external issuer (`{"issuer": "JWKS URL", …}`, JSON).
+    auth: bool = False
+    insecure: bool = False
+    # The built-in server's issuer (`iss`): default the public base (FHIR_BASE_URL without /fhir,
+    # else the request's host) + /auth. Tokens are for the FHIR base (`aud`).
+    auth_issuer: str | None = None
+    auth_external_issuers: dict[str, str] = Field(default_factory=dict)
+    auth_token_lifetime_s: int = Field(default=300, ge=30, le=3600)
+    # HTTPS for the API (uvicorn): a PEM certificate chain and its key.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
 
 
 @lru_cache

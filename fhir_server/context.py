@@ -1,26 +1,29 @@
-"""The request context every FHIR interaction depends on: who calls, with what scopes, and how
-the answer should be formatted.
+"""The request context every FHIR interaction depends on: who calls, what the access token
+allows (its `Policy`), and how the answer should be formatted.
 
-Access is open for now (anonymous caller, every scope); SMART on FHIR authorization plugs in here,
-in `request_context`, and nowhere else.
+SMART on FHIR authorization plugs in here: with `FHIR_AUTH` on, every request needs a valid
+bearer token (else 401 with WWW-Authenticate); the services then ask the policy (else 403).
 """
 
 from dataclasses import dataclass
 
 from fastapi import Request
 
-from fhir_server.errors import NotAcceptable
+from fhir_server.auth.policy import OPEN, Policy
+from fhir_server.auth.scopes import Grants
+from fhir_server.auth.tokens import InvalidToken
+from fhir_server.errors import NotAcceptable, Unauthorized
 
 JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir", "json"})
 PREFER_RETURN = frozenset({"minimal", "representation", "OperationOutcome"})
+NOBODY = Policy(Grants())  # no token: no access
 
 
 @dataclass(frozen=True)
 class RequestContext:
     request_id: str
     base_url: str  # the FHIR base, e.g. http://host:8080/fhir
-    subject: str | None  # the authenticated caller; None while access is open
-    scopes: frozenset[str]
+    access: Policy  # who calls (access.subject; None while access is open) and what they may do
     pretty: bool
     media_type: str  # of the response body
     prefer_return: str
@@ -65,14 +68,53 @@ def base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/") + "/fhir"
 
 
+def issuer(request: Request) -> str:
+    """The built-in authorization server's issuer: its endpoints are under it."""
+    settings = request.app.state.settings
+    if settings.auth_issuer:
+        return settings.auth_issuer.rstrip("/")
+    return base_url(request).removesuffix("/fhir") + "/auth"
+
+
+async def authorize(request: Request) -> Policy:
+    """The policy of the request's bearer token; OPEN when authorization is off. Kept on
+    `request.state.access` (once per request: the audit trail reads it too)."""
+    found = getattr(request.state, "access", None)
+    if found is not None:
+        return found
+    settings = request.app.state.settings
+    if not settings.auth:
+        policy = OPEN
+    else:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("This server needs a bearer access token (SMART on FHIR)", error=None)
+        try:
+            claims = await request.app.state.auth.validator.validate(token.strip(), base_url(request), issuer(request))
+        except InvalidToken as exc:
+            raise Unauthorized(exc.reason) from exc
+        policy = Policy(claims.grants, claims.patient, claims.subject, claims.fhir_user, frozenset(claims.roles),
+                        settings.base_url or "")
+    request.state.access = policy
+    return policy
+
+
 async def request_context(request: Request) -> RequestContext:
+    return _context(request, await authorize(request))
+
+
+async def public_context(request: Request) -> RequestContext:
+    """For what anyone may read without a token (the CapabilityStatement, SMART discovery)."""
+    return _context(request, NOBODY if request.app.state.settings.auth else OPEN)
+
+
+def _context(request: Request, access: Policy) -> RequestContext:
     prefer = preferences(request)
     prefer_return = prefer.get("return", "representation")
     return RequestContext(
         request_id=getattr(request.state, "request_id", "-"),
         base_url=base_url(request),
-        subject=None,
-        scopes=frozenset({"system/*.*"}),
+        access=access,
         pretty=request.query_params.get("_pretty", "false").lower() == "true",
         media_type=_response_media_type(request),
         # A preference the server does not know is ignored (RFC 7240).

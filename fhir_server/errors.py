@@ -75,6 +75,24 @@ class BadRequest(FhirError):
     status, code = 400, "invalid"
 
 
+class Unauthorized(FhirError):
+    """No valid access token (RFC 6750): the client should get one; WWW-Authenticate says why."""
+
+    status, code = 401, "login"
+
+    def __init__(self, diagnostics: str, *, error: str | None = "invalid_token") -> None:
+        challenge = 'Bearer realm="fhir"'
+        if error:
+            challenge += f', error="{error}", error_description="{diagnostics.replace(chr(34), chr(39))}"'
+        super().__init__(diagnostics, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(FhirError):
+    """A valid token whose scopes do not allow this."""
+
+    status, code = 403, "forbidden"
+
+
 class NotFound(FhirError):
     status, code = 404, "not-found"
 

@@ -2,9 +2,11 @@
 starts the DICOM node)."""
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -12,7 +14,7 @@ from fhir_server import __version__
 from fhir_server.config import Settings, get_settings
 from fhir_server.errors import install_error_handlers
 from fhir_server.logs import AccessLogMiddleware
-from fhir_server.routes import bundles, dicomweb, export, operations, resources, system
+from fhir_server.routes import auth, bundles, dicomweb, export, operations, resources, system
 from fhir_server.services.ai_readiness import ReadinessRule
 from fhir_server.services.export import ExportService
 from fhir_server.services.history import HistoryService
@@ -27,11 +29,45 @@ from fhir_server.validation.resource_types import supported_types
 LOGGER = logging.getLogger(__name__)
 
 
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings) -> None:
+    """Open access is for local trials: beyond loopback it needs `--insecure`."""
+    if settings.auth:
+        return
+    if not loopback(settings.host) and not settings.insecure:
+        raise SystemExit(
+            f"Refusing to serve {settings.host} without authorization: set FHIR_AUTH=true (SMART on FHIR), "
+            "or give --insecure (FHIR_INSECURE=true) to run open anyway"
+        )
+    LOGGER.warning("Authorization is off: every request is allowed (FHIR_AUTH=true turns it on)",
+                   extra={"host": settings.host})
+
+
+async def start_auth(app: FastAPI, settings: Settings, database: Any) -> None:
+    from fhir_server.auth import clients, tokens
+    from fhir_server.auth.server import AuthServer
+
+    await tokens.prepare(database.db)
+    await clients.prepare(database.db)
+    key = await tokens.signing_key(database.db)
+    validator = tokens.TokenValidator(database.db, key, settings.auth_external_issuers)
+    app.state.auth = AuthServer(database.db, key, validator, settings.auth_token_lifetime_s)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check_exposure(settings)
         supported_types()  # load the model table before the first request
         database = await open_database(settings)
         repository = ResourceRepository(
@@ -41,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pages = PageStore(database.db, settings.page_ttl_s)
         await pages.prepare()
         app.state.database = database
+        await start_auth(app, settings, database)
         app.state.search = SearchService(
             repository,
             pages,
@@ -88,7 +125,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(AccessLogMiddleware)
     app.include_router(system.probes)
+    app.include_router(system.public)
     app.include_router(system.router)
+    app.include_router(auth.router)
     app.include_router(bundles.router)
     app.include_router(operations.router)  # before the resource routes, whose patterns would take its paths
     app.include_router(export.router)  # likewise

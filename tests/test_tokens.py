@@ -78,29 +78,29 @@ def test_own_tokens_round_trip_and_fail_as_they_should(database: EmbeddedDatabas
     async def scenario(db: Any) -> None:
         key = await signing_key(db)
         assert (await signing_key(db)).kid == key.kid  # kept: every process signs with it
-        validator = TokenValidator(db, key, OWN)
+        validator = TokenValidator(db, key)
         token, claims = access_token(key, issuer=OWN, audience=AUDIENCE, subject="app-1", client_id="app-1",
                                      scope="openid patient/*.rs", patient="123", fhir_user="Patient/123")
-        found = await validator.validate(token, AUDIENCE)
+        found = await validator.validate(token, AUDIENCE, OWN)
         assert (found.subject, found.client_id, found.patient, found.fhir_user) == ("app-1", "app-1", "123", "Patient/123")
         assert found.grants.access("Observation", "s").confined and found.token_id == claims["jti"]
 
         expired, _ = access_token(key, issuer=OWN, audience=AUDIENCE, subject="a", client_id="a", scope="", lifetime_s=-120)
         with pytest.raises(InvalidToken, match="expired"):
-            await validator.validate(expired, AUDIENCE)
+            await validator.validate(expired, AUDIENCE, OWN)
         with pytest.raises(InvalidToken, match="not for this server"):
-            await validator.validate(token, "http://elsewhere/fhir")
+            await validator.validate(token, "http://elsewhere/fhir", OWN)
         forged = SigningKey(key.kid, ec.generate_private_key(ec.SECP256R1())).sign({**claims, "scope": "system/*.cruds"})
         with pytest.raises(InvalidToken, match="not valid"):
-            await validator.validate(forged, AUDIENCE)
+            await validator.validate(forged, AUDIENCE, OWN)
         with pytest.raises(InvalidToken, match="not a JWT"):
-            await validator.validate("not.a.token", AUDIENCE)
+            await validator.validate("not.a.token", AUDIENCE, OWN)
         await revoke(db, claims["jti"], claims["exp"])
         with pytest.raises(InvalidToken, match="revoked"):
-            await validator.validate(token, AUDIENCE)
+            await validator.validate(token, AUDIENCE, OWN)
         bad_scope, _ = access_token(key, issuer=OWN, audience=AUDIENCE, subject="a", client_id="a", scope="patient/Observation.xyz")
         with pytest.raises(InvalidToken, match="scope"):
-            await validator.validate(bad_scope, AUDIENCE)
+            await validator.validate(bad_scope, AUDIENCE, OWN)
 
     run_with_database(database, scenario)
 
@@ -109,18 +109,18 @@ def test_external_issuer_by_its_jwks(database: EmbeddedDatabase, jwks: Jwks) -> 
     issuer = "https://idp.hospital.example"
 
     async def scenario(db: Any) -> None:
-        validator = TokenValidator(db, await signing_key(db), OWN, {issuer: jwks.url})
+        validator = TokenValidator(db, await signing_key(db), {issuer: jwks.url})
         first, first_jwk = rsa_key("k1")
         jwks.keys = [first_jwk]
-        claims = await validator.validate(external_token(first, "k1", issuer, fhirUser="Practitioner/9"), AUDIENCE)
+        claims = await validator.validate(external_token(first, "k1", issuer, fhirUser="Practitioner/9"), AUDIENCE, OWN)
         assert claims.fhir_user == "Practitioner/9" and not claims.grants.access("Observation", "s").confined
         with pytest.raises(InvalidToken, match="unknown issuer"):
-            await validator.validate(external_token(first, "k1", "https://other.example"), AUDIENCE)
+            await validator.validate(external_token(first, "k1", "https://other.example"), AUDIENCE, OWN)
         other, _ = rsa_key("k1")
         with pytest.raises(InvalidToken, match="not valid"):  # the right key id, the wrong key
-            await validator.validate(external_token(other, "k1", issuer), AUDIENCE)
+            await validator.validate(external_token(other, "k1", issuer), AUDIENCE, OWN)
         with pytest.raises(InvalidToken, match="has no key 'k2'"):  # unknown id: refetched at most every 30 s
-            await validator.validate(external_token(other, "k2", issuer), AUDIENCE)
+            await validator.validate(external_token(other, "k2", issuer), AUDIENCE, OWN)
         assert jwks.fetches == 1
 
     run_with_database(database, scenario)

@@ -19,24 +19,22 @@ ACCESS_TOKEN_LIFETIME_S = 300  # SMART Backend Services: at most five minutes re
 
 @dataclass
 class AuthServer:
+    """The endpoints' logic. `issuer` (e.g. http://host:8080/auth, where its endpoints are) and
+    `audience` (the FHIR base) come with each call: both follow the public base URL."""
+
     db: AsyncDatabase
     key: SigningKey
     validator: TokenValidator
-    issuer: str  # e.g. http://host:8080/auth
     token_lifetime_s: int = ACCESS_TOKEN_LIFETIME_S
 
-    @property
-    def token_url(self) -> str:
-        return f"{self.issuer}/token"
-
-    def smart_configuration(self) -> dict[str, Any]:
+    def smart_configuration(self, issuer: str) -> dict[str, Any]:
         """`/.well-known/smart-configuration` (SMART App Launch 2.0, 2.1)."""
         return {
-            "issuer": self.issuer,
-            "jwks_uri": f"{self.issuer}/jwks",
-            "token_endpoint": self.token_url,
-            "introspection_endpoint": f"{self.issuer}/introspect",
-            "revocation_endpoint": f"{self.issuer}/revoke",
+            "issuer": issuer,
+            "jwks_uri": f"{issuer}/jwks",
+            "token_endpoint": f"{issuer}/token",
+            "introspection_endpoint": f"{issuer}/introspect",
+            "revocation_endpoint": f"{issuer}/revoke",
             "grant_types_supported": ["client_credentials"],
             "token_endpoint_auth_methods_supported": ["private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": list(clients.ALGORITHMS),
@@ -50,29 +48,29 @@ class AuthServer:
     def jwks(self) -> dict[str, Any]:
         return {"keys": [self.key.public_jwk]}
 
-    async def token(self, form: dict[str, str], audience: str) -> dict[str, Any]:
+    async def token(self, form: dict[str, str], issuer: str, audience: str) -> dict[str, Any]:
         """The token endpoint's answer to a form; ClientError for an OAuth error."""
         grant = form.get("grant_type")
         if grant != "client_credentials":
             raise ClientError("unsupported_grant_type", f"grant_type '{grant}' is not supported here: client_credentials")
-        client = await self._client(form)
+        client = await self._client(form, issuer)
         scope = client.allowed(form.get("scope", ""))
-        token, claims = access_token(self.key, issuer=self.issuer, audience=audience, subject=client.client_id,
+        token, claims = access_token(self.key, issuer=issuer, audience=audience, subject=client.client_id,
                                      client_id=client.client_id, scope=scope, lifetime_s=self.token_lifetime_s,
-                                     fhir_user=client.fhir_user)
+                                     fhir_user=client.fhir_user, roles=client.roles)
         return {"access_token": token, "token_type": "bearer", "expires_in": self.token_lifetime_s, "scope": claims["scope"]}
 
-    async def _client(self, form: dict[str, str]) -> clients.Client:
+    async def _client(self, form: dict[str, str], issuer: str) -> clients.Client:
         return await clients.authenticate(self.db, form.get("client_assertion_type"), form.get("client_assertion"),
-                                          self.token_url)
+                                          f"{issuer}/token")
 
-    async def introspect(self, form: dict[str, str], audience: str) -> dict[str, Any]:
+    async def introspect(self, form: dict[str, str], issuer: str, audience: str) -> dict[str, Any]:
         """RFC 7662, for an authenticated client (as at the token endpoint): `active` and the
         token's claims, or only `active: false`."""
-        await self._client(form)
+        await self._client(form, issuer)
         token = form.get("token", "")
         try:
-            claims = await self.validator.validate(token, audience)
+            claims = await self.validator.validate(token, audience, issuer)
         except InvalidToken:
             return {"active": False}
         found = {"active": True, "scope": claims.grants.text, "client_id": claims.client_id, "sub": claims.subject,
@@ -83,14 +81,14 @@ class AuthServer:
             found["fhirUser"] = claims.fhir_user
         return found
 
-    async def revoke(self, form: dict[str, str], audience: str) -> None:
+    async def revoke(self, form: dict[str, str], issuer: str, audience: str) -> None:
         """RFC 7009, for the client the token was issued to: an unknown or invalid token, or
         another client's, is not an error and changes nothing."""
-        client = await self._client(form)
+        client = await self._client(form, issuer)
         try:
-            claims = await self.validator.validate(form.get("token", ""), audience)
+            claims = await self.validator.validate(form.get("token", ""), audience, issuer)
         except InvalidToken:
             return
-        if claims.issuer == self.issuer and claims.token_id and claims.client_id == client.client_id:
+        if claims.issuer == issuer and claims.token_id and claims.client_id == client.client_id:
             await revoke(self.db, claims.token_id, claims.expires)
 

@@ -53,6 +53,7 @@ class Claims:
     expires: int
     patient: str | None = None  # the `patient` launch context: patient/ scopes are confined to it
     fhir_user: str | None = None  # `Practitioner/…` or `Patient/…`
+    roles: tuple[str, ...] = ()  # `admin`: manages clients and accounts, reads the audit trail
 
 
 @dataclass(frozen=True)
@@ -132,19 +133,19 @@ class TokenValidator:
     """Checks bearer tokens: signature (the built-in key, or the issuer's JWKS), issuer,
     audience (this server's FHIR base), expiry, and revocation."""
 
-    def __init__(self, db: AsyncDatabase, own: SigningKey, own_issuer: str, external: Mapping[str, str] | None = None) -> None:
+    def __init__(self, db: AsyncDatabase, own: SigningKey, external: Mapping[str, str] | None = None) -> None:
         self.db = db
         self.own = own
-        self.own_issuer = own_issuer
         self.jwks = JwksCache(external or {})
 
-    async def validate(self, token: str, audience: str) -> Claims:
+    async def validate(self, token: str, audience: str, own_issuer: str) -> Claims:
+        """The claims of a token for `audience`; `own_issuer`: the built-in server's issuer."""
         try:
             header = jwt.get_unverified_header(token)
             issuer = str(jwt.decode(token, options={"verify_signature": False}).get("iss", ""))
         except jwt.PyJWTError as exc:
             raise InvalidToken(f"not a JWT: {exc}") from exc
-        if issuer == self.own_issuer:
+        if issuer == own_issuer:
             if header.get("kid") != self.own.kid:
                 raise InvalidToken("signed with a key this server does not have")
             key: Any = self.own.private_key.public_key()
@@ -171,12 +172,17 @@ class TokenValidator:
         return Claims(
             issuer=issuer, subject=str(claims["sub"]), client_id=str(claims.get("client_id", claims["sub"])),
             grants=grants, token_id=token_id, expires=int(claims["exp"]),
-            patient=claims.get("patient"), fhir_user=claims.get("fhirUser"),
+            patient=claims.get("patient"), fhir_user=claims.get("fhirUser"), roles=_roles(claims.get("roles")),
         )
 
 
+def _roles(value: Any) -> tuple[str, ...]:
+    return tuple(str(v) for v in value) if isinstance(value, list) else ()
+
+
 def access_token(key: SigningKey, *, issuer: str, audience: str, subject: str, client_id: str, scope: str,
-                 lifetime_s: int = 300, patient: str | None = None, fhir_user: str | None = None) -> tuple[str, dict[str, Any]]:
+                 lifetime_s: int = 300, patient: str | None = None, fhir_user: str | None = None,
+                 roles: tuple[str, ...] = ()) -> tuple[str, dict[str, Any]]:
     """A signed access token of the built-in server, and its claims."""
     now = int(time.time())
     claims: dict[str, Any] = {"iss": issuer, "aud": audience, "sub": subject, "client_id": client_id, "scope": scope,
@@ -185,6 +191,8 @@ def access_token(key: SigningKey, *, issuer: str, audience: str, subject: str, c
         claims["patient"] = patient
     if fhir_user:
         claims["fhirUser"] = fhir_user
+    if roles:
+        claims["roles"] = list(roles)
     return key.sign(claims), claims
 
 

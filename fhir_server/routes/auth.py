@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse, Response
 
 from fhir_server.auth.clients import ClientError
 from fhir_server.auth.server import AuthServer
-from fhir_server.context import base_url
+from fhir_server.context import base_url, issuer
 
 router = APIRouter(tags=["SMART on FHIR"])
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -45,7 +45,7 @@ def _oauth_error(error: ClientError) -> JSONResponse:
 @router.get("/.well-known/smart-configuration")
 @router.get("/fhir/.well-known/smart-configuration")
 async def smart_configuration(request: Request) -> dict[str, Any]:
-    return _server(request).smart_configuration()
+    return _server(request).smart_configuration(issuer(request))
 
 
 @router.get("/auth/jwks")
@@ -56,7 +56,7 @@ async def jwks(request: Request) -> dict[str, Any]:
 @router.post("/auth/token")
 async def token(request: Request) -> Response:
     try:
-        answer = await _server(request).token(await _form(request), base_url(request))
+        answer = await _server(request).token(await _form(request), issuer(request), base_url(request))
     except ClientError as error:
         return _oauth_error(error)
     return JSONResponse(answer, headers=NO_STORE)
@@ -65,7 +65,7 @@ async def token(request: Request) -> Response:
 @router.post("/auth/introspect")
 async def introspect(request: Request) -> Response:
     try:
-        answer = await _server(request).introspect(await _form(request), base_url(request))
+        answer = await _server(request).introspect(await _form(request), issuer(request), base_url(request))
     except ClientError as error:
         return _oauth_error(error)
     return JSONResponse(answer, headers=NO_STORE)
@@ -74,7 +74,7 @@ async def introspect(request: Request) -> Response:
 @router.post("/auth/revoke")
 async def revoke(request: Request) -> Response:
     try:
-        await _server(request).revoke(await _form(request), base_url(request))
+        await _server(request).revoke(await _form(request), issuer(request), base_url(request))
     except ClientError as error:
         return _oauth_error(error)
     return Response(status_code=200, headers=NO_STORE)

@@ -1,19 +1,22 @@
 """Server-level endpoints: CapabilityStatement, system history, health probe."""
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
-from fhir_server.context import request_context
+from fhir_server.context import RequestContext, public_context, request_context
 from fhir_server.routes.deps import Ctx, History, Searches
 from fhir_server.routes.http import fhir_response
 from fhir_server.services.capability import capability_statement
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(request_context)], tags=["system"])
+public = APIRouter(prefix="/fhir", tags=["system"])  # no token needed
 probes = APIRouter(tags=["probes"])
 
 
-@router.get("/metadata", summary="CapabilityStatement")
-async def metadata(ctx: Ctx) -> Response:
+@public.get("/metadata", summary="CapabilityStatement")
+async def metadata(ctx: Annotated[RequestContext, Depends(public_context)]) -> Response:
     return fhir_response(ctx, capability_statement(ctx.base_url))
 
 
