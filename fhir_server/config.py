@@ -104,6 +104,28 @@ class Settings(BaseSettings):
     # HTTPS for the API (uvicorn): a PEM certificate chain and its key.
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
+    # Accounts of the built-in authorization server (SMART authorization_code, PKCE): patients
+    # may register themselves (`auth_registration`); authorization codes live `auth_code_lifetime_s`;
+    # refresh tokens `auth_refresh_lifetime_s` (offline_access) or `auth_online_lifetime_s`
+    # (online_access); `auth_max_failures` failed logins in a row lock an email address for
+    # `auth_lockout_s`; confirmation and reset links live `auth_link_lifetime_s`.
+    auth_registration: bool = True
+    auth_code_lifetime_s: int = Field(default=60, ge=10, le=600)
+    auth_refresh_lifetime_s: int = Field(default=30 * 24 * 3600, ge=60)
+    auth_online_lifetime_s: int = Field(default=12 * 3600, ge=60)
+    auth_max_failures: int = Field(default=5, ge=1)
+    auth_lockout_s: int = Field(default=900, ge=1)
+    auth_link_lifetime_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    # Mail (registration, password reset): an SMTP server; unset host: no mail is sent, and the
+    # pages that need it say so. Links point at the public issuer (FHIR_AUTH_ISSUER or
+    # FHIR_BASE_URL), never at a request's Host header: without either no mail is sent either.
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_from: str = "fhir-server@localhost"
+    smtp_user: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = False
+    smtp_timeout_s: float = Field(default=10.0, gt=0)
 
 
 @lru_cache
