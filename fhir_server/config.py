@@ -104,6 +104,23 @@ class Settings(BaseSettings):
     # HTTPS for the API (uvicorn): a PEM certificate chain and its key.
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
+    # Transport security (fhir_server/security.py, dicom_node/tls.py). HTTPS: with a CA file,
+    # clients must present a certificate it signed.
+    tls_ca_file: Path | None = None
+    # Browsers' cross-origin access (CORS): allowed origins, comma-separated or a JSON list
+    # (`*`: any); empty: no CORS headers at all.
+    cors_origins: str = ""
+    # The largest request body (then 413) before any route reads it; default the largest any
+    # endpoint takes (FHIR_MAX_BUNDLE_BYTES...). STOW-RS is exempt: its parts go to disk under
+    # its own limits.
+    max_request_bytes: int | None = Field(default=None, ge=1)
+    # DICOM TLS: with a certificate and key, the node's port speaks TLS only; with a CA file,
+    # peers must present a certificate it signed (mutual TLS, PS3.15 B.1). A plain port may stay
+    # open beside it for peers without TLS (0: none).
+    dicom_tls_certfile: Path | None = None
+    dicom_tls_keyfile: Path | None = None
+    dicom_tls_ca_file: Path | None = None
+    dicom_plain_port: int = Field(default=0, ge=0, le=65535)
     # Accounts of the built-in authorization server (SMART authorization_code, PKCE): patients
     # may register themselves (`auth_registration`); authorization codes live `auth_code_lifetime_s`;
     # refresh tokens `auth_refresh_lifetime_s` (offline_access) or `auth_online_lifetime_s`
