@@ -60,6 +60,8 @@ class Policy:
                             f" (it has: {self.grants.text or 'none'})")
         if access.confined and self.patient is None and _in_compartment(resource_type):
             raise Forbidden("The token has patient/ scopes but no patient")
+        if access.narrowed and permission in "cud":
+            raise Forbidden(f"A granular scope (Type.cruds?search) allows reads and searches of {resource_type} only")
         return access
 
     def allows(self, resource_type: str, permission: str) -> bool:

@@ -49,7 +49,7 @@ async def bundle(request: Request, ctx: Ctx, transactions: Transactions) -> Resp
         # One resource may not be larger than when sent alone; only a large Bundle can hold one.
         size = int(request.headers.get("content-length") or settings.max_bundle_bytes)
         entry_limit = settings.max_body_bytes if size > settings.max_body_bytes else None
-        results = await transactions.transaction(entries, entry_limit)
+        results = await transactions.transaction(entries, entry_limit, ctx.access)
         answers = {index: _result_entry(ctx, result) for index, result in results.items()}
     for entry in entries:
         if kind == "batch" or entry.method in READS:
@@ -134,9 +134,10 @@ def _sub_request(request: Request, ctx: RequestContext, entry: BundleEntry) -> t
         (b"accept", b"application/fhir+json"),
         (b"x-request-id", f"{ctx.request_id}-{entry.index}".encode()[:128]),
     ]
-    prefer = request.headers.get("prefer")
-    if prefer:
-        headers.append((b"prefer", prefer.encode("latin-1")))
+    for name in ("prefer", "authorization"):  # an entry is read with the Bundle's token
+        value = request.headers.get(name)
+        if value:
+            headers.append((name.encode(), value.encode("latin-1")))
     for name, value in (
         ("if-match", entry.if_match),
         ("if-none-match", entry.if_none_match),

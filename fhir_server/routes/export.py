@@ -12,7 +12,8 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import FileResponse, Response
 
 from fhir_server import fhir_json
-from fhir_server.context import base_url, preferences, request_context
+from fhir_server.auth.policy import Policy
+from fhir_server.context import authorize, base_url, preferences, request_context
 from fhir_server.errors import BadRequest, Issue, operation_outcome
 from fhir_server.routes.deps import Ctx
 from fhir_server.routes.http import fhir_response, json_body
@@ -30,6 +31,7 @@ async def export_service(request: Request) -> ExportService:
 
 
 Exports = Annotated[ExportService, Depends(export_service)]
+Access = Annotated[Policy, Depends(authorize)]  # the token, without the FHIR routes' Accept check
 
 
 async def _parameters(request: Request) -> list[tuple[str, str]]:
@@ -65,7 +67,8 @@ async def _kick_off(
     # The Bulk Data IG: parameters the server does not apply are errors, unless the client
     # asks for lenient handling (then they are ignored, with a warning).
     strict = prefer.get("handling") != "lenient"
-    job_id, warnings = await exports.kick_off(level, params, url=url, strict=strict, group_id=group_id)
+    job_id, warnings = await exports.kick_off(level, params, url=url, strict=strict, group_id=group_id,
+                                              access=ctx.access)
     issues = [Issue(f"Export job {job_id} accepted: poll its status at the Content-Location URL",
                     "informational", "information")]
     issues += [Issue(w["diagnostics"], w["code"], "warning") for w in warnings]
@@ -92,8 +95,8 @@ async def export_group(group_id: str, request: Request, ctx: Ctx, exports: Expor
 
 
 @jobs.get(f"/{STATUS_PATH}/{{job_id}}", summary="Status of an export: 202 while running, then the manifest")
-async def export_status(job_id: str, request: Request, exports: Exports) -> Response:
-    status = await exports.status(job_id, base_url(request))
+async def export_status(job_id: str, request: Request, exports: Exports, access: Access) -> Response:
+    status = await exports.status(job_id, base_url(request), access)
     if status.manifest is None:
         return Response(status_code=202, headers={"X-Progress": status.progress, "Retry-After": str(RETRY_AFTER_S)})
     headers = {"Expires": format_datetime(status.expires, usegmt=True)} if status.expires else None
@@ -101,11 +104,11 @@ async def export_status(job_id: str, request: Request, exports: Exports) -> Resp
 
 
 @jobs.delete(f"/{STATUS_PATH}/{{job_id}}", status_code=202, summary="Cancel an export, or delete its files")
-async def export_cancel(job_id: str, exports: Exports) -> Response:
-    await exports.cancel(job_id)
+async def export_cancel(job_id: str, exports: Exports, access: Access) -> Response:
+    await exports.cancel(job_id, access)
     return Response(status_code=202)
 
 
 @jobs.get(f"/{FILE_PATH}/{{job_id}}/{{name}}", summary="One NDJSON file of a complete export")
-async def export_file(job_id: str, name: str, exports: Exports) -> Response:
-    return FileResponse(await exports.file(job_id, name), media_type=NDJSON)
+async def export_file(job_id: str, name: str, exports: Exports, access: Access) -> Response:
+    return FileResponse(await exports.file(job_id, name, access), media_type=NDJSON)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from fhir_server.context import request_context
-from fhir_server.errors import BadRequest, Issue, UnsupportedMediaType, operation_outcome
+from fhir_server.errors import BadRequest, Forbidden, Issue, UnsupportedMediaType, operation_outcome
 from fhir_server.routes.bundles import Transactions
 from fhir_server.routes.deps import Ctx, Resources, Searches
 from fhir_server.routes.http import fhir_response, json_body, raw_body, write_response
@@ -24,6 +24,7 @@ from mappings.uploads import RejectedFile, check_image, image_entries
 UPLOAD_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2}))?")
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(request_context)], tags=["operations"])
+READINESS_READS = ("Patient", "Organization", "Observation", "Media", "ImagingStudy", "Measure")
 
 
 @router.post("/{resource_type}/$validate", summary="$validate (type level)")
@@ -52,13 +53,13 @@ async def _validate(
 @router.get("/Patient/$everything", summary="Patient/$everything: every patient's compartment")
 async def everything_all(request: Request, ctx: Ctx, searches: Searches) -> Response:
     params = list(request.query_params.multi_items())
-    return fhir_response(ctx, await searches.everything(ctx.base_url, None, params))
+    return fhir_response(ctx, await searches.everything(ctx.base_url, None, params, ctx.access))
 
 
 @router.get("/Patient/{patient_id}/$everything", summary="Patient/[id]/$everything: one patient's record")
 async def everything(patient_id: str, request: Request, ctx: Ctx, searches: Searches) -> Response:
     params = list(request.query_params.multi_items())
-    return fhir_response(ctx, await searches.everything(ctx.base_url, patient_id, params))
+    return fhir_response(ctx, await searches.everything(ctx.base_url, patient_id, params, ctx.access))
 
 
 @router.post("/Patient/{patient_id}/$upload-image", summary="an image for a patient: Binary + DocumentReference")
@@ -70,7 +71,7 @@ async def upload_image(patient_id: str, request: Request, ctx: Ctx, resources: R
         media_type = check_image(data, limit)
     except RejectedFile as exc:
         raise UnsupportedMediaType(str(exc), expression="body") from exc
-    await resources.read("Patient", patient_id)  # 404 / 410 for a patient that is not there
+    await resources.read("Patient", patient_id, ctx.access)  # 404 / 410 for a patient that is not there
     query = request.query_params
     if "date" in query and not UPLOAD_DATE.fullmatch(query["date"]):
         raise BadRequest("date must be a date (YYYY-MM-DD) or an instant with its time zone", expression="date")
@@ -79,7 +80,7 @@ async def upload_image(patient_id: str, request: Request, ctx: Ctx, resources: R
         title=query.get("title"), date=query.get("date"), description=query.get("description"),
     )
     _, parsed = parse_bundle({"resourceType": "Bundle", "type": "transaction", "entry": entries}, ctx.base_url, len(entries))
-    results = await transactions.transaction(parsed)
+    results = await transactions.transaction(parsed, access=ctx.access)
     document = results[1].version
     assert document is not None
     return write_response(ctx, Result(201, document, "Created", code="created"))
@@ -98,7 +99,10 @@ def _readiness_service(request: Request) -> AiReadinessService:
     return service
 
 
-async def _readiness(request: Request, organization_id: str | None) -> dict[str, Any]:
+async def _readiness(request: Request, ctx: Ctx, organization_id: str | None) -> dict[str, Any]:
+    for resource_type in READINESS_READS:  # counts over every patient: for unconfined tokens only
+        if ctx.access.compartment(resource_type) is not None or ctx.access.narrowing(resource_type):
+            raise Forbidden("$ai-readiness counts over every patient: it needs user/ or system/ scopes")
     body = None
     if request.method == "POST" and request.headers.get("content-length", "0") != "0":
         body = await json_body(request)
@@ -108,10 +112,10 @@ async def _readiness(request: Request, organization_id: str | None) -> dict[str,
 
 @router.api_route("/$ai-readiness", methods=["GET", "POST"], summary="$ai-readiness: AI-ready retinal images per site")
 async def ai_readiness(request: Request, ctx: Ctx) -> Response:
-    return fhir_response(ctx, await _readiness(request, None))
+    return fhir_response(ctx, await _readiness(request, ctx, None))
 
 
 @router.api_route("/Organization/{organization_id}/$ai-readiness", methods=["GET", "POST"],
                   summary="$ai-readiness of one site")
 async def ai_readiness_site(organization_id: str, request: Request, ctx: Ctx) -> Response:
-    return fhir_response(ctx, await _readiness(request, organization_id))
+    return fhir_response(ctx, await _readiness(request, ctx, organization_id))

@@ -37,7 +37,7 @@ def _criteria_in_query(request: Request) -> str | None:
 @router.get("/{resource_type}/_history", summary="History of every resource of a type")
 async def type_history(resource_type: str, request: Request, ctx: Ctx, history: History) -> Response:
     params = list(request.query_params.multi_items())
-    return fhir_response(ctx, await history.history(ctx.base_url, params, resource_type))
+    return fhir_response(ctx, await history.history(ctx.base_url, params, resource_type, access=ctx.access))
 
 
 @router.get("/{resource_type}/{resource_id}/_history", summary="History of one resource")
@@ -45,7 +45,7 @@ async def instance_history(
     resource_type: str, resource_id: str, request: Request, ctx: Ctx, history: History
 ) -> Response:
     params = list(request.query_params.multi_items())
-    bundle = await history.history(ctx.base_url, params, resource_type, resource_id)
+    bundle = await history.history(ctx.base_url, params, resource_type, resource_id, ctx.access)
     return fhir_response(ctx, bundle)
 
 
@@ -53,7 +53,7 @@ async def instance_history(
 async def vread(
     resource_type: str, resource_id: str, vid: str, request: Request, ctx: Ctx, resources: Resources
 ) -> Response:
-    version = await resources.vread(resource_type, resource_id, vid)
+    version = await resources.vread(resource_type, resource_id, vid, ctx.access)
     return read_response(ctx, request, version)
 
 
@@ -61,7 +61,7 @@ async def vread(
 async def read(
     resource_type: str, resource_id: str, request: Request, ctx: Ctx, resources: Resources
 ) -> Response:
-    return read_response(ctx, request, await resources.read(resource_type, resource_id))
+    return read_response(ctx, request, await resources.read(resource_type, resource_id, ctx.access))
 
 
 @router.get("/{resource_type}/{resource_id}/{compartment_type}", summary="compartment search")
@@ -70,7 +70,8 @@ async def compartment_search(
 ) -> Response:
     params = list(request.query_params.multi_items())
     bundle = await searches.search(
-        ctx.base_url, compartment_type, params, strict=ctx.strict, compartment=(resource_type, resource_id)
+        ctx.base_url, compartment_type, params, strict=ctx.strict, compartment=(resource_type, resource_id),
+        access=ctx.access,
     )
     return fhir_response(ctx, bundle)
 
@@ -78,13 +79,15 @@ async def compartment_search(
 @router.get("/{resource_type}", summary="search")
 async def search(resource_type: str, request: Request, ctx: Ctx, searches: Searches) -> Response:
     params = list(request.query_params.multi_items())
-    return fhir_response(ctx, await searches.search(ctx.base_url, resource_type, params, strict=ctx.strict))
+    return fhir_response(ctx, await searches.search(ctx.base_url, resource_type, params, strict=ctx.strict,
+                                                   access=ctx.access))
 
 
 @router.post("/{resource_type}/_search", summary="search with a form body")
 async def search_form(resource_type: str, request: Request, ctx: Ctx, searches: Searches) -> Response:
     params = await form_params(request)
-    return fhir_response(ctx, await searches.search(ctx.base_url, resource_type, params, strict=ctx.strict))
+    return fhir_response(ctx, await searches.search(ctx.base_url, resource_type, params, strict=ctx.strict,
+                                                   access=ctx.access))
 
 
 @router.post(
@@ -101,7 +104,7 @@ async def create(
 ) -> Response:
     body = await json_body(request)
     condition = if_none_exist or _criteria_in_query(request)
-    return write_response(ctx, await resources.create(resource_type, body, condition))
+    return write_response(ctx, await resources.create(resource_type, body, condition, ctx.access))
 
 
 @router.put("/{resource_type}/{resource_id}", summary="update (If-Match: versioned)")
@@ -114,7 +117,7 @@ async def update(
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     body = await json_body(request)
-    result = await resources.update(resource_type, resource_id, body, version_tag(if_match))
+    result = await resources.update(resource_type, resource_id, body, version_tag(if_match), ctx.access)
     return write_response(ctx, result)
 
 
@@ -128,7 +131,7 @@ async def conditional_update(
 ) -> Response:
     body = await json_body(request)
     result = await resources.conditional_update(
-        resource_type, _conditional_query(request), body, version_tag(if_match)
+        resource_type, _conditional_query(request), body, version_tag(if_match), ctx.access
     )
     return write_response(ctx, result)
 
@@ -143,7 +146,7 @@ async def patch(
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     operations = await json_body(request, frozenset({JSON_PATCH}))
-    result = await resources.patch(resource_type, resource_id, operations, version_tag(if_match))
+    result = await resources.patch(resource_type, resource_id, operations, version_tag(if_match), ctx.access)
     return write_response(ctx, result)
 
 
@@ -155,7 +158,7 @@ async def delete(
     resources: Resources,
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    result = await resources.delete(resource_type, resource_id, version_tag(if_match))
+    result = await resources.delete(resource_type, resource_id, version_tag(if_match), ctx.access)
     return write_response(ctx, result)
 
 
@@ -163,5 +166,5 @@ async def delete(
 async def conditional_delete(
     resource_type: str, request: Request, ctx: Ctx, resources: Resources
 ) -> Response:
-    result = await resources.conditional_delete(resource_type, _conditional_query(request))
+    result = await resources.conditional_delete(resource_type, _conditional_query(request), ctx.access)
     return write_response(ctx, result)

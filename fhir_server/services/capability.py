@@ -46,8 +46,26 @@ def _resource(resource_type: str) -> dict[str, Any]:
     }
 
 
+def security(issuer: str) -> dict[str, Any]:
+    """`rest.security` of a server that needs SMART on FHIR tokens (SMART App Launch 2.0 §2.4:
+    the oauth-uris extension; clients find the rest at /.well-known/smart-configuration)."""
+    uris = [("token", "token"), ("introspect", "introspect"), ("revoke", "revoke"), ("authorize", "authorize")]
+    return {
+        "cors": True,
+        "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                 "code": "SMART-on-FHIR"}], "text": "OAuth2 using SMART-on-FHIR profile"}],
+        "description": "Every request needs a bearer access token (SMART on FHIR scopes); "
+                       "discovery at .well-known/smart-configuration",
+        "extension": [{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": [{"url": name, "valueUri": f"{issuer}/{path}"} for name, path in uris],
+        }],
+    }
+
+
 @lru_cache(maxsize=8)
-def capability_statement(base_url: str) -> dict[str, Any]:
+def capability_statement(base_url: str, issuer: str | None = None) -> dict[str, Any]:
+    """The CapabilityStatement; `issuer`: the built-in authorization server's, when tokens are needed."""
     resources = []
     for resource_type in sorted(supported_types()):
         resources.append(_resource(resource_type))
@@ -85,6 +103,7 @@ def capability_statement(base_url: str) -> dict[str, Any]:
                     for p in sorted(parameters("Patient").values(), key=lambda p: p.code)
                     if p.code.startswith("_")
                 ],
+                **({"security": security(issuer)} if issuer else {}),
             }
         ],
     }

@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fhir_server.auth.policy import OPEN, Policy
 from fhir_server.config import Settings
-from fhir_server.errors import BadRequest, FhirError, Gone, NotFound
+from fhir_server.errors import BadRequest, FhirError, Forbidden, Gone, NotFound
 from fhir_server.search.dates import ONE_MS, date_range
 from fhir_server.search.indexer import reference_value
 from fhir_server.search.registry import patient_compartment
@@ -157,9 +158,16 @@ class ExportService:
     # -- kick-off ------------------------------------------------------------------------------
 
     async def kick_off(
-        self, level: str, params: list[tuple[str, str]], *, url: str, strict: bool, group_id: str | None = None
+        self, level: str, params: list[tuple[str, str]], *, url: str, strict: bool, group_id: str | None = None,
+        access: Policy = OPEN,
     ) -> tuple[str, list[dict[str, str]]]:
-        """Queue an export (`level`: system, patient or group); returns its id and the warnings."""
+        """Queue an export (`level`: system, patient or group); returns its id and the warnings.
+        Under a token: user/ or system/ read scopes for every type exported (a patient/ token
+        reads its record with `Patient/[id]/$everything`); the job is the token subject's."""
+        if access.compartment("Patient", "r") is not None:
+            raise Forbidden("$export needs user/ or system/ scopes (a patient/ token: Patient/[id]/$everything)")
+        if group_id is not None:
+            access.require("Group", "r")
         request = parse_export(level, params, strict=strict, base_url=self.repository.base_url)
         warnings = list(request.warnings)
         members: list[str] | None = None
@@ -167,7 +175,7 @@ class ExportService:
             members = await self._group_members(group_id, request.patients, warnings)
         elif request.patients is not None:
             members = await self._known_patients(request.patients, warnings)
-        types = await self._types(level, request.types, warnings)
+        types = await self._types(level, request.types, warnings, access)
         job_id = uuid.uuid4().hex
         now = _now()
         # Before any transaction still being applied: its versions are stamped earlier than they
@@ -177,16 +185,21 @@ class ExportService:
         await self.jobs.create({
             "_id": job_id, "request": url, "level": level, "group": group_id, "types": types,
             "since": request.since, "transactionTime": moment, "members": members, "warnings": warnings,
-            "created": now,
+            "created": now, "requester": access.subject, "secured": not access.open,
         })
         self.worker.wake()
         return job_id, warnings
 
-    async def _types(self, level: str, requested: tuple[str, ...] | None, warnings: list[dict[str, str]]) -> list[str]:
+    async def _types(
+        self, level: str, requested: tuple[str, ...] | None, warnings: list[dict[str, str]], access: Policy
+    ) -> list[str]:
         eligible = supported_types() if level == "system" else supported_types() & set(patient_compartment())
         if requested is None:
             stored = set(await self.repository.stored_types())
-            return sorted(stored & eligible)
+            return sorted(t for t in stored & eligible if access.allows(t, "r") and not access.narrowing(t, "r"))
+        for resource_type in requested:
+            if access.narrowing(resource_type, "r"):  # also refuses a type the token may not read
+                raise Forbidden(f"$export of {resource_type} needs a scope without a search (granular)")
         for resource_type in requested:
             if resource_type not in eligible:
                 warnings.append(_warning(f"{resource_type} is not in the Patient compartment: not exported"))
@@ -234,15 +247,16 @@ class ExportService:
 
     # -- status, files, cancel -----------------------------------------------------------------
 
-    async def _job(self, job_id: str) -> dict[str, Any]:
+    async def _job(self, job_id: str, access: Policy) -> dict[str, Any]:
+        """The job, for the token that started it (another token is told it does not exist)."""
         check_job_id(job_id)
         job = await self.jobs.get(job_id)
-        if job is None:
+        if job is None or (job.get("secured") and job.get("requester") != access.subject):
             raise NotFound(f"No export job '{job_id}' (unknown, cancelled or expired)")
         return job
 
-    async def status(self, job_id: str, base_url: str) -> ExportStatus:
-        job = await self._job(job_id)
+    async def status(self, job_id: str, base_url: str, access: Policy = OPEN) -> ExportStatus:
+        job = await self._job(job_id, access)
         if job["status"] == "failed":
             raise FhirError(job.get("error") or "The export failed")
         if job["status"] != "complete":
@@ -260,15 +274,15 @@ class ExportService:
         manifest = {
             "transactionTime": instant(job["transactionTime"]),
             "request": job["request"],
-            "requiresAccessToken": False,
+            "requiresAccessToken": bool(job.get("secured")),
             "output": output,
             "error": errors,
         }
         return ExportStatus(manifest=manifest, expires=job["expires"].astimezone(UTC))
 
-    async def file(self, job_id: str, name: str) -> Path:
+    async def file(self, job_id: str, name: str, access: Policy = OPEN) -> Path:
         """A file of a complete job's manifest."""
-        job = await self._job(job_id)
+        job = await self._job(job_id, access)
         listed = {f["name"] for files in job["done"].values() for f in files}
         listed.update(f["name"] for f in job.get("errors", []))
         path = self.files.path(job_id, name)
@@ -276,9 +290,9 @@ class ExportService:
             raise NotFound(f"Export job '{job_id}' has no file '{name[:80]}'")
         return path
 
-    async def cancel(self, job_id: str) -> None:
+    async def cancel(self, job_id: str, access: Policy = OPEN) -> None:
         """Delete the job and its files; a worker running it stops."""
-        await self._job(job_id)
+        await self._job(job_id, access)
         await self.jobs.delete(job_id)
         self.worker.cancelled(job_id)
         await self.files.remove(job_id)

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from fhir_server.auth.policy import OPEN, Policy
 from fhir_server.errors import BadRequest
 from fhir_server.search.criteria import page_size
 from fhir_server.search.dates import date_range
@@ -24,9 +25,13 @@ class HistoryService:
         params: list[tuple[str, str]],
         resource_type: str | None = None,
         resource_id: str | None = None,
+        access: Policy = OPEN,
     ) -> dict[str, Any]:
+        """One page of versions, newest first. Under a token, the versions it does not reach
+        are left out of the page (a page may then hold fewer than `_count`)."""
         if resource_type is not None:
             check_type(resource_type)
+            access.require(resource_type, "r" if resource_id else "s")
         if resource_id is not None:
             check_id(resource_id)
         values = dict(params)
@@ -47,4 +52,8 @@ class HistoryService:
         path = "/".join(p for p in (resource_type, resource_id, "_history") if p)
         self_url = page_url(base, path, params)
         next_url = page_url(base, path, params, _cursor=page.next_cursor) if page.next_cursor else None
-        return history_bundle(base, page.versions, page.total, self_url, next_url)
+        versions = page.versions
+        if not access.open:
+            # A deletion holds no content to judge: a patient/ token does not see it.
+            versions = [v for v in versions if access.visible(v)]
+        return history_bundle(base, versions, page.total if access.open else None, self_url, next_url)

@@ -11,14 +11,17 @@ import uuid
 from contextlib import AbstractAsyncContextManager
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal
+from urllib.parse import urlencode
 
 import jsonpatch
 from pymongo.asynchronous.database import AsyncDatabase
 
 from fhir_server import fhir_json
+from fhir_server.auth.policy import OPEN, Policy
 from fhir_server.errors import (
     BadRequest,
     Conflict,
+    Forbidden,
     Gone,
     Issue,
     NotFound,
@@ -221,19 +224,32 @@ class ResourceService:
 
     # -- reads -------------------------------------------------------------------------------
 
-    async def read(self, resource_type: str, resource_id: str) -> Version:
+    async def read(self, resource_type: str, resource_id: str, access: Policy = OPEN) -> Version:
         check_type(resource_type)
         check_id(resource_id)
+        access.require(resource_type, "r")
         version = await self.repository.read(resource_type, resource_id)
         if version is None:
             raise NotFound(f"{resource_type}/{resource_id} is not known")
         if version.deleted:
             raise _gone(version)
+        await self.check_visible(version, access)
         return version
 
-    async def vread(self, resource_type: str, resource_id: str, vid: str) -> Version:
+    async def check_visible(self, version: Version, access: Policy, permission: str = "r") -> None:
+        """Forbidden unless the token reaches this version: within its patient's compartment,
+        and matching a granular scope's search (asked of the database: search decides it)."""
+        access.check(version.type, version.id, version.resource, permission)
+        narrowing = access.narrowing(version.type, permission)
+        if narrowing:
+            criteria = parse_query_string(version.type, urlencode([("_id", version.id), *narrowing]))
+            if not await self.searches.matches(version.type, criteria, limit=1):
+                raise Forbidden(f"{version.type}/{version.id} is outside the token's granular scope")
+
+    async def vread(self, resource_type: str, resource_id: str, vid: str, access: Policy = OPEN) -> Version:
         check_type(resource_type)
         check_id(resource_id)
+        access.require(resource_type, "r")
         if not VERSION_ID.fullmatch(vid) or int(vid) < 1:
             raise NotFound(f"{resource_type}/{resource_id} has no version '{vid}'")
         version = await self.repository.read_version(resource_type, resource_id, int(vid))
@@ -241,6 +257,7 @@ class ResourceService:
             raise NotFound(f"{resource_type}/{resource_id} has no version {vid}")
         if version.deleted:
             raise _gone(version)
+        await self.check_visible(version, access)
         return version
 
     # -- $validate ---------------------------------------------------------------------------
@@ -282,13 +299,14 @@ class ResourceService:
     # -- writes ------------------------------------------------------------------------------
 
     async def create(
-        self, resource_type: str, body: Any, if_none_exist: str | None = None
+        self, resource_type: str, body: Any, if_none_exist: str | None = None, access: Policy = OPEN
     ) -> Result:
         """201 with the new version; with If-None-Exist, 200 with the one existing match."""
         check_type(resource_type)
+        access.require(resource_type, "c")
         resource = validate_resource(body, resource_type, ignore_id=True)
         if not if_none_exist:
-            return await self._create(resource_type, resource)
+            return await self._create(resource_type, resource, access)
         criteria = parse_query_string(resource_type, if_none_exist)
         async with self.lock(resource_type, criteria):
             matches = await self._matches(resource_type, criteria)
@@ -297,11 +315,13 @@ class ResourceService:
                     f"If-None-Exist '{if_none_exist}' matches {len(matches)} resources"
                 )
             if matches:
+                await self.check_visible(matches[0], access)  # the answer shows the match: it must be readable
                 return matched(matches[0])
-            return await self._create(resource_type, resource)
+            return await self._create(resource_type, resource, access)
 
-    async def _create(self, resource_type: str, resource: dict[str, Any]) -> Result:
+    async def _create(self, resource_type: str, resource: dict[str, Any], access: Policy = OPEN) -> Result:
         new_id = str(uuid.uuid4())
+        access.check(resource_type, new_id, resource, "c")
 
         def decide(current: Version | None) -> Change:
             return Change(resource, "POST")
@@ -312,26 +332,30 @@ class ResourceService:
         return Result(201, version, "Created", code="created")
 
     async def update(
-        self, resource_type: str, resource_id: str, body: Any, if_match: int | None = None
+        self, resource_type: str, resource_id: str, body: Any, if_match: int | None = None, access: Policy = OPEN
     ) -> Result:
         """200 for a new version of an existing resource, 201 when this creates it."""
         check_type(resource_type)
         check_id(resource_id)
+        access.require(resource_type, "u")
         resource = validate_resource(body, resource_type, url_id=resource_id)
-        return await self._update(resource_type, resource_id, resource, if_match)
+        return await self._update(resource_type, resource_id, resource, if_match, access)
 
     async def _update(
-        self, resource_type: str, resource_id: str, resource: dict[str, Any], if_match: int | None
+        self, resource_type: str, resource_id: str, resource: dict[str, Any], if_match: int | None,
+        access: Policy = OPEN,
     ) -> Result:
+        decide = access.guard(resource_type, resource_id, "u", update_decision(resource, if_match))
         async with self.scheduling.booked(resource_type, {resource_id: resource}):
-            version, previous = await self.repository.write(resource_type, resource_id, update_decision(resource, if_match))
+            version, previous = await self.repository.write(resource_type, resource_id, decide)
         return stored(version, previous)
 
     async def conditional_update(
-        self, resource_type: str, query: str, body: Any, if_match: int | None = None
+        self, resource_type: str, query: str, body: Any, if_match: int | None = None, access: Policy = OPEN
     ) -> Result:
         """Update the one match; create when none matches; 412 when several do."""
         check_type(resource_type)
+        access.require(resource_type, "u")
         criteria = parse_query_string(resource_type, query)
         resource = validate_resource(body, resource_type)
         async with self.lock(resource_type, criteria):
@@ -346,7 +370,7 @@ class ResourceService:
                         f"The id '{body_id}' in the body is not the id '{found.id}' of the match",
                         expression=f"{resource_type}.id",
                     )
-                return await self._update(resource_type, found.id, resource, if_match)
+                return await self._update(resource_type, found.id, resource, if_match, access)
             if body_id is not None:
                 existing = await self.repository.read(resource_type, body_id)
                 if existing is not None and not existing.deleted:
@@ -354,16 +378,18 @@ class ResourceService:
                         f"{resource_type}/{body_id} exists but does not match '{query}'",
                         expression=f"{resource_type}.id",
                     )
-                return await self._update(resource_type, body_id, resource, if_match)
-            return await self._create(resource_type, resource)
+                return await self._update(resource_type, body_id, resource, if_match, access)
+            return await self._create(resource_type, resource, access)
 
     async def patch(
-        self, resource_type: str, resource_id: str, operations: Any, if_match: int | None = None
+        self, resource_type: str, resource_id: str, operations: Any, if_match: int | None = None,
+        access: Policy = OPEN,
     ) -> Result:
         """Apply a JSON Patch to the current version; the result is validated like an update."""
         check_type(resource_type)
         check_id(resource_id)
-        decide = patch_decision(resource_type, resource_id, operations, if_match)
+        access.require(resource_type, "u")
+        decide = access.guard(resource_type, resource_id, "u", patch_decision(resource_type, resource_id, operations, if_match))
         if resource_type == APPOINTMENT:  # the result is checked against double booking first
             return await self._patch_booking(resource_type, resource_id, decide)
         version, previous = await self.repository.write(resource_type, resource_id, decide)
@@ -395,19 +421,22 @@ class ResourceService:
                        headers={"Retry-After": "1"})
 
     async def delete(
-        self, resource_type: str, resource_id: str, if_match: int | None = None
+        self, resource_type: str, resource_id: str, if_match: int | None = None, access: Policy = OPEN
     ) -> Result:
         """A logical delete: a new version marks the resource deleted; history keeps the rest."""
         check_type(resource_type)
         check_id(resource_id)
-        version, previous = await self.repository.write(resource_type, resource_id, delete_decision(if_match))
+        access.require(resource_type, "d")
+        decide = access.guard(resource_type, resource_id, "d", delete_decision(if_match))
+        version, previous = await self.repository.write(resource_type, resource_id, decide)
         if version is None:
             return nothing_deleted(resource_type, resource_id, previous)
         return removed(version)
 
-    async def conditional_delete(self, resource_type: str, query: str) -> Result:
+    async def conditional_delete(self, resource_type: str, query: str, access: Policy = OPEN) -> Result:
         """Delete the one match; nothing to do when none matches; 412 when several do."""
         check_type(resource_type)
+        access.require(resource_type, "d")
         criteria = parse_query_string(resource_type, query)
         async with self.lock(resource_type, criteria):
             matches = await self._matches(resource_type, criteria)
@@ -417,7 +446,7 @@ class ResourceService:
                 return none_matched(resource_type, query)
             # Only the version that matched: an update in between makes this a 412, not a
             # deletion of something that may no longer match.
-            return await self.delete(resource_type, matches[0].id, if_match=matches[0].vid)
+            return await self.delete(resource_type, matches[0].id, if_match=matches[0].vid, access=access)
 
     async def _matches(self, resource_type: str, criteria: list[Criterion]) -> list[Version]:
         return await self.searches.matches(resource_type, criteria, limit=2)

@@ -7,9 +7,18 @@ its own) → `to_mongo` → repository; then includes, `_summary`/`_elements` an
 import hashlib
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlencode
 
-from fhir_server.errors import BadRequest, Gone, NotFound, TooCostly
-from fhir_server.search.criteria import Criterion, Include, SearchRequest, parse_criterion, parse_search
+from fhir_server.auth.policy import OPEN, Policy
+from fhir_server.errors import BadRequest, Forbidden, Gone, NotFound, TooCostly
+from fhir_server.search.criteria import (
+    Criterion,
+    Include,
+    SearchRequest,
+    parse_criterion,
+    parse_query_string,
+    parse_search,
+)
 from fhir_server.search.indexer import references
 from fhir_server.search.registry import parameter, parameters, patient_compartment
 from fhir_server.search.to_mongo import reference_keys, referenced_ids, referencing, sort_spec, to_filter
@@ -24,8 +33,9 @@ MAX_CHAIN_DEPTH = 4
 MAX_ITERATE = 4
 
 
-def _fingerprint(path: str, applied: list[tuple[str, str]]) -> str:
-    text = path + "?" + "&".join(f"{k}={v}" for k, v in sorted(applied))
+def _fingerprint(path: str, applied: list[tuple[str, str]], access: Policy) -> str:
+    """What a page link is bound to: the search, and the reach of the token that made it."""
+    text = access.key + "|" + path + "?" + "&".join(f"{k}={v}" for k, v in sorted(applied))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -121,29 +131,51 @@ class SearchService:
         *,
         strict: bool,
         compartment: tuple[str, str] | None = None,
+        access: Policy = OPEN,
     ) -> dict[str, Any]:
         """Type search, or compartment search with `compartment=("Patient", id)`."""
         check_type(resource_type)
         path = resource_type
-        compartment_keys = None
         if compartment:
             owner, owner_id = compartment
             check_id(owner_id)
             path = f"{owner}/{owner_id}/{resource_type}"
-            members = patient_compartment().get(resource_type) if owner == "Patient" else None
-            if not members:
+            if owner != "Patient" or not patient_compartment().get(resource_type):
                 raise BadRequest(f"{resource_type} is not in the {owner} compartment")
-            compartment_keys = reference_keys(list(members), [f"{owner}/{owner_id}"])
+        access.require(resource_type, "s")
         request = parse_search(
             resource_type, params, strict=strict, default_count=self.default_count, max_count=self.max_count
         )
         query = None
         if not request.page:
-            query = await self.filter_for(resource_type, request.criteria, base, compartment=compartment_keys)
-        return await self._run(base, path, request, {resource_type: query} if query else None)
+            query = await self._reached(resource_type, request.criteria, base, access, compartment and compartment[1])
+        return await self._run(base, path, request, {resource_type: query} if query else None, access=access)
 
-    async def system_search(self, base: str, params: list[tuple[str, str]], *, strict: bool) -> dict[str, Any]:
-        """`GET /?_type=A,B&…`: the parameters every resource has, over the listed types."""
+    async def _reached(
+        self, resource_type: str, criteria: list[Criterion], base: str, access: Policy, patient: str | None = None
+    ) -> dict[str, Any]:
+        """The filter of a search, within what the token reaches: a `patient/` token's
+        compartment, a granular scope's search. `patient`: a Patient compartment searched."""
+        confined = access.compartment(resource_type)
+        if confined is not None and patient not in (None, confined):
+            raise Forbidden(f"The token reaches the compartment of Patient/{confined} only")
+        patient = patient or confined
+        criteria = list(criteria)
+        narrowing = access.narrowing(resource_type)
+        if narrowing:
+            criteria += parse_query_string(resource_type, urlencode(narrowing))
+        keys = None
+        if patient is not None and resource_type == "Patient":
+            criteria.append(Criterion("_id", parameter("Patient", "_id"), (patient,)))
+        elif patient is not None:
+            keys = reference_keys(list(patient_compartment()[resource_type]), [f"Patient/{patient}"])
+        return await self.filter_for(resource_type, criteria, base, compartment=keys)
+
+    async def system_search(
+        self, base: str, params: list[tuple[str, str]], *, strict: bool, access: Policy = OPEN
+    ) -> dict[str, Any]:
+        """`GET /?_type=A,B&…`: the parameters every resource has, over the listed types (all
+        the token may search when none is listed)."""
         request = parse_search(None, params, strict=strict, default_count=self.default_count,
                                max_count=self.max_count)
         types: list[str] = []
@@ -151,17 +183,24 @@ class SearchService:
             if name == "_type":
                 for t in raw.split(","):
                     check_type(t.strip())
+                    access.require(t.strip(), "s")
                     types.append(t.strip())
         if not types:
-            types = sorted(await self.repository.stored_types())
+            types = sorted(t for t in await self.repository.stored_types() if access.allows(t, "s"))
         queries = None
         if not request.page:
-            queries = {t: await self.filter_for(t, request.criteria, base) for t in types}
-        return await self._run(base, "", request, queries)
+            queries = {t: await self._reached(t, request.criteria, base, access) for t in types}
+        return await self._run(base, "", request, queries, access=access)
 
-    async def everything(self, base: str, patient_id: str | None, params: list[tuple[str, str]]) -> dict[str, Any]:
+    async def everything(
+        self, base: str, patient_id: str | None, params: list[tuple[str, str]], access: Policy = OPEN
+    ) -> dict[str, Any]:
         """`Patient/[id]/$everything`: the Patient compartment of one patient (or of every
-        patient), paged like a search, each page with the resources its matches refer to."""
+        patient), paged like a search, each page with the resources its matches refer to;
+        the types the token may search (without a granular scope)."""
+        confined = access.compartment("Patient")
+        if confined is not None and patient_id != confined:
+            raise Forbidden(f"The token reaches the record of Patient/{confined} only")
         values: dict[str, str] = {}
         for name, raw in params:
             if name not in EVERYTHING_PARAMETERS:
@@ -169,6 +208,7 @@ class SearchService:
             values[name] = raw
         compartment = patient_compartment()
         types = ["Patient", *sorted(t for t in compartment if t != "Patient" and t in supported_types())]
+        types = [t for t in types if access.allows(t, "s") and not access.narrowing(t)]
         if "_type" in values:
             wanted = [t.strip() for t in values["_type"].split(",") if t.strip()]
             for t in wanted:
@@ -191,7 +231,7 @@ class SearchService:
         if not request.page:
             queries = await self._everything_queries(base, patient_id, types, values.get("_since"))
         return await self._run(base, path, request, queries, skip_included=frozenset(compartment) | {"Patient"},
-                               complete=True)
+                               complete=True, access=access)
 
     async def _everything_queries(
         self, base: str, patient_id: str | None, types: list[str], since: str | None
@@ -224,11 +264,12 @@ class SearchService:
         *,
         skip_included: frozenset[str] = frozenset(),
         complete: bool = False,
+        access: Policy = OPEN,
     ) -> dict[str, Any]:
         """One page: from a new query (`queries`, per type) or from the snapshot `_page` names.
         `skip_included`: types `_include` does not add (they are matches already). `complete`:
         refuse (rather than page through only the first `max_results`) when there are more."""
-        fingerprint = _fingerprint(path, request.applied)
+        fingerprint = _fingerprint(path, request.applied, access)
         count = request.count
         offset = 0
         snapshot = None
@@ -251,8 +292,10 @@ class SearchService:
             if len(refs) > count:
                 snapshot = await self.pages.save(refs[:stored], total)
             refs = refs[:count]
-        found = await self._fetch(refs)
-        included = await self._include(found, request.includes, skip_included)
+        # The query kept to the token's reach; checked again, for what a page link names.
+        found = [v for v in await self._fetch(refs) if access.holds(v.type, v.id, v.resource)]
+        # Included resources must not show what the token does not reach.
+        included = [v for v in await self._include(found, request.includes, skip_included) if access.visible(v)]
         return self._bundle(base, path, request, found, included, total, snapshot, offset, stored, fingerprint)
 
     async def _count(self, queries: dict[str, dict[str, Any]], *, listed: bool = True) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from fhir_server import fhir_json
+from fhir_server.auth.policy import OPEN, Policy
 from fhir_server.errors import BadRequest, Conflict, FhirError, Issue, PayloadTooLarge, PreconditionFailed
 from fhir_server.search.criteria import criteria_key, lock_key, parse_query_string
 from fhir_server.services.resources import (
@@ -47,6 +48,7 @@ from fhir_server.validation.resource_types import supported_types
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 READS = ("GET", "HEAD")
 WRITE_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2}
+PERMISSIONS = {"DELETE": "d", "POST": "c", "PUT": "u", "PATCH": "u"}  # SMART's, for each write
 MAX_ATTEMPTS = 10
 # Strings that are text, never links, even when they look like an entry's fullUrl.
 TEXT_KEYS = frozenset({"value", "display", "text", "id"})
@@ -165,9 +167,12 @@ class TransactionService:
         self.repository = resources.repository
         self.searches = resources.searches
 
-    async def transaction(self, entries: list[BundleEntry], entry_limit: int | None = None) -> dict[int, Result]:
+    async def transaction(
+        self, entries: list[BundleEntry], entry_limit: int | None = None, access: Policy = OPEN
+    ) -> dict[int, Result]:
         """Commit every write entry or none; the result of each, by entry index. `entry_limit`:
-        the most bytes one resource may have (as when sent alone)."""
+        the most bytes one resource may have (as when sent alone). Each entry is checked
+        against the token as when sent alone: one refused entry refuses the transaction."""
         writes = sorted((e for e in entries if e.method not in READS), key=lambda e: (WRITE_ORDER[e.method], e.index))
         conditions: dict[str, tuple[str, list[Any]]] = {}  # one lock per key, even for two queries
         for entry in writes:
@@ -182,9 +187,9 @@ class TransactionService:
             async with AsyncExitStack() as stack:
                 for key in sorted(conditions):  # one order for all: no deadlock
                     await stack.enter_async_context(self.resources.lock(*conditions[key]))
-                targets = await self._targets(writes, entry_limit)
+                targets = await self._targets(writes, entry_limit, access)
                 try:
-                    planned, unchanged = await self._plan(targets)
+                    planned, unchanged = await self._plan(targets, access)
                     async with self._bookings(targets, planned):
                         versions = await self.repository.write_all(planned, unchanged)
                 except StaleWrite:
@@ -221,7 +226,7 @@ class TransactionService:
 
     # -- planning --------------------------------------------------------------------------------
 
-    async def _targets(self, writes: list[BundleEntry], entry_limit: int | None) -> list[_Target]:
+    async def _targets(self, writes: list[BundleEntry], entry_limit: int | None, access: Policy) -> list[_Target]:
         """Each write entry's resource; conditional ones found by search."""
         targets: list[_Target] = []
         deleted: set[tuple[str, str]] = set()  # by earlier entries: later searches no longer find them
@@ -235,7 +240,7 @@ class TransactionService:
                     first = creates[key]
                     targets.append(_Target(entry, first.type, first.id, result=first.result, same_as=first))
                     continue
-                target = await self._target(entry, deleted)
+                target = await self._target(entry, deleted, access)
             except FhirError as exc:
                 raise at_entry(entry, exc) from exc
             targets.append(target)
@@ -284,12 +289,13 @@ class TransactionService:
                 raise at_entry(target.entry, exc) from exc
         return targets
 
-    async def _target(self, entry: BundleEntry, deleted: set[tuple[str, str]]) -> _Target:
+    async def _target(self, entry: BundleEntry, deleted: set[tuple[str, str]], access: Policy) -> _Target:
         parts = entry.parts
         if not parts or any(p.startswith(("$", "_")) for p in parts):
             raise BadRequest(f"'{entry.url}' is not a resource a transaction can {entry.method}")
         resource_type = parts[0]
         check_type(resource_type)
+        access.require(resource_type, PERMISSIONS[entry.method])
         needs_body = entry.method in ("POST", "PUT")
         if needs_body and (not isinstance(entry.resource, dict) or entry.resource.get("resourceType") != resource_type):
             raise BadRequest(f"The entry needs a {resource_type} resource")
@@ -299,6 +305,7 @@ class TransactionService:
             if entry.if_none_exist:
                 found = await self._matches(resource_type, entry.if_none_exist, "ifNoneExist", deleted)
                 if found:
+                    await self.resources.check_visible(found, access)  # the answer shows the match
                     return _Target(entry, resource_type, found.id, result=matched(found))
             return _Target(entry, resource_type, str(uuid.uuid4()), dict(entry.resource), read_current=False)
         if len(parts) == 2:
@@ -390,7 +397,7 @@ class TransactionService:
 
         return await walk(body)
 
-    async def _plan(self, targets: list[_Target]) -> tuple[list[Planned], list[Version]]:
+    async def _plan(self, targets: list[_Target], access: Policy) -> tuple[list[Planned], list[Version]]:
         """Each change decided against the current version (preconditions checked here); and
         the current versions that updates and patches changing nothing leave as they are (they
         answer with them, so the commit checks they are still current)."""
@@ -413,6 +420,11 @@ class TransactionService:
                     change = patch_decision(target.type, target.id, _patch_operations(entry), _version_tag(entry))(current)
                 else:
                     change = delete_decision(_version_tag(entry))(current)
+                permission = PERMISSIONS[entry.method]
+                if current is not None and not current.deleted:
+                    access.check(target.type, target.id, current.resource, permission)
+                if change is not None and change.resource is not None:
+                    access.check(target.type, target.id, change.resource, permission)
             except FhirError as exc:
                 raise at_entry(entry, exc) from exc
             if change is None and entry.method == "DELETE":
