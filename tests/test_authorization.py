@@ -365,3 +365,16 @@ def test_backend_services_grant_end_to_end(secured: Secured, database: EmbeddedD
     assert revoke.status_code == 200
     gone = httpx.get(f"{secured.base}/Observation/{world['a-laboratory']}", headers=headers)
     assert gone.status_code == 401 and "revoked" in gone.headers["www-authenticate"]
+
+
+def test_a_fhir_client_library_works_with_a_bearer_token(secured: Secured, world: dict[str, str]) -> None:
+    """fhirpy, unmodified, with a token (as from the Backend Services grant above)."""
+    from fhirpy import SyncFHIRClient
+
+    client = SyncFHIRClient(secured.base, authorization=f"Bearer {secured.token('user/Patient.cruds')}")
+    patient = client.resource("Patient", name=[{"family": f"Library-{unique()}"}])
+    patient.save()
+    assert client.reference("Patient", patient.id).to_resource()["name"][0]["family"].startswith("Library-")
+    assert client.resources("Patient").search(_id=patient.id).count() == 1
+    with pytest.raises(Exception, match="403|forbidden|Forbidden"):
+        client.resources("Observation").fetch()
