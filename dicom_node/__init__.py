@@ -2,16 +2,19 @@
 
 `indexer_for` builds its store and indexer over the FHIR server's repository and search service
 (DICOMweb uses them too); `recover` sweeps and indexes what a crash left (at every start, DIMSE
-port or not); `start_node` recovers, then starts listening.
+port or not); `start_node` recovers, then starts listening (over TLS when the settings give it
+a certificate: `tls_contexts`).
 """
 
 import asyncio
 import logging
+import ssl
 
 from dicom_node.catalog import Catalog
 from dicom_node.files import FileStore
 from dicom_node.indexing import DicomIndexer
 from dicom_node.node import DicomNode
+from dicom_node.tls import TlsConfigError, client_context, server_context
 from fhir_server.config import Settings
 from fhir_server.services.search import SearchService
 from fhir_server.storage.repository import ResourceRepository
@@ -23,7 +26,8 @@ def dicomweb_address(settings: Settings) -> str:
     """Where the studies are retrieved from (the Endpoint of every ImagingStudy)."""
     if settings.base_url:
         return settings.base_url.rstrip("/").removesuffix("/fhir") + "/dicomweb"
-    return f"http://{settings.host}:{settings.port}/dicomweb"
+    scheme = "https" if settings.tls_certfile else "http"
+    return f"{scheme}://{settings.host}:{settings.port}/dicomweb"
 
 
 def indexer_for(settings: Settings, repository: ResourceRepository, searches: SearchService) -> DicomIndexer:
@@ -47,8 +51,25 @@ async def recover(settings: Settings, indexer: DicomIndexer) -> None:
     await indexer.reconcile()
 
 
+def tls_contexts(settings: Settings) -> tuple[ssl.SSLContext | None, ssl.SSLContext]:
+    """The node's server context (None without a certificate: plain DICOM), and the client
+    context of the associations it opens to destinations marked tls://. TlsConfigError for a
+    missing or unusable file, or a certificate without its key."""
+    certfile, keyfile, ca_file = settings.dicom_tls_certfile, settings.dicom_tls_keyfile, settings.dicom_tls_ca_file
+    if (certfile is None) != (keyfile is None):
+        raise TlsConfigError("DICOM TLS needs both FHIR_DICOM_TLS_CERTFILE and FHIR_DICOM_TLS_KEYFILE")
+    if certfile is None and ca_file is not None:
+        raise TlsConfigError("FHIR_DICOM_TLS_CA_FILE needs FHIR_DICOM_TLS_CERTFILE and FHIR_DICOM_TLS_KEYFILE")
+    server = server_context(certfile, keyfile, ca_file) if certfile and keyfile else None
+    return server, client_context(certfile, keyfile, ca_file)
+
+
 async def start_node(settings: Settings, indexer: DicomIndexer) -> DicomNode:
     """Recover what a crash left, then listen."""
+    try:
+        tls, client_tls = tls_contexts(settings)
+    except TlsConfigError as exc:
+        raise SystemExit(str(exc)) from exc
     await recover(settings, indexer)
     node = DicomNode(
         indexer, indexer.files, asyncio.get_running_loop(),
@@ -56,6 +77,7 @@ async def start_node(settings: Settings, indexer: DicomIndexer) -> DicomNode:
         allowed=settings.dicom_allowed, max_associations=settings.dicom_max_associations,
         max_pdu_bytes=settings.dicom_max_pdu_bytes, fsync=settings.dicom_fsync,
         destinations=settings.dicom_destinations, connection_timeout_s=settings.dicom_connection_timeout_s,
+        tls=tls, plain_port=settings.dicom_plain_port, client_tls=client_tls,
     )
     await asyncio.to_thread(node.start)
     return node

@@ -10,6 +10,9 @@ has finished finds its studies indexed.
 What a peer can make the node hold is bounded: datasets are received to disk
 (`STORE_RECV_CHUNKED_DATASET`), and no PDU (an A-ASSOCIATE-RQ included) may be larger than the
 configured limit, or the connection is dropped before it is read.
+
+With a TLS context the node's port speaks TLS only (dicom_node/tls.py); a second, plain port
+may be opened beside it for peers that cannot.
 """
 
 import asyncio
@@ -19,6 +22,7 @@ import copy
 import functools
 import logging
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -32,6 +36,7 @@ from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from dicom_node.files import FileStore
 from dicom_node.indexing import DicomIndexer
@@ -39,6 +44,7 @@ from dicom_node.ingest import accept
 from dicom_node.retrieve import query_retrieve
 from dicom_node.sender import set_nodelay
 from dicom_node.statuses import SUCCESS
+from dicom_node.tls import TlsAssociationServer
 
 LOGGER = logging.getLogger(__name__)
 RELEASE_WAIT_S = 25.0  # the longest an A-RELEASE waits for indexing (DCMTK gives up after 30 s)
@@ -155,11 +161,17 @@ class DicomNode:
         fsync: bool = True,
         destinations: str = "",
         connection_timeout_s: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+        plain_port: int = 0,
+        client_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.indexer = indexer
         self.files = files
         self.loop = loop
         self.address = (host, port)
+        self.tls = tls
+        # Beside a TLS port only: a plain one for peers that cannot do TLS (0: none).
+        self.plain_address = (host, plain_port) if tls is not None and plain_port else None
         self.allowed = parse_allowed(allowed)
         self.fsync = fsync
         self._waiting: dict[int, list[concurrent.futures.Future[None]]] = {}
@@ -179,7 +191,7 @@ class DicomNode:
         for context in AllStoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         # C-FIND, C-MOVE and C-GET from the catalog (dicom_node/query.py, retrieve.py).
-        self.query_retrieve = query_retrieve(self.ae, indexer.catalog, loop, destinations, self._on_open)
+        self.query_retrieve = query_retrieve(self.ae, indexer.catalog, loop, destinations, self._on_open, client_tls)
         self.max_pdu_bytes = max_pdu_bytes
         self.server: ThreadedAssociationServer | None = None
 
@@ -204,9 +216,24 @@ class DicomNode:
             (evt.EVT_CONN_CLOSE, self._forget),
             *self.query_retrieve,
         ]
-        self.server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
-        self.server.contexts = _Contexts(self.server.contexts)
-        LOGGER.info("DICOM node %s listening on %s:%d", self.ae.ae_title, *self.address)
+        self.server = self._listen(self.address, handlers, self.tls)
+        if self.plain_address is not None:
+            self._listen(self.plain_address, handlers, None)
+
+    def _listen(self, address: tuple[str, int], handlers: list[Any], tls: ssl.SSLContext | None) -> ThreadedAssociationServer:
+        """One listening port of the AE (a TLS one does its handshakes in the associations'
+        threads: `TlsAssociationServer`)."""
+        if tls is None:
+            server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        else:  # what `start_server(block=False)` does, with the node's server class
+            server = self.ae.make_server(address, ssl_context=tls, evt_handlers=handlers,
+                                         server_class=TlsAssociationServer)
+            threading.Thread(target=make_target(server.serve_forever), name=f"DicomTlsServer@{address[1]}",
+                             daemon=True).start()
+            self.ae._servers.append(server)  # stopped with the others by `ae.shutdown()`
+        server.contexts = _Contexts(server.contexts)
+        LOGGER.info("DICOM node %s listening on %s:%d%s", self.ae.ae_title, *address, " (TLS)" if tls else "")
+        return server
 
     def stop(self) -> None:
         """Stop listening and abort the associations still open (their instances are placed

@@ -2,8 +2,8 @@
 GET, at the PATIENT, STUDY, SERIES and IMAGE levels.
 
 The identifier's unique keys select instances in the catalog; each becomes one C-STORE
-sub-operation, to a known destination (`FHIR_DICOM_DESTINATIONS`, `AET=host:port`) on a new
-association for C-MOVE, back to the requestor on its own association for C-GET. pynetdicom runs
+sub-operation, to a known destination (`FHIR_DICOM_DESTINATIONS`, `AET=host:port`, or
+`AET=tls://host:port` for one that speaks TLS) on a new association for C-MOVE, back to the requestor on its own association for C-GET. pynetdicom runs
 the sub-operations, counts them (remaining, completed, failed, warning) and gives the final
 status (0xB000 when some failed, 0xA702 when all did, PS3.4 C.4.2.3 and C.4.3.3).
 
@@ -17,9 +17,10 @@ accepted none fails that sub-operation, with a log line saying so.
 import asyncio
 import contextlib
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from bson.errors import BSONError
 from pydicom import Dataset
@@ -57,16 +58,25 @@ GET_MODELS = {
 }
 
 
-def parse_destinations(text: str) -> dict[str, tuple[str, int]]:
-    """`AET=host:port,AET2=host:port` → {AET: (host, port)}; ValueError naming a malformed entry."""
-    destinations: dict[str, tuple[str, int]] = {}
+class Destination(NamedTuple):
+    host: str
+    port: int
+    tls: bool = False
+
+
+def parse_destinations(text: str) -> dict[str, Destination]:
+    """`AET=host:port,AET2=tls://host:port` → {AET: (host, port, tls)}; ValueError naming a
+    malformed entry."""
+    destinations: dict[str, Destination] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         title, _, address = item.partition("=")
-        host, _, port = address.strip().rpartition(":")
+        address = address.strip()
+        tls = address.lower().startswith("tls://")
+        host, _, port = address[6 if tls else 0:].rpartition(":")
         title = title.strip()
         if not title or len(title) > 16 or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"FHIR_DICOM_DESTINATIONS: '{item}' is not AET=host:port")
-        destinations[title] = (host.strip("[]"), int(port))
+            raise ValueError(f"FHIR_DICOM_DESTINATIONS: '{item}' is not AET=host:port or AET=tls://host:port")
+        destinations[title] = Destination(host.strip("[]"), int(port), tls)
     return destinations
 
 
@@ -202,12 +212,17 @@ class RetrieveService:
     """The EVT_C_MOVE and EVT_C_GET handlers over the catalog."""
 
     def __init__(
-        self, catalog: Catalog, loop: asyncio.AbstractEventLoop, destinations: dict[str, tuple[str, int]],
-        on_open: Callable[[evt.Event], None] | None = None,
+        self, catalog: Catalog, loop: asyncio.AbstractEventLoop, destinations: dict[str, Destination],
+        on_open: Callable[[evt.Event], None] | None = None, client_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.catalog = catalog
         self.loop = loop
         self.destinations = destinations
+        # For destinations marked tls://: checks their certificate, offers the node's.
+        self.client_tls = client_tls
+        untrusted = [title for title, d in destinations.items() if d.tls and client_tls is None]
+        if untrusted:
+            raise ValueError(f"FHIR_DICOM_DESTINATIONS: {', '.join(untrusted)} need TLS, and the node has no client TLS context")
         # The node's own connection set-up (TCP_NODELAY...) for the associations C-MOVE opens.
         self.connection_handlers = [(evt.EVT_CONN_OPEN, on_open)] if on_open is not None else []
         install_file_sending()
@@ -227,7 +242,10 @@ class RetrieveService:
             LOGGER.warning("C-MOVE refused: unknown destination '%s' (FHIR_DICOM_DESTINATIONS)", title)
             yield None, None  # pynetdicom answers 0xA801, move destination unknown
             return
-        yield destination[0], destination[1], {"contexts": storage_contexts(refs), "evt_handlers": self.connection_handlers}
+        options: dict[str, Any] = {"contexts": storage_contexts(refs), "evt_handlers": self.connection_handlers}
+        if destination.tls:
+            options["tls_args"] = (self.client_tls, destination.host)
+        yield destination.host, destination.port, options
         yield from self._sub_operations(event, refs, failure)
 
     def handle_get(self, event: evt.Event) -> Iterator[Any]:
@@ -300,15 +318,15 @@ def _values(identifier: Dataset, keyword: str) -> list[str]:
 
 def query_retrieve(
     ae: AE, catalog: Catalog, loop: asyncio.AbstractEventLoop, destinations: str,
-    on_open: Callable[[evt.Event], None] | None = None,
+    on_open: Callable[[evt.Event], None] | None = None, client_tls: ssl.SSLContext | None = None,
 ) -> list[tuple[Any, Callable[..., Any]]]:
     """Make `ae` a Query/Retrieve SCP (FIND, MOVE and GET of both roots) over `catalog`: its
     presentation contexts, and the handlers to bind (`on_open` also for the associations C-MOVE
-    opens). C-GET's sub-operations run on the SCU's own association with the roles reversed: the
+    opens; `client_tls` for the destinations marked tls://). C-GET's sub-operations run on the SCU's own association with the roles reversed: the
     storage classes accept its role selection. ValueError for malformed destinations (the node
     does not start)."""
     find = FindService(catalog, loop)
-    retrieve = RetrieveService(catalog, loop, parse_destinations(destinations), on_open)
+    retrieve = RetrieveService(catalog, loop, parse_destinations(destinations), on_open, client_tls)
     refuse_without_destination(ae)
     for sop_class in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS):
         ae.add_supported_context(sop_class, QR_TRANSFER_SYNTAXES)

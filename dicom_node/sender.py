@@ -4,12 +4,14 @@ to the node, so that they are stored and indexed exactly as a modality's would b
 One association serves many files; it is opened on first use, and opened again with one more
 presentation context when a file's SOP class and transfer syntax were not accepted. Releasing
 it waits for the node to have indexed what it received (the node holds the A-RELEASE until
-then), so after `close()` the ImagingStudies are searchable.
+then), so after `close()` the ImagingStudies are searchable. With a TLS context the association
+is made over TLS, the node's certificate checked against the host name.
 """
 
 import io
 import logging
 import socket
+import ssl
 from types import TracebackType
 
 from pydicom import dcmread
@@ -32,8 +34,12 @@ def set_nodelay(event: evt.Event) -> None:
 
 
 class StoreSender:
-    def __init__(self, host: str, port: int, called_aet: str, calling_aet: str = "FHIRIMPORT", timeout_s: float = 60) -> None:
+    def __init__(
+        self, host: str, port: int, called_aet: str, calling_aet: str = "FHIRIMPORT", timeout_s: float = 60,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.host, self.port, self.called_aet = host, port, called_aet
+        self.tls_args = (tls, host) if tls is not None else None
         self.ae = AE(ae_title=calling_aet)
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = timeout_s
         self.contexts: list[tuple[str, str]] = []
@@ -83,7 +89,7 @@ class StoreSender:
         self.close()
         contexts = [build_context(sop, syntax) for sop, syntax in self.contexts]
         assoc = self.ae.associate(self.host, self.port, contexts, ae_title=self.called_aet,
-                                  evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+                                  evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)], tls_args=self.tls_args)
         if not assoc.is_established:
             raise StoreError(f"the DICOM node {self.called_aet} at {self.host}:{self.port} refused or cannot be reached")
         self.assoc = assoc
