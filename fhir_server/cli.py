@@ -33,6 +33,9 @@ def _serve(args: argparse.Namespace) -> None:
 
     check_exposure(settings)  # before the database starts
     from fhir_server.main import create_app
+    from fhir_server.security import check_transport
+
+    tls = check_transport(settings)  # a missing or unusable certificate stops here, not in uvicorn
 
     uvicorn.run(
         create_app(settings),
@@ -42,8 +45,7 @@ def _serve(args: argparse.Namespace) -> None:
         access_log=False,
         proxy_headers=True,
         timeout_graceful_shutdown=10,
-        ssl_certfile=settings.tls_certfile,
-        ssl_keyfile=settings.tls_keyfile,
+        **tls,
     )
 
 

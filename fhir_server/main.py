@@ -15,6 +15,7 @@ from fhir_server.config import Settings, get_settings
 from fhir_server.errors import install_error_handlers
 from fhir_server.logs import AccessLogMiddleware
 from fhir_server.routes import auth, bundles, dicomweb, export, operations, resources, system
+from fhir_server.security import install_transport_security
 from fhir_server.services.ai_readiness import ReadinessRule
 from fhir_server.services.export import ExportService
 from fhir_server.services.history import HistoryService
@@ -123,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    install_transport_security(app, settings)  # body cap, CORS, security headers
     app.add_middleware(AccessLogMiddleware)
     app.include_router(system.probes)
     app.include_router(system.public)
