@@ -378,3 +378,13 @@ def test_a_fhir_client_library_works_with_a_bearer_token(secured: Secured, world
     assert client.resources("Patient").search(_id=patient.id).count() == 1
     with pytest.raises(Exception, match="403|forbidden|Forbidden"):
         client.resources("Observation").fetch()
+
+
+def test_a_chain_or_has_searches_only_types_the_token_may_search(secured: Secured, world: dict[str, str]) -> None:
+    with secured.client("user/Observation.rs") as reader:
+        assert_forbidden(reader.get("/Observation", params={"subject:Patient.name": "Patient-a"}))
+    with secured.client("user/Patient.rs") as reader:
+        assert_forbidden(reader.get("/Patient", params={"_has:Observation:subject:code:text": "laboratory"}))
+    with secured.client("user/Patient.rs user/Observation.rs") as both:
+        found = both.get("/Observation", params={"subject:Patient.name": "Patient-a", "code:text": "laboratory"}).json()
+        assert f"Observation/{world['a-laboratory']}" in entries(found)

@@ -160,6 +160,9 @@ class SearchService:
         if confined is not None and patient not in (None, confined):
             raise Forbidden(f"The token reaches the compartment of Patient/{confined} only")
         patient = patient or confined
+        for criterion in criteria:
+            for searched in _searched_types(criterion):  # a chain or _has searches other types
+                access.require(searched, "s")
         criteria = list(criteria)
         narrowing = access.narrowing(resource_type)
         if narrowing:
@@ -425,6 +428,17 @@ def _field(row: tuple[str, dict[str, Any]], field: str) -> str:
     for part in field.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     return value if isinstance(value, str) else ""
+
+
+def _searched_types(criterion: Criterion) -> list[str]:
+    """The types a chained or `_has` criterion searches (its first link)."""
+    if criterion.has:
+        return [criterion.has[0]]
+    if criterion.chain and criterion.param is not None:
+        first = criterion.chain.split(".")[0].split(":")[0]
+        targets = [criterion.target] if criterion.target else list(criterion.param.targets)
+        return [t for t in targets if t in supported_types() and parameter(t, first) is not None]
+    return []
 
 
 def _reference_params(resource_type: str, code: str) -> list[Any]:
