@@ -134,6 +134,7 @@ class Destination:
     dicom_host: str | None = None  # default: the FHIR base's host
     dicom_port: int = 11112
     dicom_aet: str = "FHIRSERVER"
+    token: str | None = None  # a bearer access token, when the server needs one
 
     def sender(self) -> StoreSender:
         host = self.dicom_host or urlsplit(self.url).hostname or "127.0.0.1"
@@ -355,7 +356,8 @@ def _import(system: str, records: list[SourceRecord], to: Destination | str, pro
     destination = Destination(to) if isinstance(to, str) else to
     module = system_module(system)
     with (
-        httpx.Client(base_url=destination.url.rstrip("/"), timeout=120) as client,
+        httpx.Client(base_url=destination.url.rstrip("/"), timeout=120,
+                     headers={"Authorization": f"Bearer {destination.token}"} if destination.token else None) as client,
         destination.sender() as sender,  # released last: returns once the node has indexed all
     ):
         importer = Importer(module, client, sender)
