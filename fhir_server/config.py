@@ -143,6 +143,13 @@ class Settings(BaseSettings):
     smtp_password: str | None = None
     smtp_starttls: bool = False
     smtp_timeout_s: float = Field(default=10.0, gt=0)
+    # The audit trail (AuditEvent for every FHIR, DICOMweb, auth and DICOM interaction): events
+    # are buffered and written in batches every `audit_flush_s` or `audit_batch` events; at most
+    # `audit_max_buffered` wait while the database is unreachable (then new ones are dropped, logged).
+    audit: bool = True
+    audit_flush_s: float = Field(default=0.1, gt=0)
+    audit_batch: int = Field(default=200, ge=1)
+    audit_max_buffered: int = Field(default=100_000, ge=1)
 
 
 @lru_cache
