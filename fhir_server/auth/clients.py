@@ -1,16 +1,20 @@
 """Registered clients of the built-in authorization server, and SMART Backend Services
 authentication: a client proves who it is with a JWT signed by its own key (`private_key_jwt`,
-RFC 7523), checked against the public keys registered for it (a JWKS, or a JWKS URL).
+RFC 7523), checked against the public keys registered for it (a JWKS, or a JWKS URL). Apps
+acting for a user (`authorization_code`) have redirect URIs; a public one (a browser or mobile
+app, which can keep no secret) has no keys and relies on PKCE alone.
 
 Clients are kept in MongoDB (`auth_clients`); assertion ids (`jti`) are kept until they expire
 (`auth_assertions`), so an assertion cannot be replayed on any server process.
 """
 
+import ipaddress
 import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -45,6 +49,14 @@ class Client:
     redirect_uris: tuple[str, ...] = ()  # for authorization_code (apps acting for a user)
     fhir_user: str | None = None  # a backend service may act as a Practitioner
     roles: tuple[str, ...] = field(default_factory=tuple)
+    public: bool = False  # no keys: authorization_code with PKCE only (SMART client-public)
+    disabled: bool = False
+
+    def public_view(self) -> dict[str, Any]:
+        """What the admin API shows."""
+        return {"id": self.client_id, "name": self.name, "scope": self.scope, "redirectUris": list(self.redirect_uris),
+                "public": self.public, "jwksUrl": self.jwks_url, "jwks": self.jwks, "fhirUser": self.fhir_user,
+                "disabled": self.disabled}
 
     def allowed(self, requested: str) -> str:
         """The requested scopes the client may have (all of them when none is asked for);
@@ -70,11 +82,46 @@ async def prepare(db: AsyncDatabase) -> None:
     await db[ASSERTIONS].create_index("expires", expireAfterSeconds=0)
 
 
+def check_redirect_uri(uri: str) -> str:
+    """A redirect URI that may be registered: absolute, without fragment (RFC 6749 3.1.2),
+    https, or http on a loopback address (RFC 8252 7.3), or an app's private scheme with a dot
+    (RFC 8252 7.1: `com.example.app:/callback`). ValueError otherwise."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:
+        raise ValueError(f"redirect URI '{uri}' is not a URI") from exc
+    if not parts.scheme or parts.fragment or "#" in uri or any(c.isspace() for c in uri):
+        raise ValueError(f"redirect URI '{uri}' must be absolute, without a fragment")
+    if parts.scheme == "https" and parts.hostname:
+        return uri
+    if parts.scheme == "http" and parts.hostname and _loopback(parts.hostname):
+        return uri
+    if parts.scheme not in ("http", "https") and "." in parts.scheme:
+        return uri
+    raise ValueError(f"redirect URI '{uri}' must be https (http only on a loopback address) or a private app scheme")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def register(db: AsyncDatabase, client: Client) -> Client:
-    """Store a new client (its id must be new)."""
+    """Store a new client (its id must be new). ValueError for a client that could not be
+    used: a public one without redirect URIs or with keys, a confidential one without keys."""
+    for uri in client.redirect_uris:
+        check_redirect_uri(uri)
+    if client.public and (client.jwks or client.jwks_url or not client.redirect_uris):
+        raise ValueError("a public client has redirect URIs and no keys")
+    if not client.public and not (client.jwks or client.jwks_url):
+        raise ValueError("a confidential client needs its public keys (a JWKS, or a JWKS URL)")
     document = {"_id": client.client_id, "name": client.name, "scope": client.scope, "jwks": client.jwks,
                 "jwks_url": client.jwks_url, "redirect_uris": list(client.redirect_uris), "fhir_user": client.fhir_user,
-                "roles": list(client.roles), "created": time.time()}
+                "roles": list(client.roles), "public": client.public, "disabled": False, "created": time.time()}
     try:
         await db[CLIENTS].insert_one(document)
     except DuplicateKeyError as exc:
@@ -87,11 +134,24 @@ def new_client_id() -> str:
 
 
 async def find(db: AsyncDatabase, client_id: str) -> Client | None:
-    found = await db[CLIENTS].find_one({"_id": client_id})
-    if found is None:
-        return None
-    return Client(client_id, found.get("name", ""), found.get("scope", ""), found.get("jwks"), found.get("jwks_url"),
-                  tuple(found.get("redirect_uris", ())), found.get("fhir_user"), tuple(found.get("roles", ())))
+    """The client with this id, unless it is disabled."""
+    found = await db[CLIENTS].find_one({"_id": client_id, "disabled": {"$ne": True}})
+    return _client(found) if found else None
+
+
+def _client(found: dict[str, Any]) -> Client:
+    return Client(found["_id"], found.get("name", ""), found.get("scope", ""), found.get("jwks"), found.get("jwks_url"),
+                  tuple(found.get("redirect_uris", ())), found.get("fhir_user"), tuple(found.get("roles", ())),
+                  bool(found.get("public")), bool(found.get("disabled")))
+
+
+async def all_clients(db: AsyncDatabase, limit: int = 1000) -> list[Client]:
+    return [_client(d) async for d in db[CLIENTS].find({}, sort=[("_id", 1)], limit=limit)]
+
+
+async def set_disabled(db: AsyncDatabase, client_id: str, disabled: bool = True) -> bool:
+    done = await db[CLIENTS].update_one({"_id": client_id}, {"$set": {"disabled": disabled}})
+    return done.matched_count == 1
 
 
 async def _client_keys(client: Client) -> list[jwt.PyJWK]:
