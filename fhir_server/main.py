@@ -14,7 +14,7 @@ from fhir_server import __version__
 from fhir_server.config import Settings, get_settings
 from fhir_server.errors import install_error_handlers
 from fhir_server.logs import AccessLogMiddleware
-from fhir_server.routes import auth, bundles, dicomweb, export, operations, resources, system
+from fhir_server.routes import admin, auth, bundles, dicomweb, export, login, operations, resources, system
 from fhir_server.security import install_transport_security
 from fhir_server.services.ai_readiness import ReadinessRule
 from fhir_server.services.export import ExportService
@@ -61,6 +61,7 @@ async def start_auth(app: FastAPI, settings: Settings, database: Any) -> None:
     key = await tokens.signing_key(database.db)
     validator = tokens.TokenValidator(database.db, key, settings.auth_external_issuers)
     app.state.auth = AuthServer(database.db, key, validator, settings.auth_token_lifetime_s)
+    await app.state.auth.enable_users(settings)  # accounts, authorization codes, mail
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -130,6 +131,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.public)
     app.include_router(system.router)
     app.include_router(auth.router)
+    app.include_router(login.router)
+    app.include_router(admin.router)
     app.include_router(bundles.router)
     app.include_router(operations.router)  # before the resource routes, whose patterns would take its paths
     app.include_router(export.router)  # likewise

@@ -1,5 +1,6 @@
-"""HTTP of the built-in authorization server: SMART discovery, the token, introspection and
-revocation endpoints (form-encoded, OAuth 2.0 JSON errors), and its public keys."""
+"""HTTP of the built-in authorization server: SMART and OpenID Connect discovery, the token,
+introspection and revocation endpoints (form-encoded, OAuth 2.0 JSON errors), and its public
+keys. The pages where people log in are in routes/login.py, the admin API in routes/admin.py."""
 
 from typing import Any
 
@@ -46,6 +47,11 @@ def _oauth_error(error: ClientError) -> JSONResponse:
 @router.get("/fhir/.well-known/smart-configuration")
 async def smart_configuration(request: Request) -> dict[str, Any]:
     return _server(request).smart_configuration(issuer(request))
+
+
+@router.get("/auth/.well-known/openid-configuration")
+async def openid_configuration(request: Request) -> dict[str, Any]:
+    return _server(request).openid_configuration(issuer(request))
 
 
 @router.get("/auth/jwks")
