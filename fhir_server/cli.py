@@ -1,6 +1,8 @@
 """`fhir-server` command line: `serve` runs the FHIR API and the DICOM node; `dicom` runs the
 node alone (`dicom reindex`: index every stored instance again); `import` loads the records of a
-replaced system into a running server; `reindex` rebuilds the search index of stored resources."""
+replaced system into a running server; `reindex` rebuilds the search index of stored resources;
+`clients add` and `accounts add` register clients and user accounts of the built-in
+authorization server."""
 
 import argparse
 import asyncio
@@ -63,8 +65,13 @@ def _clients(args: argparse.Namespace) -> None:
             raise SystemExit(f"--jwks {args.jwks}: not a readable JWKS (JSON): {exc}") from exc
         if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
             raise SystemExit(f"--jwks {args.jwks}: a JWKS is an object with a list of keys")
-    if (jwks is None) == (args.jwks_url is None):
-        raise SystemExit("give the client's public keys: --jwks FILE or --jwks-url URL")
+    if args.public:
+        if jwks is not None or args.jwks_url:
+            raise SystemExit("a --public client has no keys (no --jwks, no --jwks-url)")
+        if not args.redirect_uri:
+            raise SystemExit("a --public client needs its --redirect-uri")
+    elif (jwks is None) == (args.jwks_url is None):
+        raise SystemExit("give the client's public keys: --jwks FILE or --jwks-url URL (or --public)")
     print(asyncio.run(_add_client(settings, args, jwks)))
 
 
@@ -80,12 +87,41 @@ async def _add_client(settings: Settings, args: argparse.Namespace, jwks: dict |
     database = await open_database(settings)
     try:
         client = clients.Client(args.id or clients.new_client_id(), args.name, args.scope, jwks, args.jwks_url,
-                                fhir_user=args.fhir_user)
+                                tuple(args.redirect_uri or ()), fhir_user=args.fhir_user, public=args.public)
         try:
             await clients.register(database.db, client)
         except ValueError as exc:
             raise SystemExit(str(exc)) from exc
         return client.client_id
+    finally:
+        await database.close()
+
+
+def _accounts(args: argparse.Namespace) -> None:
+    """`fhir-server accounts add`: a user account of the built-in authorization server."""
+    import sys
+
+    settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+    configure_logging("WARNING")
+    password = None
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    print(asyncio.run(_add_account(settings, args, password)))
+
+
+async def _add_account(settings: Settings, args: argparse.Namespace, password: str | None) -> str:
+    from fhir_server.auth import accounts
+    from fhir_server.storage.client import open_database
+
+    database = await open_database(settings)
+    try:
+        await accounts.prepare(database.db)
+        try:
+            account = await accounts.create(database.db, args.email, args.role, args.fhir_user, password,
+                                            name=args.name or "", confirmed=True)
+        except accounts.AccountError as exc:
+            raise SystemExit(str(exc)) from exc
+        return account.account_id
     finally:
         await database.close()
 
@@ -239,15 +275,34 @@ def main(argv: list[str] | None = None) -> None:
         "clients", help="clients of the built-in authorization server (embedded database: stop the server first)"
     )
     client_actions = client_commands.add_subparsers(dest="action", required=True)
-    adding = client_actions.add_parser("add", help="register a client (SMART Backend Services: private_key_jwt); prints its id")
+    adding = client_actions.add_parser(
+        "add", help="register a client (private_key_jwt keys, or --public with redirect URIs); prints its id")
     adding.add_argument("--name", required=True)
     adding.add_argument("--scope", required=True, help="the most it may ask for, e.g. 'system/*.rs system/Observation.cruds'")
     adding.add_argument("--jwks", help="a file with the client's public keys (JWKS)")
     adding.add_argument("--jwks-url", help="where the client publishes its public keys (JWKS)")
     adding.add_argument("--fhir-user", help="the Practitioner (or other) resource it acts as, e.g. Practitioner/123")
+    adding.add_argument("--redirect-uri", action="append",
+                        help="where an app acting for a user gets its authorization code (repeatable; exact match)")
+    adding.add_argument("--public", action="store_true",
+                        help="an app that can keep no secret (browser, mobile): no keys, PKCE only")
     adding.add_argument("--id", help="its client_id (default: a new random one)")
     adding.add_argument("--data-dir", type=Path, help="data folder (default ./data, env FHIR_DATA_DIR)")
     adding.set_defaults(handler=_clients)
+    account_commands = commands.add_parser(
+        "accounts", help="user accounts of the built-in authorization server (embedded database: stop the server first)"
+    )
+    account_actions = account_commands.add_subparsers(dest="action", required=True)
+    adding = account_actions.add_parser("add", help="add an account (its address counts as confirmed); prints its id")
+    adding.add_argument("--email", required=True)
+    adding.add_argument("--role", required=True, choices=("admin", "practitioner", "patient"))
+    adding.add_argument("--fhir-user", help="the resource the account speaks for: Practitioner/<id> or Patient/<id>")
+    adding.add_argument("--name", help="the person's name")
+    adding.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of standard input (without it: no password "
+                        "until one is set through 'Forgot your password?')")
+    adding.add_argument("--data-dir", type=Path, help="data folder (default ./data, env FHIR_DATA_DIR)")
+    adding.set_defaults(handler=_accounts)
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     args.handler(args)
