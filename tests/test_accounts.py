@@ -23,9 +23,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import jwt
 import pytest
 from aiosmtpd.controller import Controller
 from conftest import ServerProcess, free_port, unique
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fhir_server.storage.embedded import EmbeddedDatabase
 
@@ -335,7 +337,7 @@ def test_password_reset(setup: dict, mail: MailSink) -> None:
     oauth_error(refresh, "invalid_grant")  # sessions end with the old password
 
 
-def test_admin_api(setup: dict, patient: dict[str, str]) -> None:
+def test_admin_api(setup: dict, patient: dict[str, str], mail: MailSink) -> None:
     http = setup["http"]
     assert http.get("/auth/admin/accounts").status_code == 401
     assert http.get("/auth/admin/accounts", headers={"Authorization": "Bearer nonsense"}).status_code == 401
@@ -357,6 +359,14 @@ def test_admin_api(setup: dict, patient: dict[str, str]) -> None:
     assert redirected(log_in(http, params, email, PASSWORD))["code"]
     assert http.post(f"/auth/admin/accounts/{made.json()['id']}/disable", headers=admin).json()["disabled"]
     assert log_in(http, params, email, PASSWORD).status_code == 401
+    invited = f"invited-{unique()}@example.org"  # no password: a mail invites to choose one
+    made = http.post("/auth/admin/accounts", headers=admin, json={"email": invited, "role": "practitioner",
+                                                                  "fhirUser": "Practitioner/n-3"})
+    assert made.status_code == 201 and made.json()["invited"], made.text
+    path = urlsplit(mail.link(invited, "Your account", "reset"))
+    token = Hidden(http.get(f"{path.path}?{path.query}").text).fields["token"]
+    assert http.post("/auth/reset", data={"token": token, "password": PASSWORD, "password2": PASSWORD}).status_code == 200
+    assert redirected(log_in(http, params, invited, PASSWORD))["code"]
     client = http.post("/auth/admin/clients", headers=admin,
                        json={"name": "Ward app", "scope": "user/*.rs", "public": True, "redirectUris": [REDIRECT]})
     assert client.status_code == 201, client.text
@@ -380,3 +390,30 @@ def test_cli_refuses_a_public_client_without_redirect(tmp_path: Path) -> None:
                            "user/*.rs", "--public", "--data-dir", str(tmp_path)], capture_output=True, timeout=60,
                           check=False)
     assert done.returncode != 0 and b"--redirect-uri" in done.stderr
+
+
+def test_confidential_app_and_id_token(setup: dict) -> None:
+    """An app with keys of its own proves itself with private_key_jwt at the token endpoint;
+    its id_token is signed by the server's key, for the app, with the nonce and fhirUser."""
+    http = setup["http"]
+    admin = {"Authorization": f"Bearer {tokens_for(setup, 'admin@example.org', 'openid user/*.rs')['access_token']}"}
+    private = ec.generate_private_key(ec.SECP384R1())
+    jwk = {**jwt.algorithms.ECAlgorithm.to_jwk(private.public_key(), as_dict=True), "kid": "k1", "alg": "ES384"}
+    made = http.post("/auth/admin/clients", headers=admin, json={
+        "name": "Ward EHR app", "scope": "openid fhirUser user/*.rs", "redirectUris": [REDIRECT], "jwks": {"keys": [jwk]}})
+    assert made.status_code == 201, made.text
+    app = made.json()["id"]
+    verifier, challenge = pkce()
+    back = redirected(log_in(http, request_params(app, challenge, "openid fhirUser user/*.rs"), "dr@example.org", PASSWORD))
+    form = {"grant_type": "authorization_code", "code": back["code"], "redirect_uri": REDIRECT, "code_verifier": verifier}
+    oauth_error(http.post("/auth/token", data={**form, "client_id": app}), "invalid_client")  # no assertion
+    token_url = f"{setup['server'].url}/auth/token"
+    proof = jwt.encode({"iss": app, "sub": app, "aud": token_url, "exp": int(time.time()) + 120, "jti": unique()},
+                       private, algorithm="ES384", headers={"kid": "k1"})
+    answer = http.post("/auth/token", data={**form, "client_assertion": proof,
+                                            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"})
+    assert answer.status_code == 200, answer.text
+    keys = http.get("/auth/jwks").json()["keys"]
+    identity = jwt.decode(answer.json()["id_token"], jwt.PyJWK(keys[0]).key, algorithms=["ES256"], audience=app,
+                          issuer=f"{setup['server'].url}/auth")
+    assert identity["nonce"] == "n-1" and identity["fhirUser"] == f"{setup['server'].url}/fhir/Practitioner/dr-1"
