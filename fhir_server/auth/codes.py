@@ -97,13 +97,13 @@ async def issue_refresh(db: AsyncDatabase, grant: Authorization, lifetime_s: int
     token = secrets.token_urlsafe(32)
     await db[REFRESH].insert_one({
         "_id": digest(token), "family": grant.family, "client_id": grant.client_id, "account_id": grant.account_id,
-        "scope": grant.scope, "lifetime_s": lifetime_s, "used": False, "access_jti": access["jti"],
+        "scope": grant.scope, "used": False, "access_jti": access["jti"],
         "access_exp": access["exp"], "expires": datetime.now(UTC) + timedelta(seconds=lifetime_s)})
     return token
 
 
-async def rotate_refresh(db: AsyncDatabase, token: str, client_id: str) -> tuple[Authorization, int]:
-    """The authorization a refresh token carries (and its lifetime), spending the token;
+async def rotate_refresh(db: AsyncDatabase, token: str, client_id: str) -> Authorization:
+    """The authorization a refresh token carries, spending the token;
     ClientError `invalid_grant` for an unknown or expired one, and for a spent one, whose
     whole family is then revoked."""
     key = digest(token)
@@ -118,8 +118,7 @@ async def rotate_refresh(db: AsyncDatabase, token: str, client_id: str) -> tuple
     if found["client_id"] != client_id:
         await revoke_family(db, found["family"])
         raise ClientError("invalid_grant", "the refresh token was issued to another client")
-    return (Authorization(found["client_id"], found["account_id"], found["scope"], found["family"]),
-            int(found.get("lifetime_s", 0)))
+    return Authorization(found["client_id"], found["account_id"], found["scope"], found["family"])
 
 
 async def revoke_family(db: AsyncDatabase, family: str) -> None:

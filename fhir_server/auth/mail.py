@@ -98,11 +98,6 @@ class Mailer:
             return True
         return int(found.get("sent", 0)) <= MAX_PER_HOUR
 
-    async def drain(self) -> None:
-        """Wait for the mails under way (at shutdown, and in tests)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
 
 def public_issuer(settings: Settings) -> str | None:
     """The issuer as configured (FHIR_AUTH_ISSUER, else FHIR_BASE_URL less /fhir, + /auth);

@@ -160,7 +160,7 @@ class AuthServer:
 
     async def _refresh(self, form: dict[str, str], issuer: str, audience: str) -> dict[str, Any]:
         client = await self._app(form, issuer)
-        grant, _ = await codes.rotate_refresh(self.db, form.get("refresh_token", ""), client.client_id)
+        grant = await codes.rotate_refresh(self.db, form.get("refresh_token", ""), client.client_id)
         if form.get("scope"):  # narrower scopes only (RFC 6749 6)
             kept, asked = set(grant.scope.split()), set(form["scope"].split())
             if not asked <= kept:
