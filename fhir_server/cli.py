@@ -209,7 +209,8 @@ def _import(args: argparse.Namespace) -> None:
     host, _, port = (args.dicom or "").rpartition(":")
     if args.dicom and not port.isdigit():
         raise SystemExit("--dicom takes HOST:PORT")
-    to = Destination(args.url, host.strip("[]") or None, int(port) if port else 11112, args.dicom_aet)
+    to = Destination(args.url, host.strip("[]") or None, int(port) if port else 11112, args.dicom_aet,
+                     args.token or os.environ.get("FHIR_ACCESS_TOKEN"))
     if args.randomize:
         if args.system != "retinal":
             raise SystemExit("--randomize generates data for the retinal system only")
@@ -255,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     importing.add_argument("--dicom", metavar="HOST:PORT",
                            help="the server's DICOM node, for DICOM images (default: the --url host, port 11112)")
     importing.add_argument("--dicom-aet", default="FHIRSERVER", help="the node's AE title (default FHIRSERVER)")
+    importing.add_argument("--token", help="a bearer access token, for a server with FHIR_AUTH on "
+                           "(env FHIR_ACCESS_TOKEN; e.g. of a client with system/*.cruds)")
     importing.add_argument("--kind", help="the kind of record of a CSV file or JSON list (default: from the file name)")
     importing.add_argument("--json", action="store_true", help="the summary as JSON, no progress bar")
     importing.add_argument("--randomize", action="store_true", help="retinal: generate a realistic data set")
