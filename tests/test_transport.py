@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove, Verification
 
 from fhir_server.config import Settings
 from fhir_server.security import body_limits, cors_origins
@@ -35,6 +35,7 @@ from fhir_server.storage.embedded import EmbeddedDatabase
 AET = "FHIRSERVER"
 ORIGIN = "https://app.example"
 REQUEST_CAP = 1 << 20  # FHIR_MAX_REQUEST_BYTES of the TLS server
+DESTINATION_PORT = free_port()  # a C-MOVE destination that speaks TLS only
 
 
 class Pki:
@@ -143,6 +144,7 @@ def tls_server(database: EmbeddedDatabase, pki: Pki, tmp_path_factory: pytest.Te
         "FHIR_DICOM_TLS_CERTFILE": str(pki.server_cert), "FHIR_DICOM_TLS_KEYFILE": str(pki.server_key),
         "FHIR_DICOM_TLS_CA_FILE": str(pki.ca), "FHIR_DICOM_PLAIN_PORT": str(free_port()),
         "FHIR_CORS_ORIGINS": f"{ORIGIN}, https://other.example", "FHIR_MAX_REQUEST_BYTES": str(REQUEST_CAP),
+        "FHIR_DICOM_DESTINATIONS": f"TLSDEST=tls://localhost:{DESTINATION_PORT}",
     }
     proc = TlsServer(tmp_path_factory.mktemp("transport"), env, pki).start()
     yield proc
@@ -245,6 +247,44 @@ def test_the_plain_port_beside_the_tls_port_speaks_plain_dicom(tls_server: TlsSe
     plain = int(tls_server.env["FHIR_DICOM_PLAIN_PORT"])
     assert tls_echo(plain, None)
     assert not tls_echo(plain, tls_server.pki.client_context())
+
+
+def test_c_move_to_a_tls_destination(tls_server: TlsServer) -> None:
+    """The destination requires mutual TLS: the node checks its certificate and offers its own."""
+    pki = tls_server.pki
+    received: list[str] = []
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    destination = AE(ae_title="TLSDEST")
+    destination.add_supported_context(CTImageStorage, ds_syntax := pydicom.uid.ExplicitVRLittleEndian)
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0
+
+    server = destination.start_server(("127.0.0.1", DESTINATION_PORT), block=False, ssl_context=context,
+                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        ds = fresh_ct()
+        assert ds.file_meta.TransferSyntaxUID == ds_syntax
+        scu = AE(ae_title="TESTSCU")
+        scu.add_requested_context(CTImageStorage, ds_syntax)
+        scu.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = scu.associate("127.0.0.1", tls_server.dicom_port, ae_title=AET, tls_args=(pki.client_context(), "localhost"))
+        assert assoc.is_established
+        assert int(assoc.send_c_store(ds).Status) == 0
+        assoc.release()  # answered once the instance is indexed
+        assoc = scu.associate("127.0.0.1", tls_server.dicom_port, ae_title=AET, tls_args=(pki.client_context(), "localhost"))
+        assert assoc.is_established
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", ds.StudyInstanceUID
+        statuses = [int(status.Status) for status, _ in assoc.send_c_move(query, "TLSDEST", StudyRootQueryRetrieveInformationModelMove)]
+        assoc.release()
+        assert statuses[-1] == 0, statuses
+        assert received == [ds.SOPInstanceUID]
+    finally:
+        server.shutdown()
 
 
 def _dcmtk_tls() -> bool:
