@@ -388,3 +388,14 @@ def test_a_chain_or_has_searches_only_types_the_token_may_search(secured: Secure
     with secured.client("user/Patient.rs user/Observation.rs") as both:
         found = both.get("/Observation", params={"subject:Patient.name": "Patient-a", "code:text": "laboratory"}).json()
         assert f"Observation/{world['a-laboratory']}" in entries(found)
+
+
+def test_the_importer_brings_a_token(secured: Secured) -> None:
+    records = os.path.join(os.path.dirname(__file__), "data", "interactions", "interactions.json")
+    argv = [sys.executable, "-m", "fhir_server", "import", "interactions", records, "--url", secured.base, "--json"]
+    refused = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    done = subprocess.run([*argv, "--token", secured.token("system/*.cruds")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["created"]["Encounter"] > 0 and not summary["rejected"], summary
