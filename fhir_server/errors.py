@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pymongo.errors import ConnectionFailure, DocumentTooLarge
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -187,6 +188,8 @@ class ErrorBoundaryMiddleware:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            LOGGER.info("the client went away before its request was read")  # nobody to answer
         except Exception as exc:
             LOGGER.exception("unhandled error", exc_info=exc)
             if started or scope["type"] != "http":
