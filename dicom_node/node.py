@@ -45,6 +45,7 @@ from dicom_node.retrieve import query_retrieve
 from dicom_node.sender import set_nodelay
 from dicom_node.statuses import SUCCESS
 from dicom_node.tls import TlsAssociationServer
+from fhir_server.audit import dicom as audit
 
 LOGGER = logging.getLogger(__name__)
 RELEASE_WAIT_S = 25.0  # the longest an A-RELEASE waits for indexing (DCMTK gives up after 30 s)
@@ -216,6 +217,7 @@ class DicomNode:
             (evt.EVT_CONN_CLOSE, self._forget),
             *self.query_retrieve,
         ]
+        handlers = audit.observed(handlers)  # associations, C-FIND, C-MOVE, C-GET in the audit trail
         self.server = self._listen(self.address, handlers, self.tls)
         if self.plain_address is not None:
             self._listen(self.plain_address, handlers, None)
@@ -259,6 +261,7 @@ class DicomNode:
         address = event.assoc.requestor.address
         if title not in self.allowed or (hosts is not None and address not in hosts):
             LOGGER.warning("DICOM association from %s at %s refused: not on the allow-list", title, address)
+            audit.rejected(event, "calling AE title not recognised")
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             event.assoc.kill()  # waits until the A-ASSOCIATE-RJ is out, as pynetdicom's own rejections do
 
@@ -291,6 +294,7 @@ class DicomNode:
     def _on_store(self, event: evt.Event) -> int:
         accepted = accept(self.indexer, event.dataset_path, str(event.request.AffectedSOPInstanceUID),
                           fsync=self.fsync, loop=self.loop)
+        audit.stored(event, accepted.status, accepted.facts)
         if accepted.indexed is not None:
             with self._lock:
                 self._waiting.setdefault(id(event.assoc), []).append(accepted.indexed)

@@ -11,9 +11,12 @@ from typing import Any
 from fastapi import FastAPI
 
 from fhir_server import __version__
+from fhir_server.audit import trail as audit_trail
+from fhir_server.audit.http import AuditMiddleware
 from fhir_server.config import Settings, get_settings
 from fhir_server.errors import install_error_handlers
 from fhir_server.logs import AccessLogMiddleware
+from fhir_server.provenance import ProvenanceMiddleware
 from fhir_server.routes import admin, auth, bundles, dicomweb, export, login, operations, resources, system
 from fhir_server.security import install_transport_security
 from fhir_server.services.ai_readiness import ReadinessRule
@@ -79,6 +82,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pages = PageStore(database.db, settings.page_ttl_s)
         await pages.prepare()
         app.state.database = database
+        app.state.audit = audit_trail.from_settings(repository, settings) if settings.audit else None
+        if app.state.audit is not None:
+            await app.state.audit.start()  # before the DICOM node, whose events it records too
         await start_auth(app, settings, database)
         app.state.search = SearchService(
             repository,
@@ -114,6 +120,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if node is not None:
                 await asyncio.to_thread(node.stop)
+            if app.state.audit is not None:
+                await app.state.audit.stop()  # writes what is buffered
             await app.state.exports.stop()
             await database.close()
 
@@ -124,8 +132,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.add_middleware(ProvenanceMiddleware)  # innermost: its answer waits for the Provenance
     install_error_handlers(app)
     install_transport_security(app, settings)  # body cap, CORS, security headers
+    app.add_middleware(AuditMiddleware)  # sees every answer as sent, 413s and 500s included
     app.add_middleware(AccessLogMiddleware)
     app.include_router(system.probes)
     app.include_router(system.public)
