@@ -94,7 +94,7 @@ async def authorize(request: Request) -> Policy:
         except InvalidToken as exc:
             raise Unauthorized(exc.reason) from exc
         policy = Policy(claims.grants, claims.patient, claims.subject, claims.fhir_user, frozenset(claims.roles),
-                        settings.base_url or "")
+                        settings.base_url or "", claims.issuer)
     request.state.access = policy
     return policy
 

@@ -84,7 +84,9 @@ class Unauthorized(FhirError):
     def __init__(self, diagnostics: str, *, error: str | None = "invalid_token") -> None:
         challenge = 'Bearer realm="fhir"'
         if error:
-            challenge += f', error="{error}", error_description="{diagnostics.replace(chr(34), chr(39))}"'
+            # RFC 6750 3: printable ASCII without `"` and `\` (the reason may quote the token).
+            text = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in diagnostics)[:300]
+            challenge += f', error="{error}", error_description="{text}"'
         super().__init__(diagnostics, headers={"WWW-Authenticate": challenge})
 
 

@@ -64,7 +64,8 @@ def image_entries(
 ) -> list[dict[str, Any]]:
     """Transaction entries creating the Binary and the DocumentReference that points at it."""
     binary_url = placeholder()
-    binary = {"resourceType": "Binary", "contentType": media_type, "data": base64.b64encode(data).decode()}
+    binary = {"resourceType": "Binary", "contentType": media_type, "data": base64.b64encode(data).decode(),
+              "securityContext": {"reference": patient_reference}}  # whose file it is: who may read it
     attachment: dict[str, Any] = {
         "contentType": media_type,
         "url": binary_url,

@@ -399,3 +399,110 @@ def test_the_importer_brings_a_token(secured: Secured) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["created"]["Encounter"] > 0 and not summary["rejected"], summary
+
+
+# -- what a search, a condition or a reference could tell (each a leak once) -----------------------
+
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d4944415478da63f8cf"
+                    "c0f01f0005000201d3a3a3a60000000049454e44ae426082")
+
+
+@pytest.fixture(scope="module")
+def sensitive(secured: Secured, world: dict[str, str]) -> dict[str, str]:
+    """B's HIV test, run on a Device; an image of A and one of B through the upload service."""
+    ids: dict[str, str] = {}
+    with secured.client("system/*.cruds") as admin:
+        device = admin.post("/Device", json={"resourceType": "Device", "deviceName": [{"name": "analyser", "type": "other"}]})
+        ids["device"] = device.json()["id"]
+        hiv = admin.post("/Observation", json={
+            "resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{world['b']}"},
+            "code": {"coding": [{"system": "urn:test", "code": "HIV"}]}, "device": {"reference": f"Device/{ids['device']}"},
+            "performer": [{"reference": f"Practitioner/{world['practitioner']}"}]})
+        ids["hiv"] = hiv.json()["id"]
+        for who in ("a", "b"):
+            upload = admin.post(f"/Patient/{world[who]}/$upload-image", content=PNG, headers={"Content-Type": "image/png"})
+            assert upload.status_code == 201, upload.text
+            ids[f"{who}-binary"] = upload.json()["content"][0]["attachment"]["url"].rsplit("/", 1)[-1]
+    return ids
+
+
+def test_patient_scopes_beyond_the_compartment(secured: Secured, world: dict[str, str], sensitive: dict[str, str]) -> None:
+    with secured.client("patient/*.cruds", patient=world["a"]) as mine:
+        assert mine.get(f"/Binary/{sensitive['a-binary']}").status_code == 200  # its securityContext is A
+        assert_forbidden(mine.get(f"/Binary/{sensitive['b-binary']}"))
+        assert_forbidden(mine.get("/Binary"))
+        assert_forbidden(mine.delete(f"/Binary/{sensitive['b-binary']}"))
+        assert_forbidden(mine.get(f"/Device/{sensitive['device']}"))  # not what every record shares
+        assert mine.get(f"/Practitioner/{world['practitioner']}").status_code == 200
+        assert_forbidden(mine.put(f"/Practitioner/{world['practitioner']}",
+                                  json={"resourceType": "Practitioner", "id": world["practitioner"], "name": [{"family": "X"}]}))
+        # Content naming another patient too is not this token's to write.
+        forged = {"resourceType": "Observation", "status": "final", "code": {"text": "forged"},
+                  "subject": {"reference": f"Patient/{world['b']}"}, "performer": [{"reference": f"Patient/{world['a']}"}]}
+        assert_forbidden(mine.post("/Observation", json=forged))
+
+
+def test_chains_has_and_iterations_stay_within_reach(secured: Secured, world: dict[str, str],
+                                                    sensitive: dict[str, str]) -> None:
+    hiv = {"_has:Observation:performer:code": "urn:test|HIV"}
+    with secured.client("patient/*.rs", patient=world["a"]) as mine:  # only B had that test
+        assert entries(mine.get("/Practitioner", params=hiv).json()) == []
+        assert_forbidden(mine.get("/Device", params={"_has:Observation:device:subject": f"Patient/{world['b']}"}))
+        bundle = mine.get("/Practitioner", params={"_id": world["practitioner"], "_revinclude": "Observation:performer",
+                                                   "_include:iterate": "Observation:device"}).json()
+        assert not any(ref.startswith("Device/") for ref in entries(bundle))
+    with secured.client("user/Practitioner.rs user/Observation.rs") as both:
+        assert entries(both.get("/Practitioner", params=hiv).json()) == [f"Practitioner/{world['practitioner']}"]
+    with secured.client("user/Patient.rs user/Practitioner.rs") as no_observations:  # at every level of a _has
+        assert_forbidden(no_observations.get("/Practitioner", params={
+            "_has:Patient:general-practitioner:_has:Observation:subject:code": "urn:test|HIV"}))
+    with secured.client("user/*.rs") as not_admin:
+        assert_forbidden(not_admin.get("/Patient", params={"_has:Observation:subject:_has:AuditEvent:entity:outcome": "0"}))
+    with secured.client("user/Observation.rs?category=laboratory user/Practitioner.rs") as labs:
+        assert entries(labs.get("/Practitioner", params={"_has:Observation:performer:category": "vital-signs"}).json()) == []
+    with secured.client("user/Patient.rs user/Device.rs") as no_observations:
+        bundle = no_observations.get("/Patient", params={"_id": world["b"], "_revinclude": "Observation:subject",
+                                                         "_include:iterate": "Observation:device"}).json()
+        assert entries(bundle) == [f"Patient/{world['b']}"]
+
+
+def test_conditions_and_references_are_searches_within_reach(secured: Secured, world: dict[str, str],
+                                                            sensitive: dict[str, str]) -> None:
+    a, b = world["a"], world["b"]
+    with secured.client("patient/Observation.d", patient=a) as no_search:
+        assert_forbidden(no_search.delete("/Observation", params={"subject": f"Patient/{b}", "code": "urn:test|HIV"}))
+    with secured.client("patient/Observation.cruds patient/Patient.rs", patient=a) as mine:
+        for code in ("urn:test|HIV", "urn:test|flu"):  # the same answer: nothing of B's is seen
+            answer = mine.delete("/Observation", params={"subject": f"Patient/{b}", "code": code})
+            assert answer.status_code in (200, 204), answer.text
+        assert mine.delete("/Observation", params={"subject": f"Patient/{b}"}).status_code in (200, 204)
+        body = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": f"Patient/{a}"}}
+        created = mine.post("/Observation", json=body, headers={"If-None-Exist": f"subject=Patient/{b}&code=urn:test|HIV"})
+        assert created.status_code == 201
+        probe = {"resourceType": "Bundle", "type": "transaction", "entry": [{
+            "resource": {**body, "focus": [{"reference": f"Observation?subject=Patient/{b}&code=urn:test|HIV"}]},
+            "request": {"method": "POST", "url": "Observation"}}]}
+        answer = mine.post("", json=probe)
+        assert answer.status_code == 412 and "matches 0" in answer.text
+    with secured.client("openid") as nobody:
+        assert_forbidden(nobody.post(f"/Observation/{sensitive['hiv']}/$validate", params={"mode": "delete"}))
+
+
+def test_mixed_scopes_and_odd_claims(secured: Secured, world: dict[str, str], sensitive: dict[str, str]) -> None:
+    with secured.client("user/Patient.rs patient/Observation.rs", patient=world["a"]) as mixed:
+        assert_forbidden(mixed.get("/$export", params={"_type": "Observation"}, headers={"Prefer": "respond-async"}))
+        assert mixed.get(f"/Patient/{world['b']}").status_code == 200  # user/ Patient scope
+        everything = mixed.get(f"/Patient/{world['b']}/$everything").json()
+        assert not any(ref.startswith("Observation/") for ref in entries(everything))
+    now = int(time.time())
+    for patient in (123, ["x"], ""):
+        token = secured.key.sign({"iss": secured.issuer, "aud": secured.base, "sub": "odd", "scope": "patient/*.rs",
+                                  "iat": now, "exp": now + 300, "jti": uuid.uuid4().hex, "patient": patient})
+        assert httpx.get(f"{secured.base}/Patient", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    answer = httpx.get(f"{secured.base}/Observation",
+                       headers={"Authorization": f"Bearer {secured.token('user/Observation.rs?_count=1')}"})
+    assert answer.status_code == 401 and "result parameters" in answer.headers["www-authenticate"]
+    foreign = jwt.encode({"iss": "https://idp.exämple/\"x\"", "aud": secured.base, "sub": "x", "exp": now + 60},
+                         ec.generate_private_key(ec.SECP256R1()), algorithm="ES256")
+    answer = httpx.get(f"{secured.base}/Patient", headers={"Authorization": f"Bearer {foreign}"})
+    assert answer.status_code == 401 and "unknown issuer" in answer.headers["www-authenticate"]

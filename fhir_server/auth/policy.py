@@ -27,6 +27,17 @@ from fhir_server.storage.repository import Change, Decide, Version
 
 READ_ONLY_BY_ADMINS = frozenset({"AuditEvent"})  # the audit trail: admins read it, nobody writes it
 ADMIN = "admin"
+# What patient/ scopes may read beyond the Patient compartment: descriptions shared by every
+# patient's record (who treats, where, with what), never records of other patients (a Bundle,
+# a Contract, a Device of someone else's). A Binary is read when its securityContext is the
+# token's patient (the upload service sets it).
+SHARED_TYPES = frozenset({
+    "Practitioner", "PractitionerRole", "Organization", "Location", "HealthcareService", "Endpoint",
+    "Medication", "Substance", "Questionnaire", "ValueSet", "CodeSystem", "ConceptMap", "Measure", "Library",
+    "ActivityDefinition", "PlanDefinition", "StructureDefinition", "SearchParameter", "OperationDefinition",
+    "CapabilityStatement", "NamingSystem",
+})
+BINARY = "Binary"
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,7 @@ class Policy:
     fhir_user: str | None = None
     roles: frozenset[str] = field(default_factory=frozenset)
     base_url: str = ""  # this server's public base, whose absolute references are local ones
+    issuer: str | None = None  # of the token: `subject` is unique within it
 
     @property
     def open(self) -> bool:
@@ -58,11 +70,25 @@ class Policy:
         if not access.allowed:
             raise Forbidden(f"The token's scopes do not allow '{permission}' on {resource_type}"
                             f" (it has: {self.grants.text or 'none'})")
-        if access.confined and self.patient is None and _in_compartment(resource_type):
-            raise Forbidden("The token has patient/ scopes but no patient")
+        if access.confined:
+            self._confined(resource_type, permission)
         if access.narrowed and permission in "cud":
             raise Forbidden(f"A granular scope (Type.cruds?search) allows reads and searches of {resource_type} only")
         return access
+
+    def _confined(self, resource_type: str, permission: str) -> None:
+        """What patient/ scopes may do: within their patient's compartment (and that
+        patient's Binary files), and read what every patient's record shares."""
+        if self.patient is None:
+            raise Forbidden("The token has patient/ scopes but no patient")
+        if _in_compartment(resource_type):
+            return
+        if resource_type == BINARY and permission == "r":
+            return
+        if resource_type not in SHARED_TYPES:
+            raise Forbidden(f"patient/ scopes do not reach {resource_type} resources (not in a Patient compartment)")
+        if permission not in "rs":
+            raise Forbidden(f"patient/ scopes only read {resource_type} resources (shared by every patient's record)")
 
     def allows(self, resource_type: str, permission: str) -> bool:
         try:
@@ -89,18 +115,33 @@ class Policy:
     def holds(self, resource_type: str, resource_id: str, resource: dict[str, Any] | None) -> bool:
         """Whether a resource is within the token's patient compartment (always, when the
         token is not confined for this type)."""
-        if self.patient is None or not _in_compartment(resource_type):
+        if self.patient is None:
+            return True
+        if resource_type == BINARY:
+            context = (resource or {}).get("securityContext") or {}
+            return isinstance(context, dict) and context.get("reference") == f"Patient/{self.patient}"
+        if not _in_compartment(resource_type):
             return True
         if resource_type == "Patient":
             return resource_id == self.patient
-        if resource is None:
-            return False
-        wanted = f"Patient/{self.patient}"
-        for code in patient_compartment()[resource_type]:
+        return f"Patient/{self.patient}" in self._patients(resource_type, resource)
+
+    def _patients(self, resource_type: str, resource: dict[str, Any] | None) -> set[str]:
+        """The Patients whose compartments a resource is in."""
+        found: set[str] = set()
+        for code in patient_compartment()[resource_type] if resource is not None else ():
             param = parameter(resource_type, code)
-            if param is not None and wanted in references(param, resource, self.base_url):
-                return True
-        return False
+            if param is not None:
+                found.update(r for r in references(param, resource, self.base_url) if r.startswith("Patient/"))
+        return found
+
+    def owns(self, resource_type: str, resource_id: str, resource: dict[str, Any] | None) -> bool:
+        """Whether content a patient/ token writes is of its patient only: in its compartment
+        and in no other patient's (an Observation of another patient with this one as its
+        performer is not written by this token)."""
+        if resource_type in ("Patient", BINARY) or not _in_compartment(resource_type):
+            return self.holds(resource_type, resource_id, resource)
+        return self._patients(resource_type, resource) == {f"Patient/{self.patient}"}
 
     def visible(self, version: Version, permission: str = "r") -> bool:
         """Whether the token may see this stored version (an include, a history entry).
@@ -115,11 +156,23 @@ class Policy:
             return False
         return not access.confined or self.holds(version.type, version.id, version.resource)
 
+    def reaches(self, version: Version, permission: str = "s") -> bool:
+        """Whether a search match is within the token's compartment (its granular search was
+        part of the query)."""
+        try:
+            access = self.require(version.type, permission)
+        except Forbidden:
+            return False
+        return not access.confined or self.holds(version.type, version.id, version.resource)
+
     def check(self, resource_type: str, resource_id: str, resource: dict[str, Any] | None, permission: str) -> None:
         """Forbidden unless `resource` (stored, or about to be) is within the token's reach."""
         access = self.require(resource_type, permission)
-        if access.confined and not self.holds(resource_type, resource_id, resource):
-            raise Forbidden(f"{resource_type}/{resource_id} is not in the compartment of Patient/{self.patient}")
+        if not access.confined:
+            return
+        reached = self.owns if permission in "cud" else self.holds
+        if not reached(resource_type, resource_id, resource):
+            raise Forbidden(f"{resource_type}/{resource_id} is not (only) in the compartment of Patient/{self.patient}")
 
     def guard(self, resource_type: str, resource_id: str, permission: str, decide: Decide) -> Decide:
         """`decide`, checked against what the write reads and what it would store: a
@@ -136,6 +189,11 @@ class Policy:
             return change
 
         return guarded
+
+    @property
+    def principal(self) -> str | None:
+        """Who the token speaks for, across issuers."""
+        return None if self.subject is None else f"{self.issuer}|{self.subject}"
 
     @property
     def key(self) -> str:

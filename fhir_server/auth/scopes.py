@@ -84,6 +84,8 @@ def parse_scope(text: str) -> Scope | None:
             raise ScopeError(f"'{text}': permissions are a subset of 'cruds' in that order, or read, write or *")
         granted = permissions
     search = tuple(parse_qsl(query, keep_blank_values=True)) if query else ()
+    if any(name.startswith("_") and name not in ("_id", "_tag", "_security", "_profile") for name, _ in search):
+        raise ScopeError(f"'{text}': a scope's search narrows by search parameters, not result parameters (_count...)")
     return Scope(context, resource_type, frozenset(granted), search)  # type: ignore[arg-type]
 
 

@@ -8,6 +8,7 @@ of its own. Revoked tokens are listed there too (`auth_revoked`, kept until they
 
 import asyncio
 import contextlib
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -30,7 +31,8 @@ ALGORITHM = "ES256"  # the built-in server's tokens
 ACCEPTED = ["RS256", "RS384", "ES256", "ES384"]  # an external issuer's (SMART asks for RS384 and ES384)
 LEEWAY_S = 30  # clock skew between issuer and server
 JWKS_TTL_S = 300.0
-JWKS_RETRY_S = 30.0  # at most one refetch per issuer in this time, for an unknown key id
+JWKS_RETRY_S = 30.0
+PATIENT_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # a FHIR id  # at most one refetch per issuer in this time, for an unknown key id
 
 
 class InvalidToken(Exception):
@@ -169,10 +171,15 @@ class TokenValidator:
             grants = Grants.parse(str(claims.get("scope", "")))
         except ScopeError as exc:
             raise InvalidToken(f"the token's scope is not valid: {exc}") from exc
+        patient = claims.get("patient")
+        if patient is not None and not (isinstance(patient, str) and PATIENT_ID.fullmatch(patient)):
+            raise InvalidToken("the token's patient is not a resource id")
         return Claims(
             issuer=issuer, subject=str(claims["sub"]), client_id=str(claims.get("client_id", claims["sub"])),
             grants=grants, token_id=token_id, expires=int(claims["exp"]),
-            patient=claims.get("patient"), fhir_user=claims.get("fhirUser"), roles=_roles(claims.get("roles")),
+            patient=patient, fhir_user=claims.get("fhirUser"),
+            # Roles are this server's own: another issuer's `roles` claim means something else.
+            roles=_roles(claims.get("roles")) if issuer == own_issuer else (),
         )
 
 

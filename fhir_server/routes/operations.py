@@ -46,7 +46,7 @@ async def _validate(
     body = None
     if mode != "delete" or request.headers.get("content-length", "0") != "0":
         body = await json_body(request)
-    issues: list[Issue] = await resources.validate(resource_type, resource_id, body, mode)
+    issues: list[Issue] = await resources.validate(resource_type, resource_id, body, mode, ctx.access)
     return fhir_response(ctx, operation_outcome(issues))
 
 

@@ -185,7 +185,7 @@ class ExportService:
         await self.jobs.create({
             "_id": job_id, "request": url, "level": level, "group": group_id, "types": types,
             "since": request.since, "transactionTime": moment, "members": members, "warnings": warnings,
-            "created": now, "requester": access.subject, "secured": not access.open,
+            "created": now, "requester": access.principal, "secured": not access.open,
         })
         self.worker.wake()
         return job_id, warnings
@@ -196,10 +196,10 @@ class ExportService:
         eligible = supported_types() if level == "system" else supported_types() & set(patient_compartment())
         if requested is None:
             stored = set(await self.repository.stored_types())
-            return sorted(t for t in stored & eligible if access.allows(t, "r") and not access.narrowing(t, "r"))
+            return sorted(t for t in stored & eligible if access.allows(t, "r") and _whole(access, t))
         for resource_type in requested:
-            if access.narrowing(resource_type, "r"):  # also refuses a type the token may not read
-                raise Forbidden(f"$export of {resource_type} needs a scope without a search (granular)")
+            if not _whole(access, resource_type):  # also refuses a type the token may not read
+                raise Forbidden(f"$export of {resource_type} needs a user/ or system/ scope without a search")
         for resource_type in requested:
             if resource_type not in eligible:
                 warnings.append(_warning(f"{resource_type} is not in the Patient compartment: not exported"))
@@ -251,7 +251,7 @@ class ExportService:
         """The job, for the token that started it (another token is told it does not exist)."""
         check_job_id(job_id)
         job = await self.jobs.get(job_id)
-        if job is None or (job.get("secured") and job.get("requester") != access.subject):
+        if job is None or (job.get("secured") and job.get("requester") != access.principal):
             raise NotFound(f"No export job '{job_id}' (unknown, cancelled or expired)")
         return job
 
@@ -296,6 +296,11 @@ class ExportService:
         await self.jobs.delete(job_id)
         self.worker.cancelled(job_id)
         await self.files.remove(job_id)
+
+
+def _whole(access: Policy, resource_type: str) -> bool:
+    """Whether the token reads every resource of the type (an export is not filtered)."""
+    return access.compartment(resource_type, "r") is None and not access.narrowing(resource_type, "r")
 
 
 def _progress(job: dict[str, Any]) -> str:

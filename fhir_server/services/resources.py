@@ -263,10 +263,11 @@ class ResourceService:
     # -- $validate ---------------------------------------------------------------------------
 
     async def validate(
-        self, resource_type: str, resource_id: str | None, body: Any, mode: str | None
+        self, resource_type: str, resource_id: str | None, body: Any, mode: str | None, access: Policy = OPEN
     ) -> list[Issue]:
         """`$validate`: what a create, update or delete (or, without `mode`, any use) of this
-        content would say, without storing anything. Raises the validation error."""
+        content would say, without storing anything. Raises the validation error. Needs the
+        permission of the interaction it stands for (read, without a mode)."""
         check_type(resource_type)
         if resource_id is not None:
             check_id(resource_id)
@@ -274,10 +275,11 @@ class ResourceService:
         if mode not in VALIDATION_MODES:
             known = ", ".join(m for m in VALIDATION_MODES if m)
             raise BadRequest(f"mode must be one of {known} (or absent), not '{mode}'", expression="mode")
+        access.require(resource_type, {"create": "c", "update": "u", "delete": "d"}.get(mode or "", "r"))
         if mode == "delete":
             if resource_id is None:
                 raise BadRequest("mode=delete validates an existing resource: use [type]/[id]/$validate")
-            await self.read(resource_type, resource_id)
+            access.check(resource_type, resource_id, (await self.read(resource_type, resource_id, access)).resource, "d")
             return [Issue(f"{resource_type}/{resource_id} can be deleted", "informational", "information")]
         if resource is None:
             raise BadRequest("$validate needs a resource (the body, or the 'resource' parameter)")
@@ -309,7 +311,7 @@ class ResourceService:
             return await self._create(resource_type, resource, access)
         criteria = parse_query_string(resource_type, if_none_exist)
         async with self.lock(resource_type, criteria):
-            matches = await self._matches(resource_type, criteria)
+            matches = await self._matches(resource_type, criteria, access)
             if len(matches) > 1:
                 raise PreconditionFailed(
                     f"If-None-Exist '{if_none_exist}' matches {len(matches)} resources"
@@ -359,7 +361,7 @@ class ResourceService:
         criteria = parse_query_string(resource_type, query)
         resource = validate_resource(body, resource_type)
         async with self.lock(resource_type, criteria):
-            matches = await self._matches(resource_type, criteria)
+            matches = await self._matches(resource_type, criteria, access)
             if len(matches) > 1:
                 raise PreconditionFailed(f"'{query}' matches {len(matches)} resources")
             body_id = resource.get("id")
@@ -439,7 +441,7 @@ class ResourceService:
         access.require(resource_type, "d")
         criteria = parse_query_string(resource_type, query)
         async with self.lock(resource_type, criteria):
-            matches = await self._matches(resource_type, criteria)
+            matches = await self._matches(resource_type, criteria, access)
             if len(matches) > 1:
                 raise PreconditionFailed(f"'{query}' matches {len(matches)} resources")
             if not matches:
@@ -448,8 +450,9 @@ class ResourceService:
             # deletion of something that may no longer match.
             return await self.delete(resource_type, matches[0].id, if_match=matches[0].vid, access=access)
 
-    async def _matches(self, resource_type: str, criteria: list[Criterion]) -> list[Version]:
-        return await self.searches.matches(resource_type, criteria, limit=2)
+    async def _matches(self, resource_type: str, criteria: list[Criterion], access: Policy) -> list[Version]:
+        """A conditional interaction's matches: a search, so within what the token may search."""
+        return await self.searches.matches(resource_type, criteria, limit=2, access=access)
 
     def lock(self, resource_type: str, criteria: list[Criterion]) -> AbstractAsyncContextManager[None]:
         """Serialises conditional interactions on the same criteria, across server processes."""

@@ -67,12 +67,15 @@ class SearchService:
         *,
         compartment: list[str] | None = None,
         depth: int = 0,
+        access: Policy = OPEN,
     ) -> dict[str, Any]:
-        resolved = [await self._resolve(resource_type, c, base, depth) for c in criteria]
+        """The database filter of criteria, chains and `_has` resolved (within `access`)."""
+        resolved = [await self._resolve(resource_type, c, base, depth, access) for c in criteria]
         return to_filter(resolved, base, compartment, embedded=self.repository.embedded)
 
-    async def _resolve(self, resource_type: str, criterion: Criterion, base: str, depth: int) -> Criterion:
-        """A chained or `_has` criterion as the ids it stands for; others unchanged."""
+    async def _resolve(self, resource_type: str, criterion: Criterion, base: str, depth: int, access: Policy) -> Criterion:
+        """A chained or `_has` criterion as the ids it stands for; others unchanged. The inner
+        searches are kept to the token's reach like any search: they would tell what they find."""
         if not (criterion.chain or criterion.has):
             return criterion
         if depth >= MAX_CHAIN_DEPTH:
@@ -85,7 +88,7 @@ class SearchService:
             if inner is None:
                 raise BadRequest(f"Unknown search parameter '{rest}' for {source} in '{criterion.name}'",
                                  expression=criterion.name)
-            query = await self.filter_for(source, [inner], base, depth=depth + 1)
+            query = await self._reached(source, [inner], base, access, depth=depth + 1)
             found = await self.repository.index_values(source, query, ref, limit=limit + 1)
             ids = sorted({i for ks in found for i in referenced_ids(ks, resource_type)})
             self._check_limit(len(found), criterion)
@@ -103,7 +106,7 @@ class SearchService:
             inner = parse_criterion(target, criterion.chain, raw)
             if inner is None:
                 continue
-            query = await self.filter_for(target, [inner], base, depth=depth + 1)
+            query = await self._reached(target, [inner], base, access, depth=depth + 1)
             ids = await self.repository.find_ids(target, query, [("_id", 1)], limit=limit + 1 - len(refs))
             refs.extend(f"{target}/{i}" for i in ids)
             self._check_limit(len(refs), criterion)  # over every target type together
@@ -116,9 +119,12 @@ class SearchService:
                 expression=criterion.name,
             )
 
-    async def matches(self, resource_type: str, criteria: list[Criterion], *, limit: int) -> list[Version]:
-        """Current matches of resolved criteria, for conditional interactions."""
-        query = await self.filter_for(resource_type, criteria, self.repository.base_url)
+    async def matches(
+        self, resource_type: str, criteria: list[Criterion], *, limit: int, access: Policy = OPEN
+    ) -> list[Version]:
+        """Current matches of criteria, for conditional interactions and references: within
+        the token's reach (what it may search), as a search would find them."""
+        query = await self._reached(resource_type, criteria, self.repository.base_url, access)
         return await self.repository.find(resource_type, query, limit=limit)
 
     # -- searches --------------------------------------------------------------------------------
@@ -152,17 +158,16 @@ class SearchService:
         return await self._run(base, path, request, {resource_type: query} if query else None, access=access)
 
     async def _reached(
-        self, resource_type: str, criteria: list[Criterion], base: str, access: Policy, patient: str | None = None
+        self, resource_type: str, criteria: list[Criterion], base: str, access: Policy, patient: str | None = None,
+        depth: int = 0,
     ) -> dict[str, Any]:
-        """The filter of a search, within what the token reaches: a `patient/` token's
-        compartment, a granular scope's search. `patient`: a Patient compartment searched."""
+        """The filter of a search, within what the token reaches (the type's search permission,
+        a `patient/` token's compartment, a granular scope's search), at every level of its
+        chains and `_has`. `patient`: a Patient compartment searched."""
         confined = access.compartment(resource_type)
         if confined is not None and patient not in (None, confined):
             raise Forbidden(f"The token reaches the compartment of Patient/{confined} only")
         patient = patient or confined
-        for criterion in criteria:
-            for searched in _searched_types(criterion):  # a chain or _has searches other types
-                access.require(searched, "s")
         criteria = list(criteria)
         narrowing = access.narrowing(resource_type)
         if narrowing:
@@ -172,7 +177,7 @@ class SearchService:
             criteria.append(Criterion("_id", parameter("Patient", "_id"), (patient,)))
         elif patient is not None:
             keys = reference_keys(list(patient_compartment()[resource_type]), [f"Patient/{patient}"])
-        return await self.filter_for(resource_type, criteria, base, compartment=keys)
+        return await self.filter_for(resource_type, criteria, base, compartment=keys, depth=depth, access=access)
 
     async def system_search(
         self, base: str, params: list[tuple[str, str]], *, strict: bool, access: Policy = OPEN
@@ -211,7 +216,8 @@ class SearchService:
             values[name] = raw
         compartment = patient_compartment()
         types = ["Patient", *sorted(t for t in compartment if t != "Patient" and t in supported_types())]
-        types = [t for t in types if access.allows(t, "s") and not access.narrowing(t)]
+        types = [t for t in types if access.allows(t, "s") and not access.narrowing(t)
+                 and access.compartment(t) in (None, patient_id)]  # a type confined elsewhere: left out
         if "_type" in values:
             wanted = [t.strip() for t in values["_type"].split(",") if t.strip()]
             for t in wanted:
@@ -296,9 +302,8 @@ class SearchService:
                 snapshot = await self.pages.save(refs[:stored], total)
             refs = refs[:count]
         # The query kept to the token's reach; checked again, for what a page link names.
-        found = [v for v in await self._fetch(refs) if access.holds(v.type, v.id, v.resource)]
-        # Included resources must not show what the token does not reach.
-        included = [v for v in await self._include(found, request.includes, skip_included) if access.visible(v)]
+        found = [v for v in await self._fetch(refs) if access.reaches(v, "s")]
+        included = await self._include(found, request.includes, skip_included, access)
         return self._bundle(base, path, request, found, included, total, snapshot, offset, stored, fingerprint)
 
     async def _count(self, queries: dict[str, dict[str, Any]], *, listed: bool = True) -> int:
@@ -337,9 +342,12 @@ class SearchService:
         return [found[r] for r in refs if r in found]
 
     async def _include(
-        self, matches: list[Version], includes: list[Include], skip: frozenset[str] = frozenset()
+        self, matches: list[Version], includes: list[Include], skip: frozenset[str] = frozenset(),
+        access: Policy = OPEN,
     ) -> list[Version]:
-        """`_include` and `_revinclude`, then their `:iterate` forms over what was added."""
+        """`_include` and `_revinclude`, then their `:iterate` forms over what was added: only
+        what the token may read, and iterating from that only (else a round through a resource
+        it may not see would tell what that resource refers to)."""
         if not includes or not matches:
             return []
         seen = {(v.type, v.id) for v in matches}
@@ -352,7 +360,7 @@ class SearchService:
                     continue
                 fetched = await (self._reverse(frontier, include) if include.reverse else self._forward(frontier, include, skip))
                 for version in fetched:
-                    if (version.type, version.id) not in seen:
+                    if (version.type, version.id) not in seen and access.visible(version):
                         seen.add((version.type, version.id))
                         new.append(version)
             added.extend(new)
@@ -428,17 +436,6 @@ def _field(row: tuple[str, dict[str, Any]], field: str) -> str:
     for part in field.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     return value if isinstance(value, str) else ""
-
-
-def _searched_types(criterion: Criterion) -> list[str]:
-    """The types a chained or `_has` criterion searches (its first link)."""
-    if criterion.has:
-        return [criterion.has[0]]
-    if criterion.chain and criterion.param is not None:
-        first = criterion.chain.split(".")[0].split(":")[0]
-        targets = [criterion.target] if criterion.target else list(criterion.param.targets)
-        return [t for t in targets if t in supported_types() and parameter(t, first) is not None]
-    return []
 
 
 def _reference_params(resource_type: str, code: str) -> list[Any]:

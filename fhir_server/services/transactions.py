@@ -276,7 +276,7 @@ class TransactionService:
                 if entry_limit is not None and len(_serialised(target.body)) > entry_limit:
                     raise PayloadTooLarge(f"The resource is larger than {entry_limit} bytes")
                 try:
-                    body = await self._rewrite(target.body, references, created, resolved, deleted)
+                    body = await self._rewrite(target.body, references, created, resolved, deleted, access)
                 except RecursionError as exc:
                     raise BadRequest("The resource is nested too deeply") from exc
                 if target.entry.method == "POST":
@@ -303,7 +303,7 @@ class TransactionService:
             if len(parts) != 1:
                 raise BadRequest("POST takes the type only (Patient, not Patient/id)")
             if entry.if_none_exist:
-                found = await self._matches(resource_type, entry.if_none_exist, "ifNoneExist", deleted)
+                found = await self._matches(resource_type, entry.if_none_exist, "ifNoneExist", deleted, access)
                 if found:
                     await self.resources.check_visible(found, access)  # the answer shows the match
                     return _Target(entry, resource_type, found.id, result=matched(found))
@@ -314,7 +314,7 @@ class TransactionService:
             return _Target(entry, resource_type, parts[1], body)
         if len(parts) != 1 or not entry.query:
             raise BadRequest(f"{entry.method} takes Type/id or Type?criteria")
-        found = await self._matches(resource_type, entry.query, "criteria", deleted)
+        found = await self._matches(resource_type, entry.query, "criteria", deleted, access)
         if entry.method == "DELETE" and found is None:
             return _Target(entry, resource_type, None, result=none_matched(resource_type, entry.query))
         if entry.method == "PATCH" and found is None:
@@ -334,12 +334,12 @@ class TransactionService:
         return _Target(entry, resource_type, str(uuid.uuid4()), body, read_current=False)
 
     async def _matches(
-        self, resource_type: str, query: str, what: str, deleted: set[tuple[str, str]]
+        self, resource_type: str, query: str, what: str, deleted: set[tuple[str, str]], access: Policy
     ) -> Version | None:
         """The one match of conditional criteria, None for none; 412 for several. Resources
         deleted by earlier entries of the transaction are gone for these searches."""
         criteria = parse_query_string(resource_type, query)
-        found = await self.searches.matches(resource_type, criteria, limit=2 + len(deleted))
+        found = await self.searches.matches(resource_type, criteria, limit=2 + len(deleted), access=access)
         found = [v for v in found if (resource_type, v.id) not in deleted]
         if len(found) > 1:
             raise PreconditionFailed(f"{what} '{query}' matches {len(found)} resources")
@@ -352,8 +352,10 @@ class TransactionService:
         created: dict[str, str],
         resolved: dict[str, str],
         deleted: set[tuple[str, str]],
+        access: Policy,
     ) -> dict[str, Any]:
-        """`fullUrl`s of the Bundle and conditional references → the ids they stand for."""
+        """`fullUrl`s of the Bundle and conditional references → the ids they stand for (found
+        within what the token may search)."""
 
         async def reference(value: str) -> str:
             if value in references:
@@ -369,7 +371,7 @@ class TransactionService:
                 if key in created:
                     resolved[value] = created[key]
                 else:
-                    found = await self.searches.matches(resource_type, criteria, limit=2 + len(deleted))
+                    found = await self.searches.matches(resource_type, criteria, limit=2 + len(deleted), access=access)
                     found = [v for v in found if (resource_type, v.id) not in deleted]
                     if len(found) != 1:
                         raise PreconditionFailed(

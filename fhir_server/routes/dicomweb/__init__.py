@@ -2,7 +2,7 @@
 and STOW-RS storage (`stow`), over the DICOM node's file store and catalog.
 
 Under authorization, DICOMweb is ImagingStudy data: QIDO-RS needs `ImagingStudy.s`, WADO-RS
-`ImagingStudy.r`, STOW-RS `ImagingStudy.cu` (it creates and updates studies), from user/ or
+`ImagingStudy.r`, STOW-RS `cu` on ImagingStudy, Patient and Endpoint (what it makes), from user/ or
 system/ scopes: studies are not filtered by patient here, so patient/ and granular scopes are
 refused.
 """
@@ -24,9 +24,13 @@ async def dicom_access(request: Request) -> None:
         permissions = "cu"
     else:
         permissions = "s" if request.url.path.rstrip("/").endswith(QIDO_ENDS) else "r"
-    for permission in permissions:
-        if access.compartment("ImagingStudy", permission) is not None or access.narrowing("ImagingStudy", permission):
-            raise Forbidden("DICOMweb needs user/ or system/ ImagingStudy scopes without a search")
+    # STOW-RS also makes the Patient (and Endpoint) of what it stores.
+    types = ("ImagingStudy", "Patient", "Endpoint") if request.method == "POST" else ("ImagingStudy",)
+    for resource_type in types:
+        for permission in permissions:
+            if access.compartment(resource_type, permission) is not None or access.narrowing(resource_type, permission):
+                raise Forbidden("DICOMweb needs user/ or system/ scopes without a search: ImagingStudy (STOW-RS: "
+                                "ImagingStudy, Patient and Endpoint, create and update)")
 
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"], dependencies=[Depends(dicom_access)])
