@@ -359,16 +359,20 @@ class ResourceRepository:
         at: tuple[datetime, datetime] | None = None,
         count: int,
         cursor: str | None = None,
+        leave_out: str | None = None,
     ) -> HistoryPage:
         """Versions newest first, `count` at a time; `cursor` continues after a previous page.
 
-        `at=(low, high)` keeps the versions that were current at some moment of that period.
+        `at=(low, high)` keeps the versions that were current at some moment of that period;
+        `leave_out`: a type whose versions the system history does not list.
         """
         query: dict[str, Any] = {}
         if resource_type and resource_id:
             query = _versions_of(resource_type, resource_id)
         elif resource_type:
             query["t"] = resource_type
+        elif leave_out:
+            query["t"] = {"$ne": leave_out}
         ts_range: dict[str, datetime] = {}
         if since:
             ts_range["$gte"] = since
