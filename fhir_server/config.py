@@ -144,12 +144,15 @@ class Settings(BaseSettings):
     smtp_starttls: bool = False
     smtp_timeout_s: float = Field(default=10.0, gt=0)
     # The audit trail (AuditEvent for every FHIR, DICOMweb, auth and DICOM interaction): events
-    # are buffered and written in batches every `audit_flush_s` or `audit_batch` events; at most
+    # are buffered and stored in batches every `audit_flush_s` or `audit_batch` events; at most
     # `audit_max_buffered` wait while the database is unreachable (then new ones are dropped, logged).
+    # Batches are indexed for search when the process is idle, before a request that reads
+    # AuditEvents, and at the latest once they are `audit_index_lag_s` old (fhir_server/audit/trail.py).
     audit: bool = True
     audit_flush_s: float = Field(default=0.1, gt=0)
     audit_batch: int = Field(default=200, ge=1)
     audit_max_buffered: int = Field(default=100_000, ge=1)
+    audit_index_lag_s: float = Field(default=60.0, ge=0)
 
 
 @lru_cache

@@ -143,9 +143,7 @@ def _record(
     requestor = event.assoc.requestor
     name = title or str(requestor.ae_title).strip() or None
     requester = ev.Requester(address=requestor.address or None, name=name)
-    recorded = now()
     trail.record(
-        ev.audit_event(kind=kind, subtype=subtype, action=action, recorded=recorded, outcome=outcome,
-                       outcome_desc=desc, requester=requester, observer=trail.dicom_observer, entities=entities),
-        recorded,
+        ev.audit_event(kind=kind, subtype=subtype, action=action, recorded=now(), outcome=outcome,
+                       outcome_desc=desc, requester=requester, observer=trail.dicom_observer, entities=entities)
     )

@@ -15,7 +15,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fhir_server.audit import events as ev
-from fhir_server.audit.interactions import Exchange, audited, describe, wants_body
+from fhir_server.audit.interactions import Exchange, audited, describe, reads_audit_events, wants_body
 from fhir_server.audit.trail import AuditTrail, now
 
 LOGGER = logging.getLogger(__name__)
@@ -28,8 +28,20 @@ class AuditMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         trail = getattr(getattr(scope.get("app"), "state", None), "audit", None)
-        if scope["type"] != "http" or trail is None or not audited(scope["method"], scope["path"]):
+        if scope["type"] != "http" or trail is None:
             await self.app(scope, receive, send)
+            return
+        if reads_audit_events(scope["method"], scope["path"], scope.get("query_string", b"")):
+            try:
+                await trail.catch_up()
+            except Exception:  # the answer may then miss the newest events: not worth a failure
+                LOGGER.exception("audit trail: catching up failed")
+        if not audited(scope["method"], scope["path"]):
+            trail.serving()
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                trail.served()
             return
         peeked = bytearray()
         error = bytearray()
@@ -52,9 +64,11 @@ class AuditMiddleware:
             await send(message)
 
         peeking = wants_body(scope["method"], scope["path"])
+        trail.serving()
         try:
             await self.app(scope, peeking_receive if peeking else receive, observing_send)
         finally:
+            trail.served()
             try:
                 _record(trail, scope, answer, bytes(peeked), bytes(error))
             except Exception:  # the trail never breaks a request
@@ -84,14 +98,12 @@ def _record(trail: AuditTrail, scope: Scope, answer: dict[str, Any], body: bytes
         name=described.name,
         roles=frozenset(getattr(access, "roles", ()) or ()),
     )
-    recorded = now()
     trail.record(
         ev.audit_event(
-            kind=described.kind, subtype=described.subtype, action=described.action, recorded=recorded,
+            kind=described.kind, subtype=described.subtype, action=described.action, recorded=now(),
             outcome=ev.http_outcome(status), outcome_desc=_outcome_desc(status, error), requester=requester,
             observer=trail.observer, entities=described.entities,
-        ),
-        recorded,
+        )
     )
 
 

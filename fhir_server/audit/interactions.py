@@ -36,6 +36,19 @@ def audited(method: str, path: str) -> bool:
     return True
 
 
+def reads_audit_events(method: str, path: str, query: bytes) -> bool:
+    """Whether a request may find AuditEvents: of the type, naming it in its query (`_type`,
+    `_revinclude`), a system-level search or history, `$everything`, `$export`."""
+    if method not in ("GET", "HEAD", "POST") or not path.startswith("/fhir"):
+        return False
+    if "AuditEvent" in path or b"AuditEvent" in query:
+        return True
+    rest = path[len("/fhir"):].strip("/")
+    if rest == "":
+        return method != "POST"  # a POST is a Bundle, whose reads come through one by one
+    return rest in ("_history", "_search") or "$everything" in rest or "$export" in rest
+
+
 def wants_body(method: str, path: str) -> bool:
     """Whether the first bytes of the request body tell what the request was: a Bundle's type,
     a search or auth form."""
