@@ -1,0 +1,305 @@
+"""The audit trail and X-Provenance, over HTTP and DICOM against a server with FHIR_AUTH on:
+every interaction (reads, searches, writes, refusals with 401 and 403, DICOM associations,
+C-STORE and C-FIND, DICOMweb, the token endpoint) leaves an AuditEvent with the right agent,
+subtype, entity and outcome, which only administrators may search and nobody may change; a
+write's X-Provenance is stored against the version written, and a bad one stops the write."""
+
+import base64
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pydicom
+import pymongo
+import pytest
+from conftest import FHIR_JSON, ServerProcess, unique
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind, Verification
+
+from fhir_server.auth.tokens import SigningKey, access_token
+from fhir_server.storage.embedded import EmbeddedDatabase
+
+DB = "fhir_audit_tests"
+AET = "AUDITNODE"
+CALLING = "TESTSCU"
+LOCAL = "https://fhir-server.local/CodeSystem/audit-subtype"
+INTERACTION = "http://hl7.org/fhir/restful-interaction"
+
+
+class Audited:
+    """The server, and tokens of its own issuer."""
+
+    def __init__(self, server: ServerProcess, key: SigningKey) -> None:
+        self.server, self.key = server, key
+        self.base = f"{server.url}/fhir"
+
+    def client(self, scope: str = "system/*.cruds", *, subject: str | None = None, fhir_user: str | None = None,
+               roles: tuple[str, ...] = ()) -> httpx.Client:
+        token, _ = access_token(self.key, issuer=f"{self.server.url}/auth", audience=self.base,
+                                subject=subject or f"app-{unique()}", client_id="tests", scope=scope,
+                                fhir_user=fhir_user, roles=roles)
+        return httpx.Client(base_url=self.base, timeout=30,
+                            headers={"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON})
+
+    def admin(self) -> httpx.Client:
+        return self.client(subject="auditor", roles=("admin",))
+
+
+@pytest.fixture(scope="module")
+def audited(database: EmbeddedDatabase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audited]:
+    env = {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": DB, "FHIR_AUTH": "true", "FHIR_DICOM_AET": AET,
+           "FHIR_DICOM_ALLOWED": CALLING}
+    server = ServerProcess(tmp_path_factory.mktemp("audited"), env).start()
+    with pymongo.MongoClient(database.uri) as mongo:
+        stored = mongo[DB]["auth_keys"].find_one({"_id": "current"})
+    assert stored is not None
+    private = serialization.load_pem_private_key(stored["pem"].encode(), password=None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    yield Audited(server, SigningKey(stored["kid"], private))
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(audited: Audited) -> Iterator[httpx.Client]:
+    with audited.admin() as client:
+        yield client
+
+
+def find(admin: httpx.Client, wanted: Callable[[dict[str, Any]], bool] = lambda e: True, at_least: int = 1,
+         **params: str) -> list[dict[str, Any]]:
+    """AuditEvents matching `params` and `wanted`, waiting briefly for `at_least` of them (a
+    request's event is recorded as its answer goes out)."""
+    deadline = time.monotonic() + 5
+    while True:
+        answer = admin.get("/AuditEvent", params={"_count": "100", **params})
+        assert answer.status_code == 200, answer.text
+        found = [e["resource"] for e in answer.json().get("entry", []) if wanted(e["resource"])]
+        if len(found) >= at_least or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def subtype(event: dict[str, Any]) -> str:
+    return event["subtype"][0]["code"]
+
+
+def references(event: dict[str, Any]) -> list[str]:
+    return [e["what"]["reference"] for e in event.get("entity", []) if "reference" in e.get("what", {})]
+
+
+def queries(event: dict[str, Any]) -> list[str]:
+    return [base64.b64decode(e["query"]).decode() for e in event.get("entity", []) if "query" in e]
+
+
+def create_patient(client: httpx.Client) -> str:
+    answer = client.post("/Patient", json={"resourceType": "Patient", "name": [{"family": f"Audit-{unique()}"}]})
+    assert answer.status_code == 201, answer.text
+    return str(answer.json()["id"])
+
+
+# -- FHIR interactions ----------------------------------------------------------------------------
+
+
+def test_create_read_and_search_are_audited_with_their_agent_and_entities(audited: Audited, admin: httpx.Client) -> None:
+    with audited.client(subject="alice", fhir_user="Practitioner/alice") as alice:
+        patient = create_patient(alice)
+        assert alice.get(f"/Patient/{patient}").status_code == 200
+        assert alice.get("/Observation", params={"patient": patient, "status": "final"}).status_code == 200
+
+    events = find(admin, at_least=3, patient=f"Patient/{patient}")
+    by_subtype = {subtype(e): e for e in events}
+    assert {"create", "read", "search-type"} <= set(by_subtype), [subtype(e) for e in events]
+    for event in by_subtype.values():
+        assert event["type"]["code"] == "rest"
+        assert event["subtype"][0]["system"] == INTERACTION
+        assert event["outcome"] == "0"
+        agent = event["agent"][0]
+        assert agent["requestor"] is True
+        assert agent["altId"] == "alice"
+        assert agent["who"]["reference"] == "Practitioner/alice"
+        assert agent["network"]["address"] == "127.0.0.1"
+        assert event["source"]["observer"]["display"].startswith("fhir-server")
+    create, read, search = by_subtype["create"], by_subtype["read"], by_subtype["search-type"]
+    assert (create["action"], read["action"], search["action"]) == ("C", "R", "R")
+    assert create["outcomeDesc"].startswith("201")
+    assert references(create) == [f"Patient/{patient}/_history/1"]
+    assert references(read) == [f"Patient/{patient}/_history/1"]
+    assert f"Patient/{patient}" in references(search)  # BALP's patient entity
+    assert queries(search) == [f"Observation?patient={patient}&status=final"]
+
+    # The ordinary search parameters find them; read and vread serve them.
+    assert find(admin, entity=f"Patient/{patient}", subtype="create", agent="Practitioner/alice")
+    assert find(admin, entity=f"Patient/{patient}", action="R", outcome="0", type="rest")
+    assert find(admin, entity=f"Patient/{patient}", date=f"ge{create['recorded'][:10]}")
+    one = admin.get(f"/AuditEvent/{create['id']}")
+    assert one.status_code == 200 and one.json()["subtype"][0]["code"] == "create"
+    assert admin.get(f"/AuditEvent/{create['id']}/_history/1").status_code == 200
+
+
+def test_refusals_are_audited_401_and_403(audited: Audited, admin: httpx.Client) -> None:
+    patient = create_patient(admin)
+    with audited.client("system/Observation.rs", subject="bob") as bob:
+        assert bob.get(f"/Patient/{patient}").status_code == 403
+    assert httpx.get(f"{audited.base}/Patient/{patient}").status_code == 401
+
+    events = find(admin, at_least=2, entity=f"Patient/{patient}", subtype="read")
+    assert len(events) == 2, events
+    forbidden = next(e for e in events if e["agent"][0].get("altId") == "bob")
+    assert forbidden["outcome"] == "4"
+    assert forbidden["outcomeDesc"].startswith("403 Forbidden: ")
+    anonymous = next(e for e in events if e is not forbidden)
+    assert anonymous["outcome"] == "4"
+    assert anonymous["outcomeDesc"].startswith("401 Unauthorized")
+    assert anonymous["agent"][0]["name"] == "anonymous"
+    assert anonymous["agent"][0]["network"]["address"] == "127.0.0.1"
+    assert len(find(admin, entity=f"Patient/{patient}", outcome="4")) == 2
+
+
+def test_only_administrators_read_audit_events_and_nobody_writes_them(audited: Audited, admin: httpx.Client) -> None:
+    create_patient(admin)
+    event = find(admin)[0]
+    with audited.client("system/*.cruds") as user:
+        assert user.get("/AuditEvent").status_code == 403
+        assert user.get(f"/AuditEvent/{event['id']}").status_code == 403
+    changed = {**event, "outcome": "8"}
+    assert admin.put(f"/AuditEvent/{event['id']}", json=changed).status_code == 403
+    assert admin.delete(f"/AuditEvent/{event['id']}").status_code == 403
+    assert admin.post("/AuditEvent", json={k: v for k, v in event.items() if k not in ("id", "meta")}).status_code == 403
+    assert admin.patch(f"/AuditEvent/{event['id']}", content=b'[{"op":"replace","path":"/outcome","value":"8"}]',
+                       headers={"Content-Type": "application/json-patch+json"}).status_code == 403
+    kept = admin.get(f"/AuditEvent/{event['id']}").json()
+    assert kept["outcome"] == event["outcome"] and kept["meta"]["versionId"] == "1"
+
+
+def test_token_requests_are_audited(audited: Audited, admin: httpx.Client) -> None:
+    client_id = f"nobody-{unique()}"
+    answer = httpx.post(f"{audited.server.url}/auth/token", data={"grant_type": "client_credentials", "client_id": client_id})
+    assert answer.status_code >= 400
+    events = find(admin, **{"agent-name": client_id})
+    assert len(events) == 1
+    assert events[0]["type"]["code"] == "110114"
+    assert subtype(events[0]) == "110122"  # Login
+    assert events[0]["outcome"] == "4"
+
+
+# -- DICOM ----------------------------------------------------------------------------------------
+
+
+def dataset() -> Dataset:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientID = f"P{unique()}"
+    return ds
+
+
+def test_dicom_associations_stores_and_queries_are_audited(audited: Audited, admin: httpx.Client) -> None:
+    port = audited.server.dicom_port
+    ds = dataset()
+    ae = AE(ae_title=CALLING)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title=AET)
+    assert assoc.is_established
+    try:
+        assert int(assoc.send_c_echo().Status) == 0
+        assert int(assoc.send_c_store(ds).Status) == 0
+        query = Dataset()
+        query.QueryRetrieveLevel, query.PatientID, query.StudyInstanceUID = "STUDY", ds.PatientID, ds.StudyInstanceUID
+        statuses = [int(status.Status) for status, _ in assoc.send_c_find(query, PatientRootQueryRetrieveInformationModelFind)]
+        assert statuses[-1] == 0
+    finally:
+        assoc.release()
+    stranger = AE(ae_title="STRANGER")
+    stranger.add_requested_context(Verification)
+    assert not stranger.associate("127.0.0.1", port, ae_title=AET).is_established
+
+    study = f"urn:dicom:uid|urn:oid:{ds.StudyInstanceUID}"
+    stores = find(admin, **{"entity:identifier": study, "subtype": f"{LOCAL}|C-STORE"})
+    assert len(stores) == 1
+    store = stores[0]
+    assert (store["type"]["code"], store["action"], store["outcome"]) == ("110104", "C", "0")
+    assert store["agent"][0]["name"] == CALLING and store["agent"][0]["network"]["address"] == "127.0.0.1"
+    assert store["source"]["observer"]["display"] == AET
+    assert any(e["what"].get("identifier", {}).get("value") == ds.PatientID for e in store["entity"])
+    finds = find(admin, **{"entity:identifier": study, "subtype": f"{LOCAL}|C-FIND"})
+    assert len(finds) == 1 and finds[0]["type"]["code"] == "110112" and finds[0]["outcome"] == "0"
+    associations = find(admin, **{"subtype": f"{LOCAL}|A-ASSOCIATE", "agent-name": CALLING})
+    assert associations and all(e["outcome"] == "0" for e in associations)
+    rejected = find(admin, **{"subtype": f"{LOCAL}|A-ASSOCIATE", "agent-name": "STRANGER"})
+    assert len(rejected) == 1 and rejected[0]["outcome"] == "4"
+    assert "rejected" in rejected[0]["outcomeDesc"]
+
+    # DICOMweb: a QIDO-RS search is a DICOM Query event.
+    with audited.client("system/*.rs") as reader:
+        assert reader.get(f"{audited.server.url}/dicomweb/studies", params={"StudyInstanceUID": ds.StudyInstanceUID},
+                          headers={"Accept": "application/dicom+json"}).status_code == 200
+    qido = find(admin, **{"subtype": f"{LOCAL}|QIDO-RS"}, wanted=lambda e: ds.StudyInstanceUID in "".join(queries(e)))
+    assert qido and qido[0]["type"]["code"] == "110112"
+
+
+# -- X-Provenance ---------------------------------------------------------------------------------
+
+PROVENANCE = {"resourceType": "Provenance", "agent": [{"who": {"display": "Dr. Example"}}],
+              "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": "UPDATE"}]}}
+
+
+def provenances(client: httpx.Client, target: str) -> list[dict[str, Any]]:
+    answer = client.get("/Provenance", params={"target": target})
+    assert answer.status_code == 200, answer.text
+    return [e["resource"] for e in answer.json().get("entry", [])]
+
+
+def test_x_provenance_is_stored_against_the_version_written(audited: Audited, admin: httpx.Client) -> None:
+    patient = create_patient(admin)
+    body = {"resourceType": "Patient", "id": patient, "gender": "female"}
+    answer = admin.put(f"/Patient/{patient}", json=body, headers={"X-Provenance": json.dumps(PROVENANCE)})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["etag"] == 'W/"2"'
+    found = provenances(admin, f"Patient/{patient}")
+    assert len(found) == 1
+    assert found[0]["target"] == [{"reference": f"Patient/{patient}/_history/2"}]
+    assert found[0]["agent"] == PROVENANCE["agent"] and "recorded" in found[0]
+
+    # A create (base64 this time): the new resource's first version.
+    encoded = base64.b64encode(json.dumps({**PROVENANCE, "recorded": "2024-01-02T03:04:05Z"}).encode()).decode()
+    created = admin.post("/Patient", json={"resourceType": "Patient"}, headers={"X-Provenance": encoded})
+    assert created.status_code == 201
+    new = created.json()["id"]
+    found = provenances(admin, f"Patient/{new}")
+    assert [p["target"] for p in found] == [[{"reference": f"Patient/{new}/_history/1"}]]
+    assert found[0]["recorded"] == "2024-01-02T03:04:05Z"
+
+
+@pytest.mark.parametrize("header", [
+    '{"resourceType": "Patient"}',  # not a Provenance
+    '{"resourceType": "Provenance"',  # not JSON
+    '{"resourceType": "Provenance", "recorded": "2024-01-01T00:00:00Z"}',  # no agent
+    '{"resourceType": "Provenance", "agent": [{"who": {"display": "x"}}], "recorded": "yesterday"}',
+])
+def test_an_invalid_x_provenance_stops_the_write(audited: Audited, admin: httpx.Client, header: str) -> None:
+    patient = create_patient(admin)
+    answer = admin.put(f"/Patient/{patient}", json={"resourceType": "Patient", "id": patient, "gender": "male"},
+                       headers={"X-Provenance": header})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["resourceType"] == "OperationOutcome"
+    assert "X-Provenance" in answer.json()["issue"][0]["diagnostics"]
+    assert admin.get(f"/Patient/{patient}").json()["meta"]["versionId"] == "1"
+    assert provenances(admin, f"Patient/{patient}") == []
+
+
+def test_x_provenance_needs_a_token_that_may_create_provenance(audited: Audited, admin: httpx.Client) -> None:
+    patient = create_patient(admin)
+    with audited.client("system/Patient.cruds") as writer:
+        answer = writer.put(f"/Patient/{patient}", json={"resourceType": "Patient", "id": patient, "gender": "other"},
+                            headers={"X-Provenance": json.dumps(PROVENANCE)})
+    assert answer.status_code == 403, answer.text
+    assert admin.get(f"/Patient/{patient}").json()["meta"]["versionId"] == "1"
