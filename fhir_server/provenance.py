@@ -5,7 +5,8 @@ On a write of one resource (create, update, patch, delete, their conditional for
 before anything is written (400 if it is not a valid Provenance; 403 unless the token may
 create Provenance), and once the write succeeded it is stored as a new Provenance whose `target`
 is the version written (`Type/id/_history/n`, from the answer's Location or ETag; a target the
-client gave is replaced) and whose `recorded` is now unless given. The answer waits for it, so
+client gave is replaced; an update that changes nothing: the current version) and whose
+`recorded` is now unless given. The answer waits for it, so
 a client that got its answer finds the Provenance (`Provenance?target=Type/id`).
 
 Not for Bundles and operations (400: the header would apply to many writes or none), nor for a
