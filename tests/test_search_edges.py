@@ -173,3 +173,9 @@ def test_absolute_references_to_this_server_are_local(small_snapshots: ServerPro
         absolute = "subject=https://fhir.example.org/r4/Patient/abs1"
         again = client.post("/Observation", json=_obs("abs2"), headers={"Content-Type": FHIR_JSON, "If-None-Exist": absolute})
         assert again.status_code == 200 and again.json()["id"] == f"{RUN}-abs"  # the match, not a new one
+
+
+def test_a_chain_whose_target_matches_nothing_finds_nothing(client: httpx.Client) -> None:
+    """The chain's inner search finds no Patient: an empty answer, not an error."""
+    answer = client.get("/Encounter", params={"patient.identifier": f"urn:none|{unique()}"})
+    assert answer.status_code == 200 and answer.json()["total"] == 0
