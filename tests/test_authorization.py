@@ -506,3 +506,11 @@ def test_mixed_scopes_and_odd_claims(secured: Secured, world: dict[str, str], se
                          ec.generate_private_key(ec.SECP256R1()), algorithm="ES256")
     answer = httpx.get(f"{secured.base}/Patient", headers={"Authorization": f"Bearer {foreign}"})
     assert answer.status_code == 401 and "unknown issuer" in answer.headers["www-authenticate"]
+
+
+def test_serving_beyond_loopback_needs_authorization_or_insecure(tmp_path: Any) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_") and k != "MONGODB_URI"}
+    argv = [sys.executable, "-m", "fhir_server", "serve", "--host", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path)]
+    refused = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "Refusing to serve 0.0.0.0 without authorization" in refused.stderr
+    assert not (tmp_path / "db").exists()  # refused before the database starts
