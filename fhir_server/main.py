@@ -62,7 +62,8 @@ async def start_auth(app: FastAPI, settings: Settings, database: Any) -> None:
     await tokens.prepare(database.db)
     await clients.prepare(database.db)
     key = await tokens.signing_key(database.db)
-    validator = tokens.TokenValidator(database.db, key, settings.auth_external_issuers)
+    validator = tokens.TokenValidator(database.db, key, settings.auth_external_issuers,
+                                      pinned=bool(settings.base_url or settings.auth_issuer))
     app.state.auth = AuthServer(database.db, key, validator, settings.auth_token_lifetime_s)
     await app.state.auth.enable_users(settings)  # accounts, authorization codes, mail
 

@@ -115,7 +115,7 @@ def test_a_request_without_a_valid_token_is_401(secured: Secured, world: dict[st
     for token, reason in (
         ("not-a-jwt", "not a JWT"),
         (secured.token("system/*.rs", lifetime_s=-120), "expired"),
-        (secured.token("system/*.rs", audience="http://elsewhere/fhir"), "not for this server"),
+        (secured.token("system/*.rs", audience="http://127.0.0.1/elsewhere"), "not for this server"),
         (forged, "not valid"),
         (unknown_issuer, "unknown issuer"),
     ):
@@ -514,3 +514,13 @@ def test_serving_beyond_loopback_needs_authorization_or_insecure(tmp_path: Any) 
     refused = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "Refusing to serve 0.0.0.0 without authorization" in refused.stderr
     assert not (tmp_path / "db").exists()  # refused before the database starts
+
+
+def test_a_token_of_this_server_works_at_each_of_its_names(secured: Secured, world: dict[str, str]) -> None:
+    """Without FHIR_BASE_URL, the issuer and audience follow the Host: a token got from
+    localhost is taken at 127.0.0.1 too (it is this server's signature that counts)."""
+    other = secured.server.url.replace("127.0.0.1", "localhost")
+    token, _ = access_token(secured.key, issuer=f"{other}/auth", audience=f"{other}/fhir", subject="app",
+                            client_id="tests", scope="user/Patient.rs")
+    answer = httpx.get(f"{secured.base}/Patient/{world['a']}", headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 200, answer.text

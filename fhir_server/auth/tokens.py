@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -135,10 +136,15 @@ class TokenValidator:
     """Checks bearer tokens: signature (the built-in key, or the issuer's JWKS), issuer,
     audience (this server's FHIR base), expiry, and revocation."""
 
-    def __init__(self, db: AsyncDatabase, own: SigningKey, external: Mapping[str, str] | None = None) -> None:
+    def __init__(self, db: AsyncDatabase, own: SigningKey, external: Mapping[str, str] | None = None,
+                 pinned: bool = True) -> None:
         self.db = db
         self.own = own
         self.jwks = JwksCache(external or {})
+        # Unpinned (no public base URL configured): the server's own issuer and audience follow
+        # the Host a request names, and one server has several (127.0.0.1, localhost, its name).
+        # A token it signed itself is then taken at any of them, by path (`/auth`, `/fhir`).
+        self.pinned = pinned
 
     async def validate(self, token: str, audience: str, own_issuer: str) -> Claims:
         """The claims of a token for `audience`; `own_issuer`: the built-in server's issuer."""
@@ -147,7 +153,8 @@ class TokenValidator:
             issuer = str(jwt.decode(token, options={"verify_signature": False}).get("iss", ""))
         except jwt.PyJWTError as exc:
             raise InvalidToken(f"not a JWT: {exc}") from exc
-        if issuer == own_issuer:
+        alias = not self.pinned and header.get("kid") == self.own.kid and _path(issuer) == _path(own_issuer)
+        if issuer == own_issuer or alias:
             if header.get("kid") != self.own.kid:
                 raise InvalidToken("signed with a key this server does not have")
             key: Any = self.own.private_key.public_key()
@@ -156,14 +163,19 @@ class TokenValidator:
             found = await self.jwks.key(issuer, header.get("kid"))
             key, algorithms = found.key, ACCEPTED
         try:
-            claims = jwt.decode(token, key, algorithms=algorithms, audience=audience, issuer=issuer, leeway=LEEWAY_S,
-                                options={"require": ["exp", "iss", "aud", "sub"]})
+            claims = jwt.decode(token, key, algorithms=algorithms, audience=None if alias else audience, issuer=issuer,
+                                leeway=LEEWAY_S, options={"require": ["exp", "iss", "aud", "sub"], "verify_aud": not alias})
         except jwt.ExpiredSignatureError as exc:
             raise InvalidToken("the token has expired") from exc
         except jwt.InvalidAudienceError as exc:
             raise InvalidToken(f"the token is not for this server ({audience})") from exc
         except jwt.PyJWTError as exc:
             raise InvalidToken(f"the token is not valid: {exc}") from exc
+        if alias:
+            audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+            if not any(isinstance(a, str) and _path(a) == _path(audience) for a in audiences):
+                raise InvalidToken(f"the token is not for this server ({audience})")
+            issuer = own_issuer  # the same server, named by another host
         token_id = str(claims.get("jti", ""))
         if token_id and await self.db[REVOKED].find_one({"_id": token_id}, {"_id": 1}):
             raise InvalidToken("the token has been revoked")
@@ -181,6 +193,10 @@ class TokenValidator:
             # Roles are this server's own: another issuer's `roles` claim means something else.
             roles=_roles(claims.get("roles")) if issuer == own_issuer else (),
         )
+
+
+def _path(url: str) -> str:
+    return urlsplit(url).path.rstrip("/")
 
 
 def _roles(value: Any) -> tuple[str, ...]:
