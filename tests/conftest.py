@@ -47,6 +47,11 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def verify(self) -> Any:
+        """How the health probe checks the server's certificate (HTTPS servers say)."""
+        return True
+
     def start(self, timeout: float = 90.0) -> "ServerProcess":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -60,7 +65,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=1, verify=self.verify).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -173,3 +178,16 @@ def run_with_database(database: EmbeddedDatabase, scenario: Callable[[Any], Awai
             await client.close()
 
     asyncio.run(main())
+
+
+def ct_dataset() -> Any:
+    """pydicom's CT_small.dcm as a new instance of a new study, of a new patient."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientID = f"P{unique()}"
+    return ds

@@ -11,15 +11,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
-import pydicom
 import pymongo
 import pytest
-from conftest import FHIR_JSON, ServerProcess, unique
+from conftest import FHIR_JSON, ServerProcess, ct_dataset, unique
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind, Verification
 
@@ -192,17 +189,9 @@ def test_token_requests_are_audited(audited: Audited, admin: httpx.Client) -> No
 # -- DICOM ----------------------------------------------------------------------------------------
 
 
-def dataset() -> Dataset:
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.PatientID = f"P{unique()}"
-    return ds
-
-
 def test_dicom_associations_stores_and_queries_are_audited(audited: Audited, admin: httpx.Client) -> None:
     port = audited.server.dicom_port
-    ds = dataset()
+    ds = ct_dataset()
     ae = AE(ae_title=CALLING)
     ae.add_requested_context(Verification)
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)

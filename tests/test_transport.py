@@ -11,20 +11,17 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
-from conftest import ServerProcess, free_port, unique
+from conftest import ServerProcess, ct_dataset, free_port
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove, Verification
 
@@ -107,26 +104,9 @@ class TlsServer(ServerProcess):
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 90.0) -> "TlsServer":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "fhir_server", "serve", "--port", str(self.port),
-                 "--data-dir", str(self.data_dir), "--dicom-port", str(self.dicom_port)],
-                env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1, verify=self.pki.client_context(self.client_certificate)).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not start:\n{self.log()[-3000:]}")
+    @property
+    def verify(self) -> ssl.SSLContext:
+        return self.pki.client_context(self.client_certificate)
 
 
 @pytest.fixture(scope="module")
@@ -210,17 +190,9 @@ def tls_echo(port: int, context: ssl.SSLContext | None) -> bool:
     return int(status.Status) == 0
 
 
-def fresh_ct() -> pydicom.Dataset:
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.PatientID = f"P{unique()}"
-    return ds
-
-
 def test_dicom_echo_and_store_over_mutual_tls(tls_server: TlsServer, https: httpx.Client) -> None:
     assert tls_echo(tls_server.dicom_port, tls_server.pki.client_context())
-    ds = fresh_ct()
+    ds = ct_dataset()
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", tls_server.dicom_port, ae_title=AET,
@@ -266,7 +238,7 @@ def test_c_move_to_a_tls_destination(tls_server: TlsServer) -> None:
     server = destination.start_server(("127.0.0.1", DESTINATION_PORT), block=False, ssl_context=context,
                                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
-        ds = fresh_ct()
+        ds = ct_dataset()
         assert ds.file_meta.TransferSyntaxUID == ds_syntax
         scu = AE(ae_title="TESTSCU")
         scu.add_requested_context(CTImageStorage, ds_syntax)
@@ -301,7 +273,7 @@ def test_dcmtk_echoscu_and_storescu_over_tls(tls_server: TlsServer, https: httpx
     port = str(tls_server.dicom_port)
     echo = subprocess.run(["echoscu", *tls, "-aec", AET, "127.0.0.1", port], capture_output=True, timeout=60)
     assert echo.returncode == 0, echo.stderr
-    ds = fresh_ct()
+    ds = ct_dataset()
     path = tmp_path / "ct.dcm"
     ds.save_as(path, enforce_file_format=True)
     store = subprocess.run(["storescu", *tls, "-aec", AET, "127.0.0.1", port, str(path)], capture_output=True, timeout=60)
@@ -416,7 +388,7 @@ def test_a_chunked_body_over_the_cap_is_413_before_it_ends(tls_server: TlsServer
 
 
 def test_stow_rs_is_not_held_to_the_request_cap(https: httpx.Client) -> None:
-    ds = fresh_ct()
+    ds = ct_dataset()
     ds.Rows = ds.Columns = 1024
     ds.PixelData = bytes(1024 * 1024 * 2)  # 2 MiB, over the 1 MiB cap
     buffer = io.BytesIO()
