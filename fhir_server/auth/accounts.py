@@ -7,6 +7,7 @@ address in MongoDB (`auth_logins`), whether or not an account has it, so that ev
 process sees the same lockout and an unknown address answers exactly like a known one.
 """
 
+import asyncio
 import hashlib
 import re
 import secrets
@@ -108,8 +109,9 @@ def check_fhir_user(role: str, fhir_user: str | None) -> None:
         raise AccountError("a practitioner account is linked to its Practitioner (fhirUser Practitioner/<id>)")
 
 
-def hash_password(password: str) -> str:
-    return _HASHER.hash(password)
+async def hash_password(password: str) -> str:
+    """argon2id: tens of milliseconds of CPU on purpose, in a thread (not the event loop's)."""
+    return await asyncio.to_thread(_HASHER.hash, password)
 
 
 def _account(document: dict[str, Any]) -> Account:
@@ -136,7 +138,7 @@ async def create(db: AsyncDatabase, email: str, role: str, fhir_user: str | None
     if password is not None:
         check_password(password)
     document = {"_id": secrets.token_hex(12), "email": email, "role": role, "fhir_user": fhir_user,
-                "name": name.strip()[:200], "password": hash_password(password) if password is not None else None,
+                "name": name.strip()[:200], "password": await hash_password(password) if password is not None else None,
                 "confirmed": confirmed, "disabled": False, "created": time.time()}
     try:
         await db[ACCOUNTS].insert_one(document)
@@ -185,7 +187,7 @@ async def set_password(db: AsyncDatabase, account_id: str, password: str, stamp:
     if found is None or (stamp is not None and password_stamp(found) != stamp):
         return False
     done = await db[ACCOUNTS].update_one({"_id": account_id, "password": found.get("password")},
-                                         {"$set": {"password": hash_password(password), "confirmed": True}})
+                                         {"$set": {"password": await hash_password(password), "confirmed": True}})
     if done.modified_count:
         await db[LOGINS].delete_one({"_id": found["email"]})
     return done.modified_count == 1
@@ -211,7 +213,7 @@ async def login(db: AsyncDatabase, email: str, password: str, lockout: Lockout) 
     found = None if locked else await db[ACCOUNTS].find_one({"email": email})
     stored = (found or {}).get("password") or _DUMMY_HASH
     try:
-        _HASHER.verify(stored, password)
+        await asyncio.to_thread(_HASHER.verify, stored, password)
         right = found is not None and found.get("password") is not None and not locked
     except (VerificationError, InvalidHashError):
         right = False
@@ -228,7 +230,7 @@ async def login(db: AsyncDatabase, email: str, password: str, lockout: Lockout) 
         raise LoginFailed("Confirm your email address first: follow the link in the mail we sent you.")
     if _HASHER.check_needs_rehash(stored):
         await db[ACCOUNTS].update_one({"_id": account.account_id, "password": stored},
-                                      {"$set": {"password": hash_password(password)}})
+                                      {"$set": {"password": await hash_password(password)}})
     return account
 
 
