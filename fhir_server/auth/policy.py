@@ -8,12 +8,13 @@ the services, which ask it before and after they touch stored resources:
   patient, so a search gets that compartment as a constraint;
 - `narrowing(type)`: a granular scope (`patient/Observation.rs?category=laboratory`) adds its
   search to every search of the type;
-- `visible(version)` / `check(version)`: one resource (a read, an include, a history entry, the
-  current and the new content of a write) is within what the scopes reach.
+- `visible(version)` / `reaches(version)` / `check(...)`: one resource (an include, a history
+  entry, a search match, a read, the current and the new content of a write) is within what
+  the scopes reach.
 
-Types outside the Patient compartment (Practitioner, Organization, Medication…) are not
-confined by `patient/` scopes: they describe no one patient. `OPEN` allows everything, when
-authorization is off.
+Beyond the Patient compartment, `patient/` scopes read only what every patient's record shares
+(`SHARED_TYPES`) and their patient's Binary files. `OPEN` allows everything, when authorization
+is off.
 """
 
 from dataclasses import dataclass, field
@@ -146,22 +147,18 @@ class Policy:
     def visible(self, version: Version, permission: str = "r") -> bool:
         """Whether the token may see this stored version (an include, a history entry).
         A type reached only through a granular scope is not: that needs a search to decide."""
+        return self.reaches(version, permission, searched=False)
+
+    def reaches(self, version: Version, permission: str = "s", *, searched: bool = True) -> bool:
+        """Whether a version is within the token's reach; `searched`: found by a query that
+        held the granular scope's search already."""
         if self.grants is None:
             return True
         try:
             access = self.require(version.type, permission)
         except Forbidden:
             return False
-        if access.narrowed:
-            return False
-        return not access.confined or self.holds(version.type, version.id, version.resource)
-
-    def reaches(self, version: Version, permission: str = "s") -> bool:
-        """Whether a search match is within the token's compartment (its granular search was
-        part of the query)."""
-        try:
-            access = self.require(version.type, permission)
-        except Forbidden:
+        if access.narrowed and not searched:
             return False
         return not access.confined or self.holds(version.type, version.id, version.resource)
 

@@ -134,10 +134,9 @@ def _sub_request(request: Request, ctx: RequestContext, entry: BundleEntry) -> t
         (b"accept", b"application/fhir+json"),
         (b"x-request-id", f"{ctx.request_id}-{entry.index}".encode()[:128]),
     ]
-    for name in ("prefer", "authorization"):  # an entry is read with the Bundle's token
-        value = request.headers.get(name)
-        if value:
-            headers.append((name.encode(), value.encode("latin-1")))
+    prefer = request.headers.get("prefer")
+    if prefer:
+        headers.append((b"prefer", prefer.encode("latin-1")))
     for name, value in (
         ("if-match", entry.if_match),
         ("if-none-match", entry.if_none_match),
@@ -179,7 +178,8 @@ async def _call(
         "raw_path": path.encode("utf-8"),
         "query_string": query.encode("latin-1", errors="replace"),
         "headers": [*headers, (b"content-length", str(len(body)).encode())],
-        "state": {},
+        # The Bundle's token, checked once: each entry runs under the policy it gave.
+        "state": {"access": request.state.access} if hasattr(request.state, "access") else {},
     }
     received = False
 
