@@ -21,27 +21,10 @@ from typing import Literal
 from urllib.parse import parse_qsl
 
 Context = Literal["patient", "user", "system"]
-Permission = Literal["c", "r", "u", "d", "s"]
 ORDER = "cruds"
 V1 = {"read": "rs", "write": "cud", "*": "cruds"}
 _SCOPE = re.compile(r"(patient|user|system)/(\*|[A-Z][A-Za-z]+)\.([a-z*]+)(?:\?(.*))?")
 _V2 = re.compile(r"(?=.)c?r?u?d?s?")  # a non-empty subset of cruds, in that order
-
-# What each FHIR interaction needs (history of a type or the system is a search of versions).
-INTERACTION_PERMISSIONS: dict[str, Permission] = {
-    "create": "c",
-    "read": "r",
-    "vread": "r",
-    "history-instance": "r",
-    "update": "u",
-    "patch": "u",
-    "delete": "d",
-    "search-type": "s",
-    "search-system": "s",
-    "history-type": "s",
-    "history-system": "s",
-}
-
 
 class ScopeError(ValueError):
     """A scope string that looks like a resource scope but is not a valid one."""
@@ -129,11 +112,6 @@ class Grants:
         if any(not s.search for s in chosen):
             return Access(True, confined=not unconfined)
         return Access(True, confined=not unconfined, narrowed=tuple(s.search for s in chosen))
-
-    def types(self, permission: str) -> frozenset[str] | None:
-        """The resource types some scope allows `permission` on; None for every type (`*`)."""
-        found = {s.resource_type for s in self.scopes if permission in s.permissions}
-        return None if "*" in found else frozenset(found)
 
     @property
     def text(self) -> str:
