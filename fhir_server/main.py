@@ -42,17 +42,17 @@ def loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(settings: Settings) -> None:
-    """Open access is for local trials: beyond loopback it needs `--insecure`."""
+def check_exposure(settings: Settings) -> bool:
+    """Open access is for local trials: beyond loopback it needs `--insecure` (else SystemExit).
+    True when access is open."""
     if settings.auth:
-        return
+        return False
     if not loopback(settings.host) and not settings.insecure:
         raise SystemExit(
             f"Refusing to serve {settings.host} without authorization: set FHIR_AUTH=true (SMART on FHIR), "
             "or give --insecure (FHIR_INSECURE=true) to run open anyway"
         )
-    LOGGER.warning("Authorization is off: every request is allowed (FHIR_AUTH=true turns it on)",
-                   extra={"host": settings.host})
+    return True
 
 
 async def start_auth(app: FastAPI, settings: Settings, database: Any) -> None:
@@ -73,7 +73,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        check_exposure(settings)
+        if check_exposure(settings):
+            LOGGER.warning("Authorization is off: every request is allowed (FHIR_AUTH=true turns it on)",
+                           extra={"host": settings.host})
         supported_types()  # load the model table before the first request
         database = await open_database(settings)
         repository = ResourceRepository(
