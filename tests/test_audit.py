@@ -292,3 +292,33 @@ def test_x_provenance_needs_a_token_that_may_create_provenance(audited: Audited,
                             headers={"X-Provenance": json.dumps(PROVENANCE)})
     assert answer.status_code == 403, answer.text
     assert admin.get(f"/Patient/{patient}").json()["meta"]["versionId"] == "1"
+
+
+def test_events_stored_at_shutdown_are_indexed_after_a_restart(database: EmbeddedDatabase) -> None:
+    """Stopping stores what is recorded (not indexed yet); the next process indexes it, once."""
+    from conftest import run_with_database
+
+    from fhir_server.audit.trail import BATCHES, PAYLOADS, AuditTrail
+    from fhir_server.storage.repository import ResourceRepository
+
+    event = {"resourceType": "AuditEvent", "type": {"code": "rest"}, "recorded": "2026-01-01T00:00:00Z",
+             "agent": [{"requestor": True}], "source": {"observer": {"display": "tests"}}}
+
+    async def scenario(db: Any) -> None:
+        repository = ResourceRepository(db)
+        await repository.prepare("off")
+        first = AuditTrail(repository, observer="tests", dicom_observer="TESTS", flush_s=60, batch=10_000)
+        await first.start()
+        for _ in range(30):
+            first.record(event)
+        await first.stop()
+        assert sum([b["n"] async for b in db[BATCHES].find()]) == 30
+        second = AuditTrail(repository, observer="tests", dicom_observer="TESTS", flush_s=60, batch=10_000)
+        await second.start()
+        await second.catch_up()
+        await second.catch_up()  # nothing left: nothing twice
+        await second.stop()
+        assert await repository.count("AuditEvent", {}) == 30
+        assert await db[BATCHES].count_documents({}) == 0 and await db[PAYLOADS].count_documents({}) == 0
+
+    run_with_database(database, scenario)

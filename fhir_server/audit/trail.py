@@ -45,6 +45,7 @@ AUDIT_EVENT = "AuditEvent"
 BATCHES = "audit_batches"
 PAYLOADS = "audit_batch_events"
 LEASE = timedelta(seconds=60)  # a batch claimed for longer was abandoned by its indexer
+STOP_WAIT_S = 10.0  # at shutdown, for the round in progress (an indexing round: one batch)
 IDLE_S = 0.2  # no request for this long: the process is idle, and indexes
 LOOK_AGAIN_S = 5.0
 CATCH_UP_WAIT_S = 10.0  # the longest a catch-up waits for batches other processes are indexing
@@ -96,6 +97,7 @@ class AuditTrail:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         global _active
@@ -112,9 +114,16 @@ class AuditTrail:
         if _active is self:
             _active = None
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Not cancelled: a flush cut off between taking its events and storing them would
+            # lose them. The loop ends after the round it is in.
+            self._stopping = True
+            self._wake_up()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), STOP_WAIT_S)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         for _ in range(2):
             if await self.flush():
                 break
@@ -151,11 +160,16 @@ class AuditTrail:
             if not taken:
                 break
             batch_id, stored = str(uuid.uuid4()), now()
+            payload_stored = False
             try:  # the events first: a batch that can be claimed has them
                 await self.payloads.insert_one({"_id": batch_id, "events": bson.Binary(zlib.compress(b"[" + b",".join(taken) + b"]", 1))})
+                payload_stored = True
                 await self.batches.insert_one({"_id": batch_id, "ts": stored, "lease": NEVER, "n": len(taken)})
             except (PyMongoError, OSError) as exc:
                 self._pending.extendleft(reversed(taken))
+                if payload_stored:  # no batch will ever name it: the events go again in another
+                    with contextlib.suppress(PyMongoError, OSError):
+                        await self.payloads.delete_one({"_id": batch_id})
                 LOGGER.error("audit trail: storing %d events failed (%s); kept for the next try",
                              len(self._pending), exc)
                 return False
@@ -188,14 +202,16 @@ class AuditTrail:
 
     async def _run(self) -> None:
         assert self._wake is not None
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.flush_s)
             self._wake.clear()
             self._waking = False
             try:
                 await self.flush()
-                while self._idle() and (self._oldest_stored or time.monotonic() >= self._next_look) or self._lagging():
+                while not self._stopping and (
+                    self._idle() and (self._oldest_stored or time.monotonic() >= self._next_look) or self._lagging()
+                ):
                     if not await self._index_one():
                         self._oldest_stored = None  # ran dry: look again later (another process's batches)
                         self._next_look = time.monotonic() + LOOK_AGAIN_S
