@@ -227,6 +227,9 @@ def test_patient_app_flow(setup: dict, patient: dict[str, str]) -> None:
     assert own.json()["telecom"][0]["value"] == patient["email"]
     assert http.get(f"/fhir/Patient/{answer['patient']}").status_code == 401
 
+    wider = http.post("/auth/token", data={"grant_type": "refresh_token", "refresh_token": answer["refresh_token"],
+                                           "client_id": setup["client_id"], "scope": answer["scope"] + " user/*.cruds"})
+    oauth_error(wider, "invalid_scope")  # refused, and the token not spent: the retry below is no replay
     refreshed = http.post("/auth/token", data={"grant_type": "refresh_token", "refresh_token": answer["refresh_token"],
                                                "client_id": setup["client_id"]})
     assert refreshed.status_code == 200, refreshed.text
@@ -389,7 +392,7 @@ def test_cli_refuses_a_public_client_without_redirect(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "fhir_server", "clients", "add", "--name", "x", "--scope",
                            "user/*.rs", "--public", "--data-dir", str(tmp_path)], capture_output=True, timeout=60,
                           check=False)
-    assert done.returncode != 0 and b"--redirect-uri" in done.stderr
+    assert done.returncode != 0 and b"needs its --redirect-uri" in done.stderr
 
 
 def test_confidential_app_and_id_token(setup: dict) -> None:

@@ -102,12 +102,17 @@ async def issue_refresh(db: AsyncDatabase, grant: Authorization, lifetime_s: int
     return token
 
 
-async def rotate_refresh(db: AsyncDatabase, token: str, client_id: str) -> Authorization:
+async def rotate_refresh(db: AsyncDatabase, token: str, client_id: str, asked: str = "") -> Authorization:
     """The authorization a refresh token carries, spending the token;
     ClientError `invalid_grant` for an unknown or expired one, and for a spent one, whose
-    whole family is then revoked."""
+    whole family is then revoked. `asked`: the narrower scope wanted (RFC 6749 6); wider is
+    `invalid_scope`, the token unspent (a retry with it must not look like a replay)."""
     key = digest(token)
     now = datetime.now(UTC)
+    if asked:
+        current = await db[REFRESH].find_one({"_id": key, "used": False}, {"scope": 1})
+        if current is not None and not set(asked.split()) <= set(current["scope"].split()):
+            raise ClientError("invalid_scope", "a refresh may ask for fewer scopes than were granted, not more")
     found = await db[REFRESH].find_one_and_update({"_id": key, "used": False, "expires": {"$gt": now}},
                                                   {"$set": {"used": True, "used_at": now}})
     if found is None:
