@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from fhir_server.auth.mail import public_issuer
 from fhir_server.auth.policy import OPEN, Policy
 from fhir_server.auth.scopes import Grants
 from fhir_server.auth.tokens import InvalidToken
@@ -70,31 +71,33 @@ def base_url(request: Request) -> str:
 
 def issuer(request: Request) -> str:
     """The built-in authorization server's issuer: its endpoints are under it."""
-    settings = request.app.state.settings
-    if settings.auth_issuer:
-        return settings.auth_issuer.rstrip("/")
-    return base_url(request).removesuffix("/fhir") + "/auth"
+    return public_issuer(request.app.state.settings) or str(request.base_url).rstrip("/") + "/auth"
 
 
 async def authorize(request: Request) -> Policy:
-    """The policy of the request's bearer token; OPEN when authorization is off. Kept on
-    `request.state.access` (once per request: the audit trail reads it too)."""
+    """The policy of the request's bearer token; OPEN when authorization is off."""
+    if not request.app.state.settings.auth:
+        request.state.access = OPEN
+        return OPEN
+    return await bearer_policy(request)
+
+
+async def bearer_policy(request: Request) -> Policy:
+    """The policy of the request's bearer token, whether authorization is on or not (the
+    admin API always needs one); Unauthorized without a valid one. Kept on
+    `request.state.access`: once per request, and the audit trail reads who it was."""
     found = getattr(request.state, "access", None)
     if found is not None:
         return found
-    settings = request.app.state.settings
-    if not settings.auth:
-        policy = OPEN
-    else:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("This server needs a bearer access token (SMART on FHIR)", error=None)
-        try:
-            claims = await request.app.state.auth.validator.validate(token.strip(), base_url(request), issuer(request))
-        except InvalidToken as exc:
-            raise Unauthorized(exc.reason) from exc
-        policy = Policy(claims.grants, claims.patient, claims.subject, claims.fhir_user, frozenset(claims.roles),
-                        settings.base_url or "", claims.issuer)
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("This server needs a bearer access token (SMART on FHIR)", error=None)
+    try:
+        claims = await request.app.state.auth.validator.validate(token.strip(), base_url(request), issuer(request))
+    except InvalidToken as exc:
+        raise Unauthorized(exc.reason) from exc
+    policy = Policy(claims.grants, claims.patient, claims.subject, claims.fhir_user, frozenset(claims.roles),
+                    request.app.state.settings.base_url or "", claims.issuer)
     request.state.access = policy
     return policy
 
