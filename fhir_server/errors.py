@@ -192,6 +192,10 @@ class ErrorBoundaryMiddleware:
             await self.app(scope, receive, tracking_send)
         except ClientDisconnect:
             LOGGER.info("the client went away before its request was read")  # nobody to answer
+        except FhirError as exc:  # raised outside a route (a middleware): answered as in one
+            if started or scope["type"] != "http":
+                raise
+            await outcome_response(exc.status, exc.issues, exc.headers)(scope, receive, send)
         except Exception as exc:
             LOGGER.exception("unhandled error", exc_info=exc)
             if started or scope["type"] != "http":

@@ -31,7 +31,7 @@ HSTS = (b"strict-transport-security", b"max-age=31536000")
 # What FHIR clients in a browser need to read, and may send.
 CORS_EXPOSED = ["Location", "ETag", "Content-Location", "Last-Modified", "X-Request-ID", "WWW-Authenticate"]
 CORS_ALLOWED = ["Authorization", "Content-Type", "Accept", "If-Match", "If-None-Exist", "If-None-Match",
-                "If-Modified-Since", "Prefer", "X-Request-ID"]
+                "If-Modified-Since", "Prefer", "X-Request-ID", "X-Provenance"]
 CORS_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 # STOW-RS streams its parts to disk under its own limits (routes/dicomweb/stow.py).
 STOW = re.compile(r"/dicomweb/studies(/[^/]+)?/?")
@@ -134,7 +134,6 @@ class BodyLimitMiddleware:
             await _too_large(limit)(scope, receive, send)
             return
         received = 0
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -142,20 +141,10 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise RequestTooLarge(limit)
+                    raise RequestTooLarge(limit)  # answered as every FhirError is (errors.py)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except RequestTooLarge:  # raised where no error handler answers it
-            if started:
-                raise
-            await _too_large(limit)(scope, receive, send)
+        await self.app(scope, limited_receive, send)
 
 
 def _diagnostics(limit: int) -> str:

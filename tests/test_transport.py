@@ -305,7 +305,7 @@ def test_security_headers_on_every_response(https: httpx.Client, server: ServerP
 def test_cors_preflight_and_simple_request(https: httpx.Client) -> None:
     preflight = https.options("/fhir/Patient", headers={
         "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type, if-none-exist, prefer"})
+        "Access-Control-Request-Headers": "authorization, content-type, if-none-exist, prefer, x-provenance"})
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == ORIGIN
     assert "POST" in preflight.headers["access-control-allow-methods"]

@@ -115,8 +115,10 @@ def _answered(event: evt.Event) -> None:
     status = int(command.Status)
     if status in PENDING:
         return
-    fallback = type(message).__name__[:5].replace("_", "-")
-    service, studies = _running.pop((id(event.assoc), int(command.MessageIDBeingRespondedTo)), (fallback, []))
+    found = _running.pop((id(event.assoc), int(command.MessageIDBeingRespondedTo)), None)
+    if found is None:  # its request was noted when it came: an answer to nothing
+        return
+    service, studies = found
     desc = f"{service} status 0x{status:04X}"
     counts = [(name, getattr(command, f"NumberOf{name.title()}Suboperations", None))
               for name in ("completed", "failed", "warning")]

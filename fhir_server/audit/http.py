@@ -3,8 +3,8 @@ whatever its outcome (401 and 403 included), handed to the app's trail (`app.sta
 
 It sits inside the access log and outside the error boundary, so it sees every answer as sent,
 500s included. The requester is the request's `Policy` (`request.state.access`, put there by
-`context.authorize`): the token's subject, fhirUser and roles. A route may name the Patient a
-request concerns in `request.state.audit_patient` (`Type/id`); the token's patient counts too.
+`context.authorize`): the token's subject, fhirUser and roles; the token's patient is the
+event's patient entity too.
 """
 
 import logging
@@ -79,9 +79,6 @@ def _record(trail: AuditTrail, scope: Scope, answer: dict[str, Any], body: bytes
     state = scope.get("state") or {}
     access = state.get("access")
     patients = [f"Patient/{p}" for p in (getattr(access, "patient", None),) if p]
-    named = state.get("audit_patient")
-    if isinstance(named, str) and named:
-        patients.append(named if "/" in named else f"Patient/{named}")
     status = answer["status"]
     exchange = Exchange(
         scope["method"], scope["path"], scope.get("query_string", b"").decode("latin-1"), status,

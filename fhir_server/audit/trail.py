@@ -38,7 +38,13 @@ from pymongo import ASCENDING, ReturnDocument
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from fhir_server.config import Settings
-from fhir_server.storage.repository import Change, ResourceRepository, _entry, current_document
+from fhir_server.storage.repository import (
+    Change,
+    ResourceRepository,
+    _duplicates_only,
+    _entry,
+    current_document,
+)
 
 LOGGER = logging.getLogger(__name__)
 AUDIT_EVENT = "AuditEvent"
@@ -257,9 +263,7 @@ async def _insert_new(collection: Any, docs: list[dict[str, Any]]) -> None:
     try:
         await collection.insert_many(docs, ordered=False)
     except BulkWriteError as exc:
-        if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])) or exc.details.get(
-            "writeConcernErrors"
-        ):
+        if not _duplicates_only(exc):
             raise
 
 
