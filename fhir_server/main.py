@@ -14,6 +14,7 @@ from fhir_server import __version__
 from fhir_server.audit import trail as audit_trail
 from fhir_server.audit.http import AuditMiddleware
 from fhir_server.config import Settings, get_settings
+from fhir_server.console import router as console
 from fhir_server.errors import install_error_handlers
 from fhir_server.logs import AccessLogMiddleware
 from fhir_server.provenance import ProvenanceMiddleware
@@ -151,5 +152,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(export.router)  # likewise
     app.include_router(export.jobs)
     app.include_router(dicomweb.router)
+    app.include_router(console)  # the web console, a client of the APIs above
     app.include_router(resources.router)
     return app

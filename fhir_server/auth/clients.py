@@ -209,3 +209,17 @@ async def authenticate(db: AsyncDatabase, assertion_type: str | None, assertion:
     except DuplicateKeyError as exc:
         raise ClientError("invalid_client", "the client assertion was used already", 401) from exc
     return client
+
+
+async def ensure_public(db: AsyncDatabase, client_id: str, name: str, scope: str, redirect_uri: str) -> None:
+    """A public client of the server's own (the web console): made on first use, its scope kept
+    current, `redirect_uri` added to its list. ValueError for a URI that may not be registered."""
+    check_redirect_uri(redirect_uri)
+    await db[CLIENTS].update_one(
+        {"_id": client_id},
+        {"$set": {"name": name, "scope": scope, "public": True},
+         "$addToSet": {"redirect_uris": redirect_uri},
+         "$setOnInsert": {"jwks": None, "jwks_url": None, "fhir_user": None, "roles": [], "disabled": False,
+                          "created": time.time()}},
+        upsert=True,
+    )

@@ -1,0 +1,174 @@
+"""Who is signed in to the console: the tokens of the server's own authorization_code flow,
+kept in the browser (HttpOnly, SameSite=Lax cookies, Secure under HTTPS), never in process
+memory, so that any server process sharing the database serves any console request.
+
+The access token lives five minutes; an expired one is replaced with the refresh token
+(`online_access`) on the next page, and the new cookies go out with that page. Forms that
+write carry a CSRF token derived from a random per-session cookie the page's origin alone can
+read.
+"""
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import Request, Response
+from pymongo.errors import PyMongoError
+
+from fhir_server.auth.tokens import Claims, InvalidToken
+from fhir_server.console.api import Api, checked
+from fhir_server.context import base_url, issuer
+
+PREFIX = "/console"
+CLIENT_ID = "fhir-console"
+CLIENT_NAME = "Web console"
+SCOPE = "openid fhirUser online_access user/*.cruds"
+ACCESS, REFRESH, SEED, FLOW = "console_at", "console_rt", "console_seed", "console_flow"
+FLOW_LIFETIME_S = 600
+SESSION_LIFETIME_S = 12 * 3600  # the online_access refresh token's lifetime
+
+
+class SignInNeeded(Exception):
+    """No usable session: the browser goes to the sign-in page."""
+
+
+@dataclass
+class Session:
+    """The signed-in user's tokens and claims; `cookies` are new tokens to send back."""
+
+    token: str
+    claims: Claims
+    seed: str
+    refresh: str | None = None
+    cookies: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def csrf(self) -> str:
+        return csrf_token(self.seed)
+
+    def check_csrf(self, sent: str | None) -> bool:
+        return bool(sent) and hmac.compare_digest(self.csrf, sent or "")
+
+
+def csrf_token(seed: str) -> str:
+    return hashlib.sha256(f"console-csrf:{seed}".encode()).hexdigest()
+
+
+def secure(request: Request) -> bool:
+    return request.url.scheme == "https"
+
+
+def set_cookie(response: Response, request: Request, name: str, value: str, max_age: int | None) -> None:
+    response.set_cookie(name, value, max_age=max_age, path=PREFIX, httponly=True, samesite="lax",
+                        secure=secure(request))
+
+
+def clear_cookies(response: Response) -> None:
+    for name in (ACCESS, REFRESH, SEED, FLOW):
+        response.delete_cookie(name, path=PREFIX)
+
+
+def apply(response: Response, request: Request, session: Session | None) -> Response:
+    """Send the session's renewed tokens with the page."""
+    if session is not None:
+        for name, value in session.cookies.items():
+            set_cookie(response, request, name, value, SESSION_LIFETIME_S)
+    return response
+
+
+def loopback(host: str) -> bool:
+    """Without FHIR_BASE_URL the console registers the request's own address as its redirect
+    URI, which a forged Host header could choose: only loopback addresses are trusted so."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def callback_uri(request: Request) -> str:
+    """Where the authorization server sends the browser back: the configured public base when
+    there is one, else the request's own (a loopback address, or https)."""
+    return base_url(request).removesuffix("/fhir") + f"{PREFIX}/callback"
+
+
+async def current(request: Request) -> Session:
+    """The valid session of the request's cookies (renewed if its access token expired);
+    SignInNeeded otherwise."""
+    token, refresh, seed = (request.cookies.get(n) for n in (ACCESS, REFRESH, SEED))
+    if not seed:
+        raise SignInNeeded
+    validator = request.app.state.auth.validator
+    if token:
+        try:
+            claims = await validator.validate(token, base_url(request), issuer(request))
+            return Session(token, claims, seed, refresh)
+        except (InvalidToken, PyMongoError):
+            pass
+    if not refresh:
+        raise SignInNeeded
+    async with Api(request, None) as api:
+        answer = await api.call("POST", "/auth/token", data={"grant_type": "refresh_token", "client_id": CLIENT_ID,
+                                                           "refresh_token": refresh})
+    if answer.status_code != 200:
+        raise SignInNeeded
+    tokens = answer.json()
+    try:
+        claims = await validator.validate(tokens["access_token"], base_url(request), issuer(request))
+    except InvalidToken as exc:
+        raise SignInNeeded from exc
+    session = Session(tokens["access_token"], claims, seed, tokens.get("refresh_token", refresh))
+    session.cookies = {ACCESS: session.token, REFRESH: session.refresh or ""}
+    return session
+
+
+# -- the authorization_code flow -----------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def start_flow(request: Request, next_page: str) -> tuple[str, str]:
+    """The authorization URL to send the browser to, and the flow cookie (state, PKCE verifier
+    and the page to return to) that the callback checks."""
+    state, verifier = secrets.token_urlsafe(24), secrets.token_urlsafe(48)
+    challenge = _b64(hashlib.sha256(verifier.encode()).digest())
+    query = {"response_type": "code", "client_id": CLIENT_ID, "redirect_uri": callback_uri(request), "scope": SCOPE,
+             "state": state, "code_challenge": challenge, "code_challenge_method": "S256", "aud": base_url(request)}
+    return f"/auth/authorize?{urlencode(query)}", f"{state} {verifier} {safe_next(next_page)}"
+
+
+def safe_next(page: str) -> str:
+    """A console page to return to (never another site)."""
+    return page if page.startswith(f"{PREFIX}/") and not page.startswith("//") and "\\" not in page else f"{PREFIX}/"
+
+
+async def finish_flow(request: Request, code: str, state: str) -> tuple[dict[str, Any], str]:
+    """The token answer for the callback's code, and the page to go to; ValueError with a
+    message to show when the flow cannot finish."""
+    flow = (request.cookies.get(FLOW) or "").split(" ")
+    if len(flow) != 3 or not hmac.compare_digest(flow[0], state):
+        raise ValueError("This sign-in was not started here, or took too long. Please sign in again.")
+    async with Api(request, None) as api:
+        answer = await api.call("POST", "/auth/token", data={
+            "grant_type": "authorization_code", "client_id": CLIENT_ID, "code": code,
+            "redirect_uri": callback_uri(request), "code_verifier": flow[1]})
+    try:
+        return checked(answer), flow[2]
+    except Exception as exc:
+        raise ValueError(f"Sign-in failed: {exc}") from exc
+
+
+async def revoke(request: Request, *tokens: str | None) -> None:
+    """Sign-out: the tokens stop working at once (the refresh token's family too)."""
+    async with Api(request, None) as api:
+        for token in tokens:
+            if token:
+                await api.call("POST", "/auth/revoke", data={"client_id": CLIENT_ID, "token": token})
