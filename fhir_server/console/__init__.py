@@ -4,9 +4,19 @@ integration testers."""
 
 from fastapi import APIRouter
 
-from fhir_server.console import dashboard, signin, static_files
+from fhir_server.console import (
+    appointments,
+    browser,
+    dashboard,
+    imaging,
+    interactions,
+    patients,
+    signin,
+    static_files,
+    upload,
+)
 from fhir_server.console.session import PREFIX
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
-for module in (static_files, signin, dashboard):
+for module in (static_files, signin, dashboard, patients, imaging, upload, appointments, interactions, browser):
     router.include_router(module.router)

@@ -1,0 +1,158 @@
+"""Patients: a searchable, paged list with per-patient counts and summary statistics, and one
+patient's longitudinal record (`$everything`), with trend charts of repeated measurements."""
+
+from collections import defaultdict
+from datetime import date
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from fhir_server.console import fhir_text, images, trends
+from fhir_server.console.api import Api, ApiError, entries, gather
+from fhir_server.console.paging import links
+from fhir_server.console.render import page
+from fhir_server.console.session import PREFIX, Session
+
+router = APIRouter()
+PAGE_SIZE = 20
+MAX_COUNTED = 1000  # records fetched per count search; more shows as "1000+"
+LABEL_SYSTEM = "urn:fhir-server:interactions:label"
+# Each count: the type searched, its patient parameter, any other criteria.
+COUNTS = {
+    "encounters": [("Encounter", "subject", {})],
+    "labs": [("Observation", "subject", {"category": "laboratory"})],
+    "imaging": [("ImagingStudy", "subject", {}), ("DocumentReference", "subject", {}), ("Media", "subject", {})],
+    "allergies": [("AllergyIntolerance", "patient", {})],
+}
+GENDERS = ("female", "male", "other", "unknown")
+AGE_GROUPS = (("0–17", 0, 18), ("18–39", 18, 40), ("40–64", 40, 65), ("65+", 65, 200))
+
+
+def _years_ago(years: int, today: date) -> str:
+    try:
+        return today.replace(year=today.year - years).isoformat()
+    except ValueError:  # 29 February
+        return today.replace(year=today.year - years, day=28).isoformat()
+
+
+def _criteria(query: dict[str, str]) -> dict[str, str]:
+    found = {}
+    if query.get("name"):
+        found["name"] = query["name"]
+    if query.get("identifier"):
+        found["identifier"] = query["identifier"]
+    if query.get("gender") in GENDERS:
+        found["gender"] = query["gender"]
+    return found
+
+
+async def _counts(api: Api, ids: list[str]) -> dict[str, dict[str, str]]:
+    """Per patient id, each count: one search per type for the whole page, not one per patient."""
+    searches = [(name, t, param, extra) for name, specs in COUNTS.items() for t, param, extra in specs]
+    subjects = ",".join(f"Patient/{i}" for i in ids)
+    bundles = await gather(*(api.search(t, {param: subjects, **extra, "_elements": param, "_count": str(MAX_COUNTED)})
+                             for _, t, param, extra in searches))
+    numbers: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    capped: set[str] = set()
+    for (name, _, param, _), bundle in zip(searches, bundles, strict=True):
+        if isinstance(bundle, ApiError):
+            capped.add(name)
+            continue
+        if any(link.get("relation") == "next" for link in bundle.get("link", [])):
+            capped.add(name)
+        for resource in entries(bundle):
+            numbers[fhir_text.reference_id(resource.get(param))][name] += 1
+    return {i: {name: f"{numbers[i][name]}{'+' if name in capped else ''}" for name in COUNTS} for i in ids}
+
+
+@page
+async def patient_list(request: Request, session: Session, api: Api) -> tuple[str, dict]:
+    query = dict(request.query_params)
+    criteria = _criteria(query)
+    params = {**criteria, "_count": str(PAGE_SIZE), "_sort": "family,given", "_total": "accurate"}
+    if query.get("page"):
+        params["_page"] = query["page"]
+    today = date.today()
+    age_counts = [api.count("Patient", [*criteria.items(), ("birthdate", f"gt{_years_ago(high, today)}"),
+                                        ("birthdate", f"le{_years_ago(low, today)}")])
+                  for _, low, high in AGE_GROUPS]
+    gender_counts = [api.count("Patient", [*[(k, v) for k, v in criteria.items() if k != "gender"], ("gender", g)])
+                     for g in GENDERS]
+    bundle, *stats = await gather(api.search("Patient", params), *gender_counts, *age_counts)
+    context: dict[str, Any] = {"title": "Patients", "active": "patients", "query": query, "error": "",
+                               "patients": [], "counts": {}, "total": None, "links": {}}
+    if isinstance(bundle, ApiError):
+        context["error"] = bundle.message  # a bad search is shown next to the form
+        context["status"] = 400 if bundle.status < 500 else bundle.status
+    else:
+        context["patients"] = entries(bundle)
+        context["total"] = bundle.get("total")
+        context["links"] = links(bundle, f"{PREFIX}/patients", query)
+        if context["patients"]:
+            context["counts"] = await _counts(api, [p["id"] for p in context["patients"]])
+    numbers = [s if isinstance(s, int) else None for s in stats]
+    context["genders"] = list(zip(GENDERS, numbers[:len(GENDERS)], strict=True))
+    context["ages"] = [(label, n) for (label, _, _), n in zip(AGE_GROUPS, numbers[len(GENDERS):], strict=True)]
+    context["charts"] = {
+        "sex": trends.bar([g for g, _ in context["genders"]], [n or 0 for _, n in context["genders"]]),
+        "age": trends.bar([a for a, _ in context["ages"]], [n or 0 for _, n in context["ages"]]),
+    }
+    return "patients.html", context
+
+
+# -- one patient -----------------------------------------------------------------------------------
+
+SECTIONS = ("Encounter", "Observation", "ImagingStudy", "Media", "DocumentReference", "AllergyIntolerance",
+            "MedicationRequest", "MedicationStatement", "Condition", "Appointment", "CarePlan",
+            "QuestionnaireResponse", "ClinicalImpression")
+
+
+def _by_date(resources: list[dict[str, Any]], key: Any) -> list[dict[str, Any]]:
+    return sorted(resources, key=lambda r: str(key(r) or ""), reverse=True)
+
+
+def _labels(resource: dict[str, Any]) -> list[str]:
+    return [t.get("code", "") for t in resource.get("meta", {}).get("tag", []) if t.get("system") == LABEL_SYSTEM]
+
+
+async def patient_record(request: Request, session: Session, api: Api) -> tuple[str, dict]:
+    patient_id = request.path_params["patient_id"]
+    patient, everything = await gather(api.read(f"Patient/{patient_id}"),
+                                       api.read(f"Patient/{patient_id}/$everything", {"_count": "1000"}))
+    if isinstance(patient, ApiError):
+        raise patient
+    record: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    others: dict[str, dict[str, Any]] = {}
+    error = everything.message if isinstance(everything, ApiError) else ""
+    more = False
+    if not isinstance(everything, ApiError):
+        more = any(link.get("relation") == "next" for link in everything.get("link", []))
+        for entry in everything.get("entry", []):
+            resource = entry.get("resource", {})
+            kind = resource.get("resourceType", "")
+            if entry.get("search", {}).get("mode") == "include":
+                others[f"{kind}/{resource.get('id')}"] = resource
+            elif kind != "Patient":
+                record[kind].append(resource)
+    observations = _by_date(record["Observation"], fhir_text.effective)
+    encounters = _by_date(record["Encounter"], lambda r: r.get("period", {}).get("start"))
+    labels = {f"Encounter/{e['id']}": _labels(e) for e in encounters}
+    context = {
+        "title": fhir_text.human_name(patient), "active": "patients", "patient": patient, "error": error,
+        "more": more, "age": fhir_text.age(patient.get("birthDate")),
+        "encounters": encounters, "labels": labels,
+        "observations": observations,
+        "trends": trends.trend_charts(observations),
+        "images": images.images(record["ImagingStudy"], record["Media"], record["DocumentReference"]),
+        "allergies": record["AllergyIntolerance"],
+        "medications": record["MedicationRequest"] + record["MedicationStatement"],
+        "conditions": record["Condition"],
+        "appointments": _by_date(record["Appointment"], lambda r: r.get("start")),
+        "others": others,
+        "counts": {k: len(record[k]) for k in SECTIONS},
+    }
+    return "patient.html", context
+
+
+router.add_api_route("/patients", patient_list, methods=["GET"])
+router.add_api_route("/patients/{patient_id}", page(patient_record), methods=["GET"])
