@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench clean dcmtk
+.PHONY: run test bench clean dcmtk chromium
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,10 @@ run: $(BIN)/.installed  ## FHIR API on :8080, embedded database under ./data
 dcmtk:  ## DCMTK (echoscu, storescu), the modality the DICOM tests use
 	command -v storescu >/dev/null || { apt-get update -qq && apt-get install -y -qq dcmtk; }
 
-test: $(BIN)/.installed dcmtk  ## lint, then the test suite (starts its own database and servers)
+chromium:  ## Debian's chromium and its driver, the browser of the web console's tests (never a downloaded one)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
+
+test: $(BIN)/.installed dcmtk chromium  ## lint, then the test suite (starts its own database and servers)
 	$(BIN)/ruff check fhir_server dicom_node mappings tests bench
 	$(BIN)/python -m pytest
 

@@ -43,7 +43,7 @@ async def _context(api: Api, query: dict[str, str]) -> dict[str, Any]:
     found, lab_bundle, practitioners, patients, *numbers = await gather(
         api.search("Appointment", params), api.search("Observation", labs),
         api.search("Practitioner", {"_count": "200", "_elements": "name"}),
-        api.search("Patient", {"_count": "200", "_sort": "family,given", "_elements": "name,birthDate"}),
+        api.search("Patient", {"_count": "200", "_sort": "family,given", "_elements": "name,birthDate,identifier"}),
         *counts)
     errors = [x.message for x in (found, lab_bundle) if isinstance(x, ApiError)]
     return {

@@ -27,6 +27,9 @@ def human_name(resource: dict[str, Any] | None) -> str:
             return text
     if isinstance(resource.get("name"), str):  # Organization, Location
         return str(resource["name"])
+    for item in resource.get("identifier", []) or []:  # e.g. the retinal system's patients have no name
+        if item.get("value"):
+            return f"No name ({item['value']})"
     return f"{resource.get('resourceType', '')}/{resource.get('id', '')}"
 
 

@@ -162,7 +162,7 @@ async def _read_form(request: Request) -> tuple[dict[str, str], list[UploadFile]
 
 
 async def _patients(api: Api, chosen: str) -> list[dict[str, Any]]:
-    params = {"_count": "200", "_sort": "family,given", "_elements": "name,birthDate"}
+    params = {"_count": "200", "_sort": "family,given", "_elements": "name,birthDate,identifier"}
     found = entries(await api.search("Patient", params))
     if chosen and all(p.get("id") != chosen for p in found):
         with contextlib.suppress(ApiError):

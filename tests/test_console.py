@@ -1,0 +1,396 @@
+"""The web console: end to end in headless Chromium (Debian's chromium and chromedriver, driven
+by Selenium), and its error paths over HTTP. Real servers, the embedded database, loopback.
+
+Screenshots of each screen go to $CONSOLE_SCREENSHOTS (default /tmp/console-screenshots)."""
+
+import html
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from conftest import FHIR_JSON, ServerProcess, ct_dataset, unique
+
+from fhir_server.storage.embedded import EmbeddedDatabase
+from mappings import retinal
+
+PASSWORD = "S3cret-pass!"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+SHOTS = Path(os.environ.get("CONSOLE_SCREENSHOTS", "/tmp/console-screenshots"))
+SITE_SYSTEM = retinal.source_system(retinal.SYSTEM, "site")
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-background-networking", "--disable-gpu",
+                "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1280,900"]
+
+
+def cli(env: dict[str, str], *args: str, stdin: str = "") -> str:
+    done = subprocess.run([sys.executable, "-m", "fhir_server", *args], env={**os.environ, **env},
+                          input=stdin.encode(), capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return done.stdout.decode().strip()
+
+
+def add_account(env: dict[str, str], email: str, role: str, fhir_user: str) -> None:
+    cli(env, "accounts", "add", "--email", email, "--role", role, "--fhir-user", fhir_user, "--name", "Dr Ada Grey",
+        "--password-stdin", stdin=PASSWORD + "\n")
+
+
+def sign_in(http: httpx.Client, email: str, page: str = "/console/") -> httpx.Response:
+    """The browser's way in, by hand: the console, its sign-in redirect, the login form, the
+    callback; the answer of the callback (a redirect to `page`, or a page)."""
+    answer = http.get(page)
+    assert answer.status_code == 303 and answer.headers["location"].startswith("/console/login"), answer.text
+    answer = http.get(answer.headers["location"])
+    assert answer.status_code == 303 and answer.headers["location"].startswith("/auth/authorize"), answer.text
+    form = http.get(answer.headers["location"])
+    assert form.status_code == 200, form.text
+    fields = {k: html.unescape(v) for k, v in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"',
+                                                          form.text)}
+    answer = http.post("/auth/authorize", data={**fields, "email": email, "password": PASSWORD})
+    assert answer.status_code == 303, answer.text
+    return http.get(answer.headers["location"])
+
+
+def csrf_of(page: str) -> str:
+    found = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
+    assert found, page[:2000]
+    return found.group(1)
+
+
+def png(colour: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), colour).save(out, "PNG")
+    return out.getvalue()
+
+
+def dicom_file(folder: Path) -> Path:
+    ds = ct_dataset()
+    ds.PatientName = "Console^Dicom"
+    path = folder / "ct.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# -- servers ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def open_server(database: EmbeddedDatabase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A server with authorization off (as on a laptop), a practitioner account, a screening site,
+    a Practitioner and a Patient."""
+    env = {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": f"fhir_console_{unique()}"}
+    email = f"dr-{unique()}@clinic.example"
+    server = ServerProcess(tmp_path_factory.mktemp("console"), env).start()
+    with httpx.Client(base_url=f"{server.url}/fhir", timeout=60, headers={"Content-Type": FHIR_JSON}) as fhir:
+        doctor = fhir.post("/Practitioner", json={"resourceType": "Practitioner",
+                                                  "name": [{"family": "Grey", "given": ["Ada"]}]}).json()
+        add_account(env, email, "practitioner", f"Practitioner/{doctor['id']}")
+        site = fhir.post("/Organization", json={"resourceType": "Organization", "name": f"Site {unique()[:6]}",
+                                                "identifier": [{"system": SITE_SYSTEM, "value": unique()}]}).json()
+        patient = fhir.post("/Patient", json={"resourceType": "Patient", "gender": "female", "birthDate": "1970-05-01",
+                                              "name": [{"family": "Photo", "given": ["Paula"]}]}).json()
+        yield {"server": server, "email": email, "doctor": doctor["id"], "site": site["id"],
+               "patient": patient["id"], "env": env}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def auth_server(database: EmbeddedDatabase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A server with authorization on."""
+    env = {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": f"fhir_console_auth_{unique()}", "FHIR_AUTH": "true"}
+    doctor, patient = f"dr-{unique()}@clinic.example", f"pt-{unique()}@clinic.example"
+    add_account(env, doctor, "practitioner", "Practitioner/dr-1")
+    add_account(env, patient, "patient", "Patient/pt-1")
+    server = ServerProcess(tmp_path_factory.mktemp("console_auth"), env).start()
+    yield {"server": server, "doctor": doctor, "patient": patient}
+    server.stop()
+
+
+@pytest.fixture
+def http(open_server: dict[str, Any]) -> Iterator[httpx.Client]:
+    """A signed-in session on the open server."""
+    with httpx.Client(base_url=open_server["server"].url, timeout=60) as client:
+        assert sign_in(client, open_server["email"]).status_code == 303
+        yield client
+
+
+# -- in the browser --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver (make test installs them)")
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not fetch a browser or a driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in BROWSER_ARGS:
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.implicitly_wait(0)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver: Any, condition: str, timeout: float = 20.0) -> Any:
+    """The value of a JavaScript expression once it is truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = driver.execute_script(f"return {condition};")
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {condition} on {driver.current_url}")
+
+
+def shoot(driver: Any, name: str) -> None:
+    """The whole page, images loaded (lazy ones too) and charts drawn."""
+    driver.execute_script("document.querySelectorAll('img[loading=lazy]').forEach(i => i.loading = 'eager')")
+    wait_for(driver, "Array.from(document.images).every(i => i.complete)")
+    wait_for(driver, "document.querySelectorAll('[data-plot]').length === "
+                     "document.querySelectorAll('[data-drawn]').length")
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    width = driver.get_window_size()["width"]
+    driver.set_window_size(width, min(max(height + 140, 900), 5000))
+    driver.save_screenshot(str(SHOTS / f"{name}.png"))
+    driver.set_window_size(width, 900)
+
+
+def images_shown(driver: Any) -> int:
+    """How many images on the page were loaded and decoded."""
+    return driver.execute_script("return Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length")
+
+
+def site_images(driver: Any, site: str) -> int:
+    cells = driver.find_elements("css selector", f'tr[data-site="Organization/{site}"] td.images')
+    return int(cells[0].text) if cells else 0
+
+
+def test_in_the_browser(browser: Any, open_server: dict[str, Any], tmp_path: Path) -> None:
+    """Sign in → upload a DICOM file and a PNG (and a file refused) → both in the gallery →
+    the patient's page → the dashboard counts them at their site; two overlapping appointments:
+    the second is refused on screen; sign out."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    base, site, patient = open_server["server"].url, open_server["site"], open_server["patient"]
+    d = browser
+    d.get(f"{base}/console/patients")
+    assert "/auth/authorize" in d.current_url  # not signed in: the server's own login page
+    shoot(d, "01-sign-in")
+    d.find_element(By.ID, "email").send_keys(open_server["email"])
+    d.find_element(By.ID, "password").send_keys(PASSWORD)
+    d.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait_for(d, "location.pathname === '/console/patients'")  # back where the user was going
+    cookies = {c["name"]: c for c in d.get_cookies()}
+    assert cookies["console_at"]["httpOnly"] and cookies["console_at"]["sameSite"] == "Lax"
+
+    d.get(f"{base}/console/")
+    before = site_images(d, site)
+
+    # Upload: the DICOM file, the photograph, and a text file the page refuses.
+    photo, text = tmp_path / "fundus.png", tmp_path / "notes.txt"
+    photo.write_bytes(png())
+    text.write_text("not an image")
+    d.get(f"{base}/console/upload?patient={patient}")
+    assert Select(d.find_element(By.ID, "patient")).first_selected_option.get_attribute("value") == patient
+    Select(d.find_element(By.ID, "site")).select_by_value(f"Organization/{site}")
+    Select(d.find_element(By.ID, "eye")).select_by_visible_text("left")
+    Select(d.find_element(By.ID, "quality")).select_by_visible_text("high")
+    Select(d.find_element(By.ID, "anatomy")).select_by_visible_text("good")
+    files = [dicom_file(tmp_path), photo, text]
+    d.find_element(By.ID, "files").send_keys("\n".join(str(f) for f in files))
+    d.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
+    wait_for(d, "document.querySelectorAll('#file-list li[data-ok]').length === 3", 60)
+    rows = {r.find_element(By.TAG_NAME, "strong").text: r for r in d.find_elements(By.CSS_SELECTOR, "#file-list li")}
+    assert rows["ct.dcm"].get_attribute("data-ok") == "true", rows["ct.dcm"].text
+    assert "Stored as DICOM" in rows["ct.dcm"].text and "Grading recorded" in rows["ct.dcm"].text
+    assert rows["fundus.png"].get_attribute("data-ok") == "true", rows["fundus.png"].text
+    assert rows["notes.txt"].get_attribute("data-ok") == "false"
+    assert "not a DICOM file or a PNG, JPEG, TIFF" in rows["notes.txt"].text
+    shoot(d, "02-upload")
+
+    # The gallery of the site: both, with their thumbnails rendered.
+    d.get(f"{base}/console/imaging?site=Organization/{site}")
+    items = d.find_elements(By.CSS_SELECTOR, ".gallery li")
+    assert sorted(i.get_attribute("data-kind") for i in items) == ["dicom", "photo"]
+    shoot(d, "03-gallery")
+    assert images_shown(d) == 2
+    d.find_element(By.CSS_SELECTOR, '.gallery li[data-kind="dicom"] a').click()
+    wait_for(d, "document.getElementById('view-image') && document.getElementById('view-image').naturalWidth > 0")
+    d.find_element(By.CSS_SELECTOR, "[data-zoom=in]").click()
+    assert d.find_element(By.ID, "zoom-level").text.endswith("%")
+    d.find_element(By.ID, "window").send_keys("40,400")
+    d.find_element(By.CSS_SELECTOR, "form[aria-label='Window level'] button").click()
+    wait_for(d, "location.search.includes('window=') && document.getElementById('view-image').naturalWidth > 0")
+    shoot(d, "04-viewer")
+
+    # The photograph's patient: the image in the record.
+    d.get(f"{base}/console/patients/{patient}")
+    assert d.find_element(By.TAG_NAME, "h1").text == "Paula Photo"
+    assert d.find_elements(By.CSS_SELECTOR, '#img-h ~ .gallery li[data-kind="photo"]')
+    shoot(d, "05-patient")
+
+    # The dashboard counts both graded images at the site.
+    d.get(f"{base}/console/")
+    assert site_images(d, site) == before + 2
+    shoot(d, "06-dashboard")
+    assert len(d.find_elements(By.CSS_SELECTOR, "[data-drawn=true]")) >= 3
+
+    # Scheduling: the second overlapping appointment is refused on the form.
+    def book(start: str) -> None:
+        d.get(f"{base}/console/appointments")
+        Select(d.find_element(By.ID, "a-patient")).select_by_value(patient)
+        Select(d.find_element(By.ID, "a-practitioner")).select_by_value(open_server["doctor"])
+        d.execute_script("document.getElementById('a-start').value = arguments[0]", start)
+        duration = d.find_element(By.ID, "a-duration")
+        duration.clear()
+        duration.send_keys("30")
+        d.find_element(By.CSS_SELECTOR, "#schedule button[type=submit]").click()
+        wait_for(d, "document.getElementById('booked') || document.getElementById('form-error')")
+
+    book("2031-03-04T10:00")
+    assert "Booked" in d.find_element(By.ID, "booked").text
+    book("2031-03-04T10:15")
+    error = d.find_element(By.ID, "form-error").text
+    assert "already has an appointment" in error and "Appointment/" in error, error
+    shoot(d, "07-appointments")
+
+    for name, path in (("08-patients", "/console/patients"), ("09-interactions", "/console/interactions"),
+                       ("10-browser", f"/console/browse?type=Patient&q=_id={patient}"),
+                       ("11-profile", "/console/profile")):
+        d.get(base + path)
+        assert not d.find_elements(By.CSS_SELECTOR, ".error"), (path, d.page_source[:3000])
+        shoot(d, name)
+    assert "Grey" in d.find_element(By.TAG_NAME, "main").text  # the profile names the Practitioner
+
+    d.set_window_size(800, 1000)  # a tablet's width
+    d.get(f"{base}/console/")
+    shoot(d, "12-dashboard-tablet")
+    assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+    d.set_window_size(1280, 900)
+
+    d.find_element(By.CSS_SELECTOR, ".account button").click()
+    wait_for(d, "document.body.textContent.includes('You are signed out')")
+    d.get(f"{base}/console/")
+    assert "/auth/authorize" in d.current_url
+
+
+# -- over HTTP: the error paths ----------------------------------------------------------------------
+
+
+def test_not_signed_in(open_server: dict[str, Any]) -> None:
+    with httpx.Client(base_url=open_server["server"].url, timeout=30) as anonymous:
+        answer = anonymous.get("/console/patients?name=x")
+        assert answer.status_code == 303
+        assert answer.headers["location"] == "/console/login?next=%2Fconsole%2Fpatients%3Fname%3Dx"
+        assert anonymous.get("/console/images/binary/x").status_code == 401
+        refused = anonymous.post("/console/upload/file", files={"files": ("a.png", png())})
+        assert refused.status_code == 401 and "sign in" in refused.json()["message"]
+    with httpx.Client(base_url=open_server["server"].url, timeout=30,
+                      cookies={"console_at": "forged", "console_seed": "x"}) as forged:
+        assert forged.get("/console/profile").status_code == 303  # a cookie is not a session: the token must be valid
+    with httpx.Client(base_url=open_server["server"].url, timeout=30) as anonymous:
+        # A callback that this browser did not start.
+        stray = anonymous.get("/console/callback", params={"code": "x", "state": "y"})
+        assert stray.status_code == 400 and "not started here" in stray.text
+
+
+def test_forms_need_their_csrf_token(http: httpx.Client, open_server: dict[str, Any]) -> None:
+    form = {"patient": open_server["patient"], "practitioner": open_server["doctor"], "start": "2032-01-01T09:00",
+            "duration": "30", "csrf": "0" * 64}
+    answer = http.post("/console/appointments", data=form)
+    assert answer.status_code == 403 and "out of date" in answer.text
+    count = httpx.get(f"{open_server['server'].url}/fhir/Appointment",
+                      params={"date": "2032-01-01", "_summary": "count"}).json()["total"]
+    assert count == 0  # nothing booked
+    answer = http.post("/console/logout", data={"csrf": "nope"})
+    assert answer.status_code == 403
+    assert http.get("/console/profile").status_code == 200  # still signed in
+
+
+def test_upload_refusals_are_shown_per_file(http: httpx.Client, open_server: dict[str, Any]) -> None:
+    csrf = csrf_of(http.get("/console/upload").text)
+    files = [("files", ("notes.txt", b"hello")), ("files", ("empty.png", b"")),
+             ("files", ("good.png", png((10, 200, 10))))]
+    answer = http.post("/console/upload", data={"csrf": csrf, "patient": "no-such-patient"}, files=files)
+    assert answer.status_code == 400, answer.text
+    items = re.findall(r'<li class="bad" data-ok="false"><strong>([^<]+)</strong>[^:]*: ([^<]+)', answer.text)
+    messages = {name: html.unescape(text) for name, text in items}
+    assert "not a DICOM file or a PNG" in messages["notes.txt"]
+    assert "empty" in messages["empty.png"]
+    assert "there is no patient 'no-such-patient'" in messages["good.png"]
+    # The script's route: one file, its outcome as JSON.
+    one = http.post("/console/upload/file", data={"csrf": csrf, "patient": open_server["patient"], "site": "x"},
+                    files={"files": ("good.png", png())})
+    assert one.status_code == 422 and "site must be one of the list" in one.json()["message"]
+    one = http.post("/console/upload/file", data={"csrf": csrf, "patient": open_server["patient"]},
+                    files={"files": ("good.png", png())})
+    assert one.status_code == 200 and one.json()["ok"], one.text
+
+
+def test_resource_browser(http: httpx.Client, open_server: dict[str, Any]) -> None:
+    unknown = http.get("/console/browse", params={"type": "NoSuchType"})
+    assert unknown.status_code == 404 and 'role="alert"' in unknown.text and "Traceback" not in unknown.text
+    bad = http.get("/console/browse", params={"type": "Patient", "q": "birthdate=notadate"})
+    assert bad.status_code == 400 and "birthdate" in bad.text
+    patient = open_server["patient"]
+    found = http.get("/console/browse", params={"type": "Patient", "q": f"_id={patient}"})
+    assert found.status_code == 200 and f'href="/console/browse/Patient/{patient}"' in found.text
+    document = http.get(f"/console/browse/Patient/{patient}")
+    assert document.status_code == 200 and "&quot;resourceType&quot;: &quot;Patient&quot;" in document.text
+    assert http.get("/console/browse/Patient/no-such-one").status_code == 404
+    assert http.get("/console/patients/no-such-one").status_code == 404
+    assert http.get("/console/imaging/view/dicom/1.2.3").status_code == 404
+
+
+def test_static_files_from_installed_packages(http: httpx.Client) -> None:
+    plotly = http.get("/console/static/vendor/plotly.min.js")
+    assert plotly.status_code == 200 and plotly.headers["content-type"].startswith("text/javascript")
+    assert http.get("/console/static/vendor/plotly.min.js", headers={"If-None-Match": plotly.headers["etag"]}
+                    ).status_code == 304
+    css = http.get("/console/static/vendor/plotly.css")
+    assert css.status_code == 200 and ".js-plotly-plot .plotly .main-svg{position:absolute" in css.text
+    assert http.get("/console/static/..%2Fsession.py").status_code == 404
+    page = http.get("/console/")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert "<script>" not in page.text and " style=" not in page.text  # nothing inline
+
+
+def test_with_authorization_on(auth_server: dict[str, Any]) -> None:
+    """The console's calls carry the user's token; an expired one is renewed with the refresh
+    token; a patient's account cannot use the console."""
+    with httpx.Client(base_url=auth_server["server"].url, timeout=30) as http:
+        assert sign_in(http, auth_server["doctor"], "/console/patients").headers["location"] == "/console/patients"
+        assert http.get("/fhir/Patient").status_code == 401  # the cookie is not a bearer token for the API
+        first = http.cookies["console_at"]
+        assert http.get("/console/patients").status_code == 200
+        http.cookies.delete("console_at")  # as when it has expired: the refresh token gets another
+        answer = http.get("/console/profile")
+        assert answer.status_code == 200 and "dr-1" in answer.text
+        assert http.cookies["console_at"] != first  # renewed, and sent back with the page
+        csrf = csrf_of(answer.text)
+        refresh = http.cookies["console_rt"]
+        assert http.post("/console/logout", data={"csrf": csrf}).status_code == 200
+        renewed = http.post("/auth/token", data={"grant_type": "refresh_token", "client_id": "fhir-console",
+                                                 "refresh_token": refresh})
+        assert renewed.status_code == 400 and renewed.json()["error"] == "invalid_grant"  # revoked
+        assert http.get("/console/profile").status_code == 303  # the cookies are gone
+    with httpx.Client(base_url=auth_server["server"].url, timeout=30) as http:
+        answer = sign_in(http, auth_server["patient"])
+        assert answer.status_code == 400 and "for practitioners" in answer.text
+        location = parse_qs(urlsplit(str(answer.url)).query)
+        assert location["error"] == ["invalid_scope"]
