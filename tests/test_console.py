@@ -157,7 +157,8 @@ def wait_for(driver: Any, condition: str, timeout: float = 20.0) -> Any:
 
 
 def shoot(driver: Any, name: str) -> None:
-    """The whole page, images loaded (lazy ones too) and charts drawn."""
+    """The whole page, its later parts loaded, images loaded (lazy ones too) and charts drawn."""
+    wait_for(driver, "document.querySelectorAll('[data-fragment]:not([data-loaded])').length === 0")
     driver.execute_script("document.querySelectorAll('img[loading=lazy]').forEach(i => i.loading = 'eager')")
     wait_for(driver, "Array.from(document.images).every(i => i.complete)")
     wait_for(driver, "document.querySelectorAll('[data-plot]').length === "
@@ -175,6 +176,8 @@ def images_shown(driver: Any) -> int:
 
 
 def site_images(driver: Any, site: str) -> int:
+    """The dashboard's count of a site's graded images (0 when it has none), once loaded."""
+    assert wait_for(driver, "document.getElementById('readiness').getAttribute('data-loaded')") == "true"
     cells = driver.find_elements("css selector", f'tr[data-site="Organization/{site}"] td.images')
     return int(cells[0].text) if cells else 0
 
@@ -368,6 +371,25 @@ def test_static_files_from_installed_packages(http: httpx.Client) -> None:
     page = http.get("/console/")
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert "<script>" not in page.text and " style=" not in page.text  # nothing inline
+
+
+def test_slow_parts_come_later_and_without_scripts(http: httpx.Client, open_server: dict[str, Any]) -> None:
+    """AI readiness and the patient statistics are fragments the page fetches, and pages of their
+    own for a browser without scripts."""
+    dashboard = http.get("/console/")
+    assert 'data-fragment="/console/readiness?fragment=1"' in dashboard.text
+    assert 'href="/console/readiness"' in dashboard.text  # in <noscript>
+    fragment = http.get("/console/readiness?fragment=1")
+    assert fragment.status_code == 200 and fragment.text.startswith("<div data-fragment-body>")
+    site = open_server["site"]
+    assert f'data-site="Organization/{site}"' in fragment.text or "No graded images" in fragment.text
+    assert "<h1>AI readiness</h1>" in http.get("/console/readiness").text
+    patients = http.get("/console/patients", params={"gender": "female"})
+    assert 'data-fragment="/console/statistics/patients?gender=female&amp;fragment=1"' in patients.text
+    statistics = http.get("/console/statistics/patients", params={"gender": "female", "fragment": "1"})
+    female = re.search(r'data-gender="female"><strong>(\d+)</strong>', statistics.text)
+    assert female and int(female.group(1)) >= 1
+    assert re.search(r'data-gender="male"><strong>(\d+)</strong>', statistics.text)
 
 
 def test_with_authorization_on(auth_server: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@ ASGI app with the signed-in user's bearer token: authorization, scopes, audit an
 apply exactly as for any other client, and the console never reads the database itself."""
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -11,6 +12,8 @@ from fastapi import Request
 
 T = TypeVar("T")
 TIMEOUT_S = 60.0
+# httpx logs each request at INFO: the access log already has every in-process call, with its duration.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class ApiError(Exception):

@@ -148,9 +148,9 @@ def _picture_error(status: int, message: str) -> Response:
 
 async def _with_session(request: Request) -> Session | Response:
     try:
-        return await current(request)
+        return await current(request, renew=False)  # the page that shows the picture renewed the token
     except SignInNeeded:
-        return _picture_error(401, "Not signed in")
+        return _picture_error(401, "Not signed in, or the session expired: reload the page")
 
 
 @router.get("/images/dicom/{study}/{series}/{instance}")

@@ -4,6 +4,7 @@ patient's longitudinal record (`$everything`), with trend charts of repeated mea
 from collections import defaultdict
 from datetime import date
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 
@@ -47,11 +48,19 @@ def _criteria(query: dict[str, str]) -> dict[str, str]:
 
 
 async def _counts(api: Api, ids: list[str]) -> dict[str, dict[str, str]]:
-    """Per patient id, each count: one search per type for the whole page, not one per patient."""
+    """Per patient id, each count: one search per type for the whole page, not one per patient.
+    A search by 20 subjects reads every record of theirs of the type (the category is checked
+    after): for laboratory results, of which patients have few and gradings many, all of them
+    are read at once instead while they number fewer than a page of them (a count first)."""
     searches = [(name, t, param, extra) for name, specs in COUNTS.items() for t, param, extra in specs]
     subjects = ",".join(f"Patient/{i}" for i in ids)
-    bundles = await gather(*(api.search(t, {param: subjects, **extra, "_elements": param, "_count": str(MAX_COUNTED)})
-                             for _, t, param, extra in searches))
+    few_labs = await api.count("Observation", [("category", "laboratory")]) <= MAX_COUNTED
+
+    def search(t: str, param: str, extra: dict[str, str]) -> Any:
+        criteria = extra if extra and few_labs and t == "Observation" else {param: subjects, **extra}
+        return api.search(t, {**criteria, "_elements": param, "_count": str(MAX_COUNTED)})
+
+    bundles = await gather(*(search(t, param, extra) for _, t, param, extra in searches))
     numbers: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     capped: set[str] = set()
     for (name, _, param, _), bundle in zip(searches, bundles, strict=True):
@@ -67,37 +76,49 @@ async def _counts(api: Api, ids: list[str]) -> dict[str, dict[str, str]]:
 
 @page
 async def patient_list(request: Request, session: Session, api: Api) -> tuple[str, dict]:
+    """The list and its counts; the statistics come after (their fragment route): eight counts
+    over every matching patient."""
     query = dict(request.query_params)
     criteria = _criteria(query)
     params = {**criteria, "_count": str(PAGE_SIZE), "_sort": "family,given", "_total": "accurate"}
     if query.get("page"):
         params["_page"] = query["page"]
+    context: dict[str, Any] = {"title": "Patients", "active": "patients", "query": query, "error": "",
+                               "patients": [], "counts": {}, "total": None, "links": {}, "genders": GENDERS,
+                               "statistics": f"{PREFIX}/statistics/patients?{urlencode(criteria)}"}
+    try:
+        bundle = await api.search("Patient", params)
+    except ApiError as exc:  # a bad search is shown next to the form
+        context.update(error=exc.message, status=400 if exc.status < 500 else exc.status)
+        return "patients.html", context
+    context["patients"] = entries(bundle)
+    context["total"] = bundle.get("total")
+    context["links"] = links(bundle, f"{PREFIX}/patients", query)
+    if context["patients"]:
+        context["counts"] = await _counts(api, [p["id"] for p in context["patients"]])
+    return "patients.html", context
+
+
+@page
+async def patient_statistics(request: Request, session: Session, api: Api) -> tuple[str, dict]:
+    """Sex and age groups of the patients a search finds: the list's fragment (`?fragment=1`)."""
+    criteria = _criteria(dict(request.query_params))
     today = date.today()
     age_counts = [api.count("Patient", [*criteria.items(), ("birthdate", f"gt{_years_ago(high, today)}"),
                                         ("birthdate", f"le{_years_ago(low, today)}")])
                   for _, low, high in AGE_GROUPS]
     gender_counts = [api.count("Patient", [*[(k, v) for k, v in criteria.items() if k != "gender"], ("gender", g)])
                      for g in GENDERS]
-    bundle, *stats = await gather(api.search("Patient", params), *gender_counts, *age_counts)
-    context: dict[str, Any] = {"title": "Patients", "active": "patients", "query": query, "error": "",
-                               "patients": [], "counts": {}, "total": None, "links": {}}
-    if isinstance(bundle, ApiError):
-        context["error"] = bundle.message  # a bad search is shown next to the form
-        context["status"] = 400 if bundle.status < 500 else bundle.status
-    else:
-        context["patients"] = entries(bundle)
-        context["total"] = bundle.get("total")
-        context["links"] = links(bundle, f"{PREFIX}/patients", query)
-        if context["patients"]:
-            context["counts"] = await _counts(api, [p["id"] for p in context["patients"]])
+    stats = await gather(*gender_counts, *age_counts)
+    errors = sorted({s.message for s in stats if isinstance(s, ApiError)})
     numbers = [s if isinstance(s, int) else None for s in stats]
-    context["genders"] = list(zip(GENDERS, numbers[:len(GENDERS)], strict=True))
-    context["ages"] = [(label, n) for (label, _, _), n in zip(AGE_GROUPS, numbers[len(GENDERS):], strict=True)]
-    context["charts"] = {
-        "sex": trends.bar([g for g, _ in context["genders"]], [n or 0 for _, n in context["genders"]]),
-        "age": trends.bar([a for a, _ in context["ages"]], [n or 0 for _, n in context["ages"]]),
-    }
-    return "patients.html", context
+    genders = list(zip(GENDERS, numbers[:len(GENDERS)], strict=True))
+    ages = [(label, n) for (label, _, _), n in zip(AGE_GROUPS, numbers[len(GENDERS):], strict=True)]
+    context = {"title": "Patient statistics", "active": "patients", "errors": errors, "genders": genders, "ages": ages,
+               "charts": {"sex": trends.bar([g for g, _ in genders], [n or 0 for _, n in genders]),
+                          "age": trends.bar([a for a, _ in ages], [n or 0 for _, n in ages])}}
+    fragment = request.query_params.get("fragment") == "1"
+    return ("statistics_fragment.html" if fragment else "statistics.html"), context
 
 
 # -- one patient -----------------------------------------------------------------------------------
@@ -155,4 +176,5 @@ async def patient_record(request: Request, session: Session, api: Api) -> tuple[
 
 
 router.add_api_route("/patients", patient_list, methods=["GET"])
+router.add_api_route("/statistics/patients", patient_statistics, methods=["GET"])
 router.add_api_route("/patients/{patient_id}", page(patient_record), methods=["GET"])

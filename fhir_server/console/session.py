@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -31,6 +32,7 @@ SCOPE = "openid fhirUser online_access user/*.cruds"
 ACCESS, REFRESH, SEED, FLOW = "console_at", "console_rt", "console_seed", "console_flow"
 FLOW_LIFETIME_S = 600
 SESSION_LIFETIME_S = 12 * 3600  # the online_access refresh token's lifetime
+RENEW_BEFORE_S = 90  # a page renews a token this close to expiry, so that its images find it valid
 
 
 class SignInNeeded(Exception):
@@ -98,9 +100,11 @@ def callback_uri(request: Request) -> str:
     return base_url(request).removesuffix("/fhir") + f"{PREFIX}/callback"
 
 
-async def current(request: Request) -> Session:
-    """The valid session of the request's cookies (renewed if its access token expired);
-    SignInNeeded otherwise."""
+async def current(request: Request, renew: bool = True) -> Session:
+    """The valid session of the request's cookies; SignInNeeded otherwise. With `renew`, an
+    access token that expired or is about to is replaced through the refresh token. Requests
+    a page makes by itself (its images) do not renew: a refresh token works once, and several
+    of them at a time would spend it together (which revokes the session)."""
     token, refresh, seed = (request.cookies.get(n) for n in (ACCESS, REFRESH, SEED))
     if not seed:
         raise SignInNeeded
@@ -108,10 +112,11 @@ async def current(request: Request) -> Session:
     if token:
         try:
             claims = await validator.validate(token, base_url(request), issuer(request))
-            return Session(token, claims, seed, refresh)
+            if not (renew and refresh and claims.expires - time.time() < RENEW_BEFORE_S):
+                return Session(token, claims, seed, refresh)
         except (InvalidToken, PyMongoError):
             pass
-    if not refresh:
+    if not (renew and refresh):
         raise SignInNeeded
     async with Api(request, None) as api:
         answer = await api.call("POST", "/auth/token", data={"grant_type": "refresh_token", "client_id": CLIENT_ID,
