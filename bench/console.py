@@ -4,11 +4,12 @@ Imports the retinal image manager's generated data set (`--num-sites 10 --num-pa
 about 2,100 graded images, a third of the sites with DICOM cameras) and the EHR and interactions
 sample data of tests/data into a fresh server on the embedded database, signs in as a
 practitioner through the console's own flow, then requests each page `--reps` times in turn
-(after two warm-up rounds) and prints the median and p95 of the server's own duration for each
+(after two warm-up rounds, `--pause` seconds apart as between a person's clicks: back to back,
+each page would also pay for the audit trail's writing of the previous pages' events) and prints the median and p95 of the server's own duration for each
 (the access log's `duration_ms`, found by the request id the benchmark sends), with the
 client's wall time beside it.
 
-    python bench/console.py [--reps 20] [--patients 500] [--keep DIR]
+    python bench/console.py [--reps 20] [--patients 500] [--pause 0.3] [--keep DIR]
 
 `--keep DIR` keeps the imported data in DIR, and a later run with the same DIR measures at once.
 """
@@ -125,7 +126,9 @@ def pages(http: httpx.Client) -> list[tuple[str, str]]:
     binary = media["content"]["url"].rsplit("/", 1)[-1]
     return [
         ("dashboard", "/console/"),
+        ("dashboard: AI readiness (fetched after the page)", "/console/readiness?fragment=1"),
         ("patients", "/console/patients"),
+        ("patients: statistics (fetched after the page)", "/console/statistics/patients?fragment=1"),
         ("patients, name search", "/console/patients?name=smith"),
         ("patient (EHR)", f"/console/patients/{ehr}"),
         ("patient (retinal)", f"/console/patients/{retinal}"),
@@ -138,7 +141,8 @@ def pages(http: httpx.Client) -> list[tuple[str, str]]:
         ("appointments", "/console/appointments"),
         ("interactions", "/console/interactions"),
         ("interaction", f"/console/interactions/{encounter}"),
-        ("resource browser, search", "/console/browse?type=Observation&q=_count=20"),
+        ("resource browser, Patient?name=smith", "/console/browse?type=Patient&q=name=smith"),
+        ("resource browser, Observation?_count=20", "/console/browse?type=Observation&q=_count=20"),
         ("resource browser, one", f"/console/browse/Patient/{ehr}"),
         ("profile", "/console/profile"),
     ]
@@ -161,11 +165,12 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def measure(http: httpx.Client, log: Path, reps: int) -> list[tuple[str, list[float], list[float]]]:
+def measure(http: httpx.Client, log: Path, reps: int, pause: float) -> list[tuple[str, list[float], list[float]]]:
     targets = pages(http)
     sent: dict[str, list[tuple[str, float]]] = {name: [] for name, _ in targets}
     for round_ in range(reps + 2):
         for name, path in targets:
+            time.sleep(pause)
             request_id = uuid.uuid4().hex
             began = time.perf_counter()
             answer = http.get(path, headers={"X-Request-ID": request_id})
@@ -184,6 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--patients", type=int, default=500)
+    parser.add_argument("--pause", type=float, default=0.3, help="seconds between requests")
     parser.add_argument("--keep", type=Path, help="data folder kept between runs")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-console-"))
@@ -207,8 +213,9 @@ def main() -> None:
             sign_in(http)
             totals = {t: http.get(f"/fhir/{t}", params={"_summary": "count"}).json()["total"]
                       for t in ("Patient", "Observation", "ImagingStudy", "Media", "Appointment", "Encounter")}
-            results = measure(http, log, args.reps)
-        print(f"data: {', '.join(f'{n:,} {t}' for t, n in totals.items())}; {args.reps} requests per page\n")
+            results = measure(http, log, args.reps, args.pause)
+        print(f"data: {', '.join(f'{n:,} {t}' for t, n in totals.items())}; "
+              f"{args.reps} requests per page, {args.pause} s apart\n")
         print("| page | server p50 ms | server p95 ms | client p50 ms |")
         print("| --- | ---: | ---: | ---: |")
         for name, server_ms, wall_ms in results:

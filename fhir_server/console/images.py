@@ -8,7 +8,8 @@ from typing import Any
 from fhir_server.console import fhir_text
 from fhir_server.console.session import PREFIX
 
-EYES = {"8966001": "left", "18944008": "right", "L": "left", "R": "right"}
+EYES = {"8966001": "left", "18944008": "right", "419161000": "left", "419465000": "right", "7771000": "left",
+        "24028007": "right", "L": "left", "R": "right"}  # eye structures, lateralities (SNOMED CT), DICOM
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,9 @@ def binary_id(url: str | None) -> str:
 
 
 def _eye(concept: dict[str, Any] | None) -> str:
-    for coding in (concept or {}).get("coding", []) or []:
+    """The eye a CodeableConcept (Media.bodySite) or a Coding (ImagingStudy.series.laterality) names."""
+    concept = concept or {}
+    for coding in [concept, *(concept.get("coding", []) or [])]:
         if coding.get("code") in EYES:
             return EYES[coding["code"]]
     return ""

@@ -57,12 +57,12 @@ def _searches(f: dict[str, str]) -> dict[str, dict[str, str] | None]:
     media: dict[str, str] | None = {**common, "_sort": "-created", "_include": "Media:subject"}
     document: dict[str, str] | None = {**common, "_sort": "-date", "_include": "DocumentReference:subject",
                                        "contenttype": "image/png,image/jpeg,image/gif,image/bmp,image/tiff"}
-    if modality and study is not None:
-        study["modality"] = modality
-    if modality and modality != "photo":
-        media = document = None  # photographs are not of a DICOM modality
-    elif modality == "photo":
+    if modality == "photo":  # photographs kept as files, whatever their modality
         study = None
+    elif modality:  # DICOM studies and Media (a retinal photograph is OP) have a modality; uploads do not
+        study["modality"] = modality
+        media["modality"] = modality
+        document = None
     if eye in EYE_CODES:
         document = None  # uploads do not say which eye
         if media is not None:

@@ -50,6 +50,11 @@ async def interaction_list(request: Request, session: Session, api: Api) -> tupl
     return "interactions.html", context
 
 
+def _symptom(observation: dict[str, Any]) -> bool:
+    """A symptom (category exam); the rest are the interaction's metrics and health status."""
+    return any(c.get("code") == "exam" for cat in observation.get("category", []) for c in cat.get("coding", []))
+
+
 @page
 async def interaction(request: Request, session: Session, api: Api) -> tuple[str, dict]:
     encounter_id = request.path_params["encounter_id"]
@@ -67,10 +72,8 @@ async def interaction(request: Request, session: Session, api: Api) -> tuple[str
     return "interaction.html", {
         "title": f"Interaction: {encounter.get('reasonCode', [{}])[0].get('text') or 'visit'}",
         "active": "interactions", "encounter": encounter, "patient": patient, "labels": labels_of(encounter),
-        "metrics": [o for o in observations if any(c.get("code") == "vital-signs" for cat in o.get("category", [])
-                                                   for c in cat.get("coding", []))],
-        "other_observations": [o for o in observations if not any(
-            c.get("code") == "vital-signs" for cat in o.get("category", []) for c in cat.get("coding", []))],
+        "metrics": [o for o in observations if not _symptom(o)],
+        "other_observations": [o for o in observations if _symptom(o)],
         "answers": related.get("QuestionnaireResponse", []), "plans": related.get("CarePlan", []),
         "impressions": related.get("ClinicalImpression", []),
         "insurance": next((i.get("value") for i in (patient or {}).get("identifier", [])

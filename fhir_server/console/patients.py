@@ -107,13 +107,16 @@ async def patient_statistics(request: Request, session: Session, api: Api) -> tu
     age_counts = [api.count("Patient", [*criteria.items(), ("birthdate", f"gt{_years_ago(high, today)}"),
                                         ("birthdate", f"le{_years_ago(low, today)}")])
                   for _, low, high in AGE_GROUPS]
-    gender_counts = [api.count("Patient", [*[(k, v) for k, v in criteria.items() if k != "gender"], ("gender", g)])
-                     for g in GENDERS]
+    others = [(k, v) for k, v in criteria.items() if k != "gender"]
+    gender_counts = [api.count("Patient", [*others, ("gender", g)]) for g in GENDERS]
+    gender_counts.append(api.count("Patient", [*others, ("gender:missing", "true")]))
+    age_counts.append(api.count("Patient", [*criteria.items(), ("birthdate:missing", "true")]))
     stats = await gather(*gender_counts, *age_counts)
     errors = sorted({s.message for s in stats if isinstance(s, ApiError)})
     numbers = [s if isinstance(s, int) else None for s in stats]
-    genders = list(zip(GENDERS, numbers[:len(GENDERS)], strict=True))
-    ages = [(label, n) for (label, _, _), n in zip(AGE_GROUPS, numbers[len(GENDERS):], strict=True)]
+    split = len(GENDERS) + 1
+    genders = list(zip([*GENDERS, "not recorded"], numbers[:split], strict=True))
+    ages = list(zip([label for label, _, _ in AGE_GROUPS] + ["no birth date"], numbers[split:], strict=True))
     context = {"title": "Patient statistics", "active": "patients", "errors": errors, "genders": genders, "ages": ages,
                "charts": {"sex": trends.bar([g for g, _ in genders], [n or 0 for _, n in genders]),
                           "age": trends.bar([a for a, _ in ages], [n or 0 for _, n in ages])}}
@@ -123,9 +126,9 @@ async def patient_statistics(request: Request, session: Session, api: Api) -> tu
 
 # -- one patient -----------------------------------------------------------------------------------
 
+# What the record shows ($everything's `_type`: not the Binary files, whose thumbnails come apart).
 SECTIONS = ("Encounter", "Observation", "ImagingStudy", "Media", "DocumentReference", "AllergyIntolerance",
-            "MedicationRequest", "MedicationStatement", "Condition", "Appointment", "CarePlan",
-            "QuestionnaireResponse", "ClinicalImpression")
+            "MedicationRequest", "MedicationStatement", "Condition", "Appointment")
 
 
 def _by_date(resources: list[dict[str, Any]], key: Any) -> list[dict[str, Any]]:
@@ -139,7 +142,8 @@ def _labels(resource: dict[str, Any]) -> list[str]:
 async def patient_record(request: Request, session: Session, api: Api) -> tuple[str, dict]:
     patient_id = request.path_params["patient_id"]
     patient, everything = await gather(api.read(f"Patient/{patient_id}"),
-                                       api.read(f"Patient/{patient_id}/$everything", {"_count": "1000"}))
+                                       api.read(f"Patient/{patient_id}/$everything",
+                                                {"_count": "1000", "_type": ",".join(SECTIONS)}))
     if isinstance(patient, ApiError):
         raise patient
     record: dict[str, list[dict[str, Any]]] = defaultdict(list)
