@@ -24,14 +24,17 @@ reindex` does for every study.
 """
 
 import contextlib
+import functools
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pymongo import ASCENDING, ReplaceOne, ReturnDocument
@@ -79,6 +82,10 @@ STUDY_TAG, SERIES_TAG = 0x0020000D, 0x0020000E
 STUDY_UID, SERIES_UID = tag_hex(STUDY_TAG), tag_hex(SERIES_TAG)
 PATIENT_TAGS = [tag_hex(tag) for tag, level in LEVEL_OF.items() if level == "PATIENT"]
 PATIENT_COUNTS = {0x00201200, 0x00201202, 0x00201204}  # NumberOfPatientRelated{Studies,Series,Instances}
+# What a view computes rather than holds (`_view`, `_patient_counts`): matched on the view only.
+COMPUTED = {tag_hex(tag) for tag in PATIENT_COUNTS} | {tag_hex(int(tag_for_keyword(k) or 0)) for k in (
+    "ModalitiesInStudy", "SOPClassesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+    "NumberOfSeriesRelatedInstances", "InstanceAvailability", "RetrieveAETitle")}
 # A relational query gathers at most this many matching parents (an `$in` of them); beyond, each
 # candidate's parent is read and checked (a query document has at most 16 MiB, and no set of
 # every study matching `PatientName=*` is held in memory).
@@ -86,6 +93,7 @@ MAX_IN = 1000
 MAX_CACHED = 10_000  # parents a query keeps read (their views, or whether they match)
 
 
+@functools.cache
 def _tag(keyword: str) -> int:
     tag = tag_for_keyword(keyword)
     if tag is None:
@@ -372,9 +380,13 @@ class Catalog:
         counts = _wants_counts(level, [*own, *returned])
         parents: dict[tuple[str, str], dict[str, Any] | None] = {}
         verdicts: dict[tuple[str, str], bool] = {}
+        stored_keys = [k for k in own if k.hex not in COMPUTED]
         async for doc in self.db[COLLECTION[level]].find(_prefilter(level, own, restrict)):
             if any(doc.get(field) not in allowed for field, allowed in restrict.items()):
                 continue
+            stored = doc.get("json", {})
+            if not all(k.matches(stored) for k in stored_keys if k.hex in stored):
+                continue  # refused on what it holds, before its view is made
             view = await self._full_view(level, doc, counts)
             if not all(k.matches(view) for k in own):
                 continue
@@ -573,6 +585,15 @@ def _prefilter(level: str, own: list[Key], restrict: dict[str, set[str]]) -> dic
         if values:
             candidates.append((rank, {field: {"$in": values}}))
 
+    def leading(keyword: str, field: str, rank: int) -> None:
+        """A wildcard value's literal start (`BENCH-01*`) as an index range."""
+        condition = by_keyword.get(keyword)
+        if condition is None or condition.fuzzy or len(condition.values) != 1 or condition.patterns[0] is None:
+            return
+        start = re.split(r"[*?]", condition.values[0], maxsplit=1)[0]
+        if start:
+            candidates.append((rank, {field: {"$gte": start, "$lt": start + "\U0010ffff"}}))
+
     unique = UNIQUE_KEYS[level]
     exact(unique, "_id" if level != "PATIENT" else "PatientID", 0)
     if level == "IMAGE":
@@ -584,17 +605,25 @@ def _prefilter(level: str, own: list[Key], restrict: dict[str, set[str]]) -> dic
             candidates.append((rank, {field: {"$in": sorted(restrict[field])}}))
     if level in ("PATIENT", "STUDY"):
         exact("PatientID", "PatientID", 5)
+        leading("PatientID", "PatientID", 6)
         name = by_keyword.get("PatientName")
         prefix = name.literal_prefix() if name is not None else None
         if prefix:
             candidates.append((6, {"pn": {"$gte": prefix, "$lt": prefix + "\U0010ffff"}}))
     if level == "STUDY":
         exact("AccessionNumber", "AccessionNumber", 5)
+        leading("AccessionNumber", "AccessionNumber", 6)
         _date_range(by_keyword.get("StudyDate"), candidates)
         exact("ModalitiesInStudy", "ModalitiesInStudy", 8)
     if level == "SERIES":
         exact("Modality", "Modality", 8)
-    return min(candidates, key=lambda c: c[0])[1] if candidates else {}
+    chosen = dict(min(candidates, key=lambda c: c[0])[1]) if candidates else {}
+    for keyword in FLAT[COLLECTION[level]]:  # wildcards narrowed in the database: fewer documents sent
+        condition = by_keyword.get(keyword)
+        pattern = condition.regex() if condition is not None else None
+        if pattern is not None and keyword not in chosen:  # beside its own index range, it costs the index
+            chosen[keyword] = {"$regex": pattern, "$options": "i" if condition.vr == "PN" else ""}
+    return chosen
 
 
 def _date_range(condition: Condition | None, candidates: list[tuple[int, dict[str, Any]]]) -> None:
@@ -613,7 +642,7 @@ def _response(level: str, view: dict[str, Any], keys: list[Key]) -> dict[str, An
     """One match's response identifier as DICOM JSON."""
     found = response_json(view, [k for k in keys if k.hex != QUERY_RETRIEVE_LEVEL])
     found[QUERY_RETRIEVE_LEVEL] = {"vr": "CS", "Value": [level]}
-    if not json.dumps(found, ensure_ascii=False).isascii():
+    if not orjson.dumps(found).isascii():
         found[SPECIFIC_CHARACTER_SET] = {"vr": "CS", "Value": ["ISO_IR 192"]}
     return found
 

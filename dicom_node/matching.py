@@ -13,6 +13,7 @@ matching (an item matches when all its keys do). Spaces around values and traili
 person names are insignificant.
 """
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -217,6 +218,18 @@ class Condition:
             return words[0] if words else None
         return prefix or None
 
+    def regex(self) -> str | None:
+        """For one wildcard value, a regular expression (case-insensitive for PN) that the
+        stored text of every match satisfies: its literal pieces in order, spaces allowed around
+        PN separators. A superset for the database to narrow with; `matches` decides. None when
+        it would not narrow."""
+        if self.fuzzy or len(self.values) != 1 or not self.patterns or self.patterns[0] is None:
+            return None
+        pieces = [re.escape(piece) for piece in re.split(r"[*?]+", self.values[0]) if piece]
+        if self.vr == "PN":
+            pieces = [re.sub(r"\\\^|=", lambda m: rf"\s*{m.group(0)}\s*", piece) for piece in pieces]
+        return ".*".join(pieces) or None
+
     def exact(self) -> list[str] | None:
         """The values when they are all plain (no wildcard), for an index equality."""
         if self.fuzzy or any(p is not None for p in self.patterns) or self.vr in TEMPORAL_VRS | NUMERIC_VRS:
@@ -368,7 +381,12 @@ def response_json(view: dict[str, Any], keys: list[Key]) -> dict[str, Any]:
     return found
 
 
+@functools.cache
+def _keyword_vr(keyword: str) -> str:
+    return dictionary_VR(keyword)  # pydicom's look-up is most of a match's view when not cached
+
+
 def element_json(keyword: str, values: list[Any]) -> dict[str, Any]:
     """A DICOM JSON element of `keyword` holding `values` (empty when there are none)."""
-    vr = dictionary_VR(keyword)
+    vr = _keyword_vr(keyword)
     return {"vr": vr, "Value": values} if values else {"vr": vr}

@@ -161,6 +161,36 @@ def test_relational_queries_send_no_large_in_and_scoped_ones_read_their_study(
     run(database, scenario)
 
 
+def test_wildcards_are_narrowed_in_the_database_with_the_same_matches(
+    database: EmbeddedDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wildcard on a name reaches MongoDB as a regular expression and one on a PatientID as
+    an index range, so that only candidates come back; matching still decides (PN: any case,
+    spaces around the separators; `?` one character)."""
+    names = {"Doe^Jane": "P-10", "DOE ^ JANE": "P-11", "Doe^Janet": "P-2", "Roe^Jane": "P-3"}
+    uids = {name: generate_uid() for name in names}
+
+    async def scenario(catalog: Catalog) -> None:
+        await catalog.prepare()
+        for name, patient in names.items():
+            await catalog.record([facts_of(uids[name], generate_uid(), PatientName=name, PatientID=patient)])
+        asked = record_finds(monkeypatch)
+        cases = [
+            ({"PatientName": "doe^jan?"}, {"Doe^Jane", "DOE ^ JANE"}, "PatientName"),
+            ({"PatientName": "*^JANE*"}, set(names), "PatientName"),
+            ({"PatientName": "R*e^*"}, {"Roe^Jane"}, "PatientName"),
+            ({"PatientID": "P-1*"}, {"Doe^Jane", "DOE ^ JANE"}, "PatientID"),
+        ]
+        for keys, expected, field in cases:
+            asked.clear()
+            found = [ds async for ds in catalog.find("STUDY", identifier(StudyInstanceUID="", **keys))]
+            assert {ds.StudyInstanceUID for ds in found} == {uids[n] for n in expected}, keys
+            [(collection, sent)] = asked
+            assert collection == "dicom_studies" and ({"$regex", "$gte"} & set(sent[field])), (keys, sent)
+
+    run(database, scenario)
+
+
 class BrokenCatalog:
     """A catalog whose every query is larger than a database document."""
 
