@@ -131,6 +131,13 @@ def _poll_faster() -> None:
     association.time = clock  # type: ignore[assignment]
 
 
+def _no_forced_collection() -> None:
+    """pynetdicom's accepting loop runs a full `gc.collect()` every 60 associations and every
+    30 s idle: over the server's objects (about 145 ms, holding the GIL) it stalled every
+    request and association of the process. CPython's own collector frees what an association
+    leaves; the objects start-up made are frozen out of it (`gc.freeze()` once started)."""
+
+
 class _Contexts(list):  # type: ignore[type-arg]
     """The contexts the node supports, as its server holds them: pynetdicom deep-copies them for
     every association (each association may reorder its copy's transfer syntaxes), about 12 ms
@@ -234,6 +241,7 @@ class DicomNode:
                              daemon=True).start()
             self.ae._servers.append(server)  # stopped with the others by `ae.shutdown()`
         server.contexts = _Contexts(server.contexts)
+        server.service_actions = _no_forced_collection  # type: ignore[method-assign]
         LOGGER.info("DICOM node %s listening on %s:%d%s", self.ae.ae_title, *address, " (TLS)" if tls else "")
         return server
 

@@ -168,6 +168,7 @@ def _dicom(args: argparse.Namespace) -> None:
 
 async def _run_dicom(settings: Settings, action: str) -> None:
     """The node alone, over the same database and services as `serve`."""
+    import gc
     import signal
 
     from dicom_node import indexer_for, start_node
@@ -190,6 +191,8 @@ async def _run_dicom(settings: Settings, action: str) -> None:
             print(f"{indexed} instances indexed")
             return
         node = await start_node(settings, indexer_for(settings, repository, searches))
+        gc.collect()
+        gc.freeze()  # as `serve` does once started
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -2,6 +2,7 @@
 starts the DICOM node)."""
 
 import asyncio
+import gc
 import ipaddress
 import logging
 from collections.abc import AsyncIterator
@@ -118,6 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             node = await start_node(settings, app.state.dicom)
         else:
             await recover(settings, app.state.dicom)
+        gc.collect()
+        gc.freeze()  # what start-up made lives as long as the process: no collection walks it again
         LOGGER.info("FHIR server ready", extra={"database": settings.mongodb_db})
         try:
             yield
