@@ -24,12 +24,13 @@ test: $(BIN)/.installed dcmtk chromium  ## lint, then the test suite (starts its
 	$(BIN)/ruff check fhir_server dicom_node mappings tests bench
 	$(BIN)/python -m pytest
 
-bench: $(BIN)/.installed  ## server vs. raw driver: CRUD, search on 100,000 resources, transactions; DICOM C-STORE vs. storescp and Orthanc; query/retrieve and DICOMweb vs. Orthanc (needs wrk, dcmtk, curl, orthanc, orthanc-dicomweb: apt-get install wrk dcmtk curl orthanc orthanc-dicomweb)
+bench: $(BIN)/.installed  ## server vs. raw driver: CRUD, search on 100,000 resources, transactions; DICOM C-STORE vs. storescp and Orthanc; query/retrieve and DICOMweb vs. Orthanc; the web console's page loads on 500 patients (needs wrk, dcmtk, curl, orthanc, orthanc-dicomweb: apt-get install wrk dcmtk curl orthanc orthanc-dicomweb)
 	$(BIN)/python bench/crud.py
 	$(BIN)/python bench/search.py
 	$(BIN)/python bench/transaction.py
 	$(BIN)/python bench/dicom_store.py
 	$(BIN)/python bench/dicomweb.py
+	$(BIN)/python bench/console.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

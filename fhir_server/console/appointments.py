@@ -20,6 +20,10 @@ COUNTED = (("total", None), ("upcoming", OPEN_STATUSES), ("completed", "fulfille
 MAX_MINUTES = 24 * 60
 
 
+async def _none() -> None:
+    return None
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -40,11 +44,15 @@ async def _context(api: Api, query: dict[str, str]) -> dict[str, Any]:
     labs = {"category": "laboratory", "_sort": "-date", "_count": "30", "_include": "Observation:subject"}
     if patient:
         labs["subject"] = f"Patient/{patient}"
-    found, lab_bundle, practitioners, patients, *numbers = await gather(
+    chosen, found, lab_bundle, practitioners, patients, *numbers = await gather(
+        api.read(f"Patient/{patient}") if patient else _none(),
         api.search("Appointment", params), api.search("Observation", labs),
         api.search("Practitioner", {"_count": "200", "_elements": "name"}),
         api.search("Patient", {"_count": "200", "_sort": "family,given", "_elements": "name,birthDate,identifier"}),
         *counts)
+    if isinstance(patients, dict) and isinstance(chosen, dict) and all(p.get("id") != patient
+                                                                       for p in entries(patients)):
+        patients.setdefault("entry", []).insert(0, {"resource": chosen})  # one beyond the list's first page
     errors = [x.message for x in (found, lab_bundle) if isinstance(x, ApiError)]
     return {
         "title": "Appointments", "active": "appointments", "query": query, "patient_id": patient,
@@ -57,6 +65,8 @@ async def _context(api: Api, query: dict[str, str]) -> dict[str, Any]:
         "counts": [(name, n if isinstance(n, int) else "?") for (name, _), n in zip(COUNTED, numbers, strict=True)],
         "practitioners": [] if isinstance(practitioners, ApiError) else entries(practitioners),
         "patients": [] if isinstance(patients, ApiError) else entries(patients),
+        "patients_capped": not isinstance(patients, ApiError) and any(
+            link.get("relation") == "next" for link in patients.get("link", [])),
         "statuses": STATUSES, "form": {"patient": patient, "duration": "30"}, "form_error": "", "booked": None,
     }
 

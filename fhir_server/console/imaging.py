@@ -21,7 +21,7 @@ from fhir_server.console.session import Session, SignInNeeded, apply, current
 from mappings import retinal
 
 router = APIRouter()
-PER_TYPE = 48  # newest images of each kind on one gallery page
+PER_TYPE = 24  # newest images of each kind on one gallery page (more: narrow the filters)
 SITE_SYSTEM = retinal.source_system(retinal.SYSTEM, "site")
 GRADING = f"{retinal.CODE_SYSTEM}|{retinal.GRADING}"
 QUALITIES = {"low": "quality-low", "acceptable": "quality-acceptable", "high": "quality-high"}

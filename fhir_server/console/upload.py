@@ -163,7 +163,10 @@ async def _read_form(request: Request) -> tuple[dict[str, str], list[UploadFile]
 
 async def _patients(api: Api, chosen: str) -> list[dict[str, Any]]:
     params = {"_count": "200", "_sort": "family,given", "_elements": "name,birthDate,identifier"}
-    found = entries(await api.search("Patient", params))
+    bundle = await api.search("Patient", params)
+    found = entries(bundle)
+    if any(link.get("relation") == "next" for link in bundle.get("link", [])):
+        found.append({"id": "", "more": True})  # the list is not all of them: the template says how to choose
     if chosen and all(p.get("id") != chosen for p in found):
         with contextlib.suppress(ApiError):
             found.insert(0, await api.read(f"Patient/{chosen}"))
