@@ -416,3 +416,48 @@ def test_with_authorization_on(auth_server: dict[str, Any]) -> None:
         assert answer.status_code == 400 and "for practitioners" in answer.text
         location = parse_qs(urlsplit(str(answer.url)).query)
         assert location["error"] == ["invalid_scope"]
+
+
+# -- pure parts ------------------------------------------------------------------------------------
+
+
+def test_raw_json_is_escaped_and_links_references() -> None:
+    from fhir_server.console.json_html import to_html
+
+    shown = str(to_html({"subject": {"reference": "Patient/p1"}, "note": "<script>x</script>",
+                         "link": {"reference": "http://elsewhere.example/Patient/p2"},
+                         "full": {"reference": "http://127.0.0.1:9/fhir/Encounter/e1/_history/2"}},
+                        "http://127.0.0.1:9/fhir"))
+    assert '<a href="/console/browse/Patient/p1">&quot;Patient/p1&quot;</a>' in shown
+    assert "<script>" not in shown and "&lt;script&gt;" in shown
+    assert "elsewhere.example/Patient/p2&quot;" in shown and 'href="http://elsewhere' not in shown
+    assert 'href="/console/browse/Encounter/e1/_history/2"' in shown
+
+
+def test_readiness_report_per_site() -> None:
+    from fhir_server.console import readiness
+
+    def population(code: str, count: int) -> dict[str, Any]:
+        return {"code": {"coding": [{"code": code}]}, "count": count}
+
+    def group(name: str, site: str | None, images: int, ready: int, over: int) -> dict[str, Any]:
+        found: dict[str, Any] = {
+            "code": {"text": name},
+            "population": [population("initial-population", images), population("numerator", ready),
+                           population("assessed-patients", 2)],
+            "stratifier": [{"code": [{"coding": [{"code": "over-illuminated"}]}], "stratum": [
+                {"value": {"coding": [{"code": "Y", "display": "Yes"}]},
+                 "population": [population("initial-population", over)]},
+                {"value": {"coding": [{"code": "N", "display": "No"}]},
+                 "population": [population("initial-population", images - over)]}]}],
+        }
+        if site:
+            found["extension"] = [{"url": "x", "valueReference": {"reference": site}}]
+        return found
+
+    sites = readiness.sites({"group": [group("All sites", None, 10, 5, 2), group("North", "Organization/n", 4, 1, 1)]})
+    assert [(s.name, s.reference, s.images, s.ready) for s in sites] == [("All sites", None, 10, 5),
+                                                                         ("North", "Organization/n", 4, 1)]
+    assert sites[1].ready_share == 0.25 and sites[1].over_illuminated_share == 0.25
+    figure = readiness.charts(sites)["shares"]
+    assert figure["data"][0]["x"] == ["North"] and figure["data"][0]["y"] == [0.25]

@@ -15,7 +15,7 @@ from fastapi.responses import Response
 
 from fhir_server.console import fhir_text
 from fhir_server.console.api import Api, ApiError, entries, gather
-from fhir_server.console.images import Image, images
+from fhir_server.console.images import images
 from fhir_server.console.render import page
 from fhir_server.console.session import Session, SignInNeeded, apply, current
 from mappings import retinal
@@ -216,4 +216,3 @@ async def binary_picture(request: Request, binary_id: str) -> Response:
 
 router.add_api_route("/imaging", gallery, methods=["GET"])
 router.add_api_route("/imaging/view/{path:path}", viewer, methods=["GET"])
-__all__ = ["Image", "router"]

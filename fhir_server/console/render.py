@@ -13,7 +13,6 @@ from urllib.parse import quote
 import jinja2
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from markupsafe import Markup
 
 from fhir_server.console import fhir_text
 from fhir_server.console.api import Api, ApiError
@@ -32,7 +31,7 @@ ENV = jinja2.Environment(
 )
 ENV.filters.update(fhir_text.FILTERS)
 ENV.filters["tojson_attr"] = lambda value: json.dumps(value, separators=(",", ":"))
-ENV.globals.update(prefix=PREFIX, navigation=NAVIGATION, Markup=Markup)
+ENV.globals.update(prefix=PREFIX, navigation=NAVIGATION)
 
 Handler = Callable[[Request, Session, Api], Awaitable[Response | tuple[str, dict[str, Any]]]]
 

@@ -22,7 +22,7 @@ from fastapi import Request, Response
 from pymongo.errors import PyMongoError
 
 from fhir_server.auth.tokens import Claims, InvalidToken
-from fhir_server.console.api import Api, checked
+from fhir_server.console.api import Api, ApiError, checked
 from fhir_server.context import base_url, issuer
 
 PREFIX = "/console"
@@ -167,8 +167,8 @@ async def finish_flow(request: Request, code: str, state: str) -> tuple[dict[str
             "redirect_uri": callback_uri(request), "code_verifier": flow[1]})
     try:
         return checked(answer), flow[2]
-    except Exception as exc:
-        raise ValueError(f"Sign-in failed: {exc}") from exc
+    except ApiError as exc:
+        raise ValueError(f"Sign-in failed: {exc.message}") from exc
 
 
 async def revoke(request: Request, *tokens: str | None) -> None:

@@ -1,6 +1,7 @@
 """Sign-in through the server's own authorization server (authorization_code with PKCE, the
 console being a public client registered on first use), sign-out, and the profile page."""
 
+import secrets
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
@@ -53,7 +54,7 @@ async def callback(request: Request, code: str = "", state: str = "", error: str
         return _signed_out(request, str(exc), True, 400)
     response = RedirectResponse(next_page, 303, headers=HEADERS)
     response.delete_cookie(FLOW, path=PREFIX)
-    seed = sessions.secrets.token_urlsafe(32)
+    seed = secrets.token_urlsafe(32)
     for name, value in ((sessions.ACCESS, tokens["access_token"]), (sessions.REFRESH, tokens.get("refresh_token", "")),
                         (SEED, seed)):
         sessions.set_cookie(response, request, name, value, sessions.SESSION_LIFETIME_S)

@@ -6,7 +6,6 @@ One file per request from the page's script (with upload progress, one message p
 plain form posts several at once and gets the page back with the same messages."""
 
 import contextlib
-import json
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -81,7 +80,7 @@ async def _store_dicom(api: Api, name: str, data: bytes, fields: dict[str, str])
     url = str((stored[0].get("00081190", {}).get("Value") or [""])[0]) if stored else ""
     study = url.split("/studies/")[1].split("/")[0] if "/studies/" in url else ""
     instance = str((stored[0].get("00081155", {}).get("Value") or [""])[0]) if stored else ""
-    outcome = Outcome(name, True, "Stored as DICOM.", f"{PREFIX}/imaging?patient=", "dicom")
+    outcome = Outcome(name, True, "Stored as DICOM.", f"{PREFIX}/imaging", "dicom")
     if study:
         record = await api.read(f"ImagingStudy/{study}")
         patient = record.get("subject", {}).get("reference", "")
@@ -226,8 +225,7 @@ async def upload_one(request: Request) -> Response:
         return apply(JSONResponse({"ok": False, "message": "Send one file."}, 400, headers=HEADERS), request, session)
     async with Api(request, session.token) as api:
         outcome = await store(request, api, files[0].filename or "file", await files[0].read(), fields)
-    body = json.loads(json.dumps(asdict(outcome)))
-    return apply(JSONResponse(body, 200 if outcome.ok else 422, headers=HEADERS), request, session)
+    return apply(JSONResponse(asdict(outcome), 200 if outcome.ok else 422, headers=HEADERS), request, session)
 
 
 router.add_api_route("/upload", upload_page, methods=["GET"])
