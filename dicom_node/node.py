@@ -207,6 +207,9 @@ class DicomNode:
         """Listen (in pynetdicom's threads); received datasets go to the store's incoming folder."""
         self.files.prepare()  # what a crash left in `incoming` was swept by `recover` before
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom decodes each C-FIND request again and formats every identifier for its log
+        # lines, whatever the log level: more than a match's own cost.
+        _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
         # pynetdicom's temporary files in the store's file system: then placing is a rename.
         dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
             tempfile.NamedTemporaryFile, dir=self.files.incoming

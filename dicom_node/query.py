@@ -23,6 +23,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from dicom_node import identifiers
 from dicom_node.catalog import Catalog
 from dicom_node.statuses import (
     CANCEL,
@@ -121,6 +122,7 @@ class FindService:
     def __init__(self, catalog: Catalog, loop: asyncio.AbstractEventLoop) -> None:
         self.catalog = catalog
         self.loop = loop
+        identifiers.install()  # matches are sent as `identifiers` encodes them
 
     def handle(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         root = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), "STUDY")
@@ -130,15 +132,16 @@ class FindService:
             LOGGER.warning("C-FIND refused (0x%04X): %s", UNABLE_TO_PROCESS, exc)
             yield UNABLE_TO_PROCESS, None
             return
-        matches: LoopIterator[Dataset] | None = None
+        matches: LoopIterator[dict[str, Any]] | None = None
         try:
             level = query_level(identifier, root)
-            matches = LoopIterator(self.catalog.find(level, identifier, root=root), self.loop)
+            matches = LoopIterator(self.catalog.find_json(level, identifier, root=root), self.loop)
+            syntax = str(event.context.transfer_syntax)
             for response in matches:
                 if event.is_cancelled:
                     yield CANCEL, None
                     return
-                yield PENDING, response
+                yield PENDING, identifiers.identifier(response, syntax)
         except ValueError as exc:
             LOGGER.warning("C-FIND refused (0x%04X): %s", IDENTIFIER_DOES_NOT_MATCH, exc)
             yield IDENTIFIER_DOES_NOT_MATCH, None

@@ -20,12 +20,15 @@ from pydicom.uid import generate_uid
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure
+from pynetdicom import service_class
+from pynetdicom.dsutils import encode as pynetdicom_encode
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
 )
 
 from dicom_node import catalog as catalog_module
+from dicom_node import identifiers
 from dicom_node.catalog import Catalog
 from dicom_node.query import FindService
 from dicom_node.retrieve import RetrieveService
@@ -221,7 +224,7 @@ def test_a_query_too_large_for_the_database_is_a_failure_status(loop: asyncio.Ab
     and C-GET 0xA700, QIDO-RS a 400 too-costly OperationOutcome; never an exception."""
     event = SimpleNamespace(identifier=identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=generate_uid()),
                             request=SimpleNamespace(AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind),
-                            is_cancelled=False)
+                            context=SimpleNamespace(transfer_syntax="1.2.840.10008.1.2"), is_cancelled=False)
     catalog: Any = BrokenCatalog()
     assert list(FindService(catalog, loop).handle(event)) == [(0xA700, None)]
     event.request.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelGet
@@ -268,3 +271,29 @@ def test_qido_answers_from_the_catalogs_json(database: EmbeddedDatabase, monkeyp
     assert all(item["00081190"]["Value"] == [f"http://qido.test/dicomweb/studies/{uid}"] for uid, item in found.items())
     assert all("00080052" not in item for item in found.values())  # C-FIND's QueryRetrieveLevel, not QIDO-RS's
     assert made == []
+
+
+@pytest.mark.parametrize("syntax", [identifiers.IMPLICIT_LE, identifiers.EXPLICIT_LE])
+def test_c_find_identifiers_are_encoded_as_pydicom_encodes_them(syntax: str) -> None:
+    """The C-FIND answer's own encoding of a match gives pydicom's bytes, for both syntaxes;
+    what it does not encode (a sequence, a DS number, another character set) goes to pydicom."""
+    matches = [
+        {"00080020": {"vr": "DA", "Value": ["20230101"]}, "00080030": {"vr": "TM"}, "00080052": {"vr": "CS", "Value": ["STUDY"]},
+         "00080061": {"vr": "CS", "Value": ["CT", "MR"]}, "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]},
+         "0020000D": {"vr": "UI", "Value": ["1.2.3.45"]}, "00201208": {"vr": "IS", "Value": [12]}},
+        {"00080005": {"vr": "CS", "Value": ["ISO_IR 192"]}, "00080052": {"vr": "CS", "Value": ["PATIENT"]},
+         "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Müller^Jörg", "Ideographic": "ミュラー"}]}},
+    ]
+    implicit = syntax == identifiers.IMPLICIT_LE
+    identifiers.install()  # as the C-FIND service does
+    for match in matches:
+        expected = pynetdicom_encode(Dataset.from_json(match), implicit, True)
+        assert identifiers.encode(match, syntax) == expected
+        assert service_class.encode(identifiers.identifier(match, syntax), implicit, True) == expected
+    others = [{"00081110": {"vr": "SQ", "Value": [{"00081150": {"vr": "UI", "Value": ["1.2"]}}]}},
+              {"00101020": {"vr": "DS", "Value": [1.75]}},
+              {"00080005": {"vr": "CS", "Value": ["ISO_IR 100"]}, "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe"}]}}]
+    for match in others:
+        assert identifiers.encode(match, syntax) is None
+        assert not isinstance(identifiers.identifier(match, syntax), identifiers.EncodedIdentifier)
+    assert identifiers.encode(matches[0], "1.2.840.10008.1.2.2") is None  # big endian: pydicom's way
