@@ -322,3 +322,46 @@ def test_events_stored_at_shutdown_are_indexed_after_a_restart(database: Embedde
         assert await db[BATCHES].count_documents({}) == 0 and await db[PAYLOADS].count_documents({}) == 0
 
     run_with_database(database, scenario)
+
+
+def test_only_requests_that_may_read_the_trail_wait_for_it_to_be_indexed() -> None:
+    """The trail is indexed before a request that may read AuditEvents only when its requester
+    may (an administrator, or anyone with authorization off): a request without a valid token
+    does not make the process index and wait for an answer that is a 401."""
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from fhir_server.audit.http import AuditMiddleware
+    from fhir_server.auth.tokens import InvalidToken
+    from fhir_server.config import Settings
+
+    class Trail:
+        observer = None
+
+        def __init__(self) -> None:
+            self.catch_ups = 0
+
+        async def catch_up(self) -> None:
+            self.catch_ups += 1
+
+        def serving(self) -> None: ...
+
+        def served(self) -> None: ...
+
+        def record(self, *args: Any, **kwargs: Any) -> None: ...
+
+    class Validator:
+        async def validate(self, token: str, *args: Any) -> Any:
+            raise InvalidToken("forged")
+
+    for auth, headers, expected in ((True, {}, 0), (True, {"Authorization": "Bearer forged"}, 0), (False, {}, 1)):
+        app = FastAPI()
+        app.add_middleware(AuditMiddleware)
+        app.state.settings = Settings(auth=auth)
+        app.state.audit = trail = Trail()
+        app.state.auth = SimpleNamespace(validator=Validator())
+        with TestClient(app) as client:
+            client.get("/fhir/AuditEvent", headers=headers)
+        assert trail.catch_ups == expected, (auth, headers)

@@ -12,11 +12,14 @@ from http import HTTPStatus
 from typing import Any
 
 import orjson
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fhir_server.audit import events as ev
 from fhir_server.audit.interactions import Exchange, audited, describe, reads_audit_events, wants_body
 from fhir_server.audit.trail import AuditTrail, now
+from fhir_server.context import authorize
+from fhir_server.errors import FhirError
 
 LOGGER = logging.getLogger(__name__)
 PEEK = 8192  # the most bytes of a request body, or an error response, kept for the event
@@ -31,7 +34,7 @@ class AuditMiddleware:
         if scope["type"] != "http" or trail is None:
             await self.app(scope, receive, send)
             return
-        if reads_audit_events(scope["method"], scope["path"], scope.get("query_string", b"")):
+        if reads_audit_events(scope["method"], scope["path"], scope.get("query_string", b"")) and await _reads_trail(scope):
             try:
                 await trail.catch_up()
             except Exception:  # the answer may then miss the newest events: not worth a failure
@@ -73,6 +76,16 @@ class AuditMiddleware:
                 _record(trail, scope, answer, bytes(peeked), bytes(error))
             except Exception:  # the trail never breaks a request
                 LOGGER.exception("audit event not recorded")
+
+
+async def _reads_trail(scope: Scope) -> bool:
+    """Whether the requester may read AuditEvents (an administrator, or anyone when access is
+    open): only then is the trail indexed before the request. Anyone else would make the
+    process index, and wait, for an answer that leaves the trail out, or a 401/403."""
+    try:
+        return (await authorize(Request(scope))).admin
+    except FhirError:
+        return False
 
 
 def _record(trail: AuditTrail, scope: Scope, answer: dict[str, Any], body: bytes, error: bytes) -> None:
