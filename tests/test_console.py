@@ -358,6 +358,10 @@ def test_resource_browser(http: httpx.Client, open_server: dict[str, Any]) -> No
     assert http.get("/console/browse/Patient/no-such-one").status_code == 404
     assert http.get("/console/patients/no-such-one").status_code == 404
     assert http.get("/console/imaging/view/dicom/1.2.3").status_code == 404
+    # What a page is given stays a type or an id: no way out of the FHIR base with the user's token.
+    for path in ("/console/browse?type=../auth/jwks", "/console/browse/..%2F..%2Fauth%2Fjwks", "/console/patients/%2e%2e"):
+        escaped = http.get(path)
+        assert escaped.status_code == 400 and "Not a valid resource type, id or path" in escaped.text, path
 
 
 def test_static_files_from_installed_packages(http: httpx.Client) -> None:

@@ -53,15 +53,15 @@ class Api:
 
     async def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """The raw answer, whatever its status."""
-        return await self.http.request(method, path, **kwargs)
+        return await self.http.request(method, checked_path(path), **kwargs)
 
     async def fhir(self, method: str, path: str, params: Any = None, json: Any = None, **kwargs: Any) -> dict[str, Any]:
         """A FHIR interaction's JSON; ApiError for anything but 2xx."""
         headers = {"Accept": "application/fhir+json", **kwargs.pop("headers", {})}
         if json is not None:
             headers["Content-Type"] = "application/fhir+json"
-        answer = await self.http.request(method, f"/fhir/{path.lstrip('/')}", params=params, json=json,
-                                         headers=headers, **kwargs)
+        answer = await self.http.request(method, checked_path(f"/fhir/{path.lstrip('/')}"), params=params,
+                                         json=json, headers=headers, **kwargs)
         return checked(answer)
 
     async def read(self, path: str, params: Any = None) -> dict[str, Any]:
@@ -74,6 +74,16 @@ class Api:
     async def count(self, resource_type: str, params: list[tuple[str, str]] | None = None) -> int:
         bundle = await self.read(resource_type, [*(params or []), ("_summary", "count")])
         return int(bundle.get("total", 0))
+
+
+def checked_path(path: str) -> str:
+    """A path built from what a page was given (ids, types) stays where it was meant to go: a
+    `.` or `..` segment (which the client would resolve: `Patient/..` is `/fhir/`) or a
+    backslash is refused (ApiError 400) rather than sent."""
+    segments = path.split("?", 1)[0].split("/")
+    if any(s in (".", "..") for s in segments) or "\\" in path or "%2f" in path.lower():
+        raise ApiError(400, "Not a valid resource type, id or path.")
+    return path
 
 
 def checked(answer: httpx.Response) -> dict[str, Any]:

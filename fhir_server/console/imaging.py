@@ -165,8 +165,11 @@ async def dicom_picture(request: Request, study: str, series: str, instance: str
     if request.query_params.get("window"):
         params["window"] = request.query_params["window"]
     async with Api(request, session.token) as api:
-        answer = await api.call("GET", f"/dicomweb/studies/{study}/series/{series}/instances/{instance}/rendered",
-                                params=params, headers={"Accept": "image/jpeg"})
+        try:
+            answer = await api.call("GET", f"/dicomweb/studies/{study}/series/{series}/instances/{instance}/rendered",
+                                    params=params, headers={"Accept": "image/jpeg"})
+        except ApiError as exc:
+            return apply(_picture_error(exc.status, exc.message), request, session)
     if answer.status_code != 200:
         return apply(_picture_error(answer.status_code, answer.text[:500]), request, session)
     return apply(Response(answer.content, media_type=answer.headers.get("content-type", "image/jpeg"),

@@ -97,9 +97,12 @@ async def _store_photo(api: Api, name: str, data: bytes, fields: dict[str, str])
     patient = fields.get("patient", "").removeprefix("Patient/")
     if not patient:
         return Outcome(name, False, "Choose the patient this photograph belongs to.")
-    answer = await api.call("POST", f"/fhir/Patient/{patient}/$upload-image", content=data,
-                            params={"title": name[:200]},
-                            headers={"Content-Type": "application/octet-stream", "Accept": "application/fhir+json"})
+    try:
+        answer = await api.call("POST", f"/fhir/Patient/{patient}/$upload-image", content=data,
+                                params={"title": name[:200]},
+                                headers={"Content-Type": "application/octet-stream", "Accept": "application/fhir+json"})
+    except ApiError as exc:
+        return Outcome(name, False, f"Refused: {exc.message}")
     try:
         body = answer.json()
     except ValueError:
