@@ -23,7 +23,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from dicom_node import identifiers
+from dicom_node import encoding
 from dicom_node.catalog import Catalog
 from dicom_node.statuses import (
     CANCEL,
@@ -122,7 +122,7 @@ class FindService:
     def __init__(self, catalog: Catalog, loop: asyncio.AbstractEventLoop) -> None:
         self.catalog = catalog
         self.loop = loop
-        identifiers.install()  # matches are sent as `identifiers` encodes them
+        encoding.install()  # matches and command sets are encoded in one pass (dicom_node/encoding.py)
 
     def handle(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         root = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), "STUDY")
@@ -141,7 +141,7 @@ class FindService:
                 if event.is_cancelled:
                     yield CANCEL, None
                     return
-                yield PENDING, identifiers.identifier(response, syntax)
+                yield PENDING, encoding.identifier(response, syntax)
         except ValueError as exc:
             LOGGER.warning("C-FIND refused (0x%04X): %s", IDENTIFIER_DOES_NOT_MATCH, exc)
             yield IDENTIFIER_DOES_NOT_MATCH, None

@@ -28,7 +28,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_node import catalog as catalog_module
-from dicom_node import identifiers
+from dicom_node import encoding
 from dicom_node.catalog import Catalog
 from dicom_node.query import FindService
 from dicom_node.retrieve import RetrieveService
@@ -273,7 +273,7 @@ def test_qido_answers_from_the_catalogs_json(database: EmbeddedDatabase, monkeyp
     assert made == []
 
 
-@pytest.mark.parametrize("syntax", [identifiers.IMPLICIT_LE, identifiers.EXPLICIT_LE])
+@pytest.mark.parametrize("syntax", [encoding.IMPLICIT_LE, encoding.EXPLICIT_LE])
 def test_c_find_identifiers_are_encoded_as_pydicom_encodes_them(syntax: str) -> None:
     """The C-FIND answer's own encoding of a match gives pydicom's bytes, for both syntaxes;
     what it does not encode (a sequence, a DS number, another character set) goes to pydicom."""
@@ -284,16 +284,62 @@ def test_c_find_identifiers_are_encoded_as_pydicom_encodes_them(syntax: str) -> 
         {"00080005": {"vr": "CS", "Value": ["ISO_IR 192"]}, "00080052": {"vr": "CS", "Value": ["PATIENT"]},
          "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Müller^Jörg", "Ideographic": "ミュラー"}]}},
     ]
-    implicit = syntax == identifiers.IMPLICIT_LE
-    identifiers.install()  # as the C-FIND service does
+    implicit = syntax == encoding.IMPLICIT_LE
+    encoding.install()  # as the C-FIND service does
     for match in matches:
         expected = pynetdicom_encode(Dataset.from_json(match), implicit, True)
-        assert identifiers.encode(match, syntax) == expected
-        assert service_class.encode(identifiers.identifier(match, syntax), implicit, True) == expected
+        assert encoding.encode(match, syntax) == expected
+        assert service_class.encode(encoding.identifier(match, syntax), implicit, True) == expected
     others = [{"00081110": {"vr": "SQ", "Value": [{"00081150": {"vr": "UI", "Value": ["1.2"]}}]}},
               {"00101020": {"vr": "DS", "Value": [1.75]}},
               {"00080005": {"vr": "CS", "Value": ["ISO_IR 100"]}, "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe"}]}}]
     for match in others:
-        assert identifiers.encode(match, syntax) is None
-        assert not isinstance(identifiers.identifier(match, syntax), identifiers.EncodedIdentifier)
-    assert identifiers.encode(matches[0], "1.2.840.10008.1.2.2") is None  # big endian: pydicom's way
+        assert encoding.encode(match, syntax) is None
+        assert not isinstance(encoding.identifier(match, syntax), encoding.EncodedIdentifier)
+    assert encoding.encode(matches[0], "1.2.840.10008.1.2.2") is None  # big endian: pydicom's way
+
+
+def test_command_sets_are_encoded_as_pydicom_encodes_them() -> None:
+    """Every command set the node sends (C-FIND, C-MOVE, C-GET, C-STORE, C-ECHO requests and
+    responses, statuses with comments and sub-operation counts) gives pydicom's bytes."""
+    from io import BytesIO
+
+    from pynetdicom import dimse_primitives as dp
+    from pynetdicom import dsutils
+    from pynetdicom.dimse_messages import (
+        C_ECHO_RSP,
+        C_FIND_RSP,
+        C_GET_RSP,
+        C_MOVE_RSP,
+        C_STORE_RQ,
+        C_STORE_RSP,
+    )
+
+    def primitive(kind: type, **values: Any) -> Any:
+        made = kind()
+        for name, value in values.items():
+            setattr(made, name, value)
+        return made
+
+    sop = "1.2.840.10008.5.1.4.1.2.2.2"
+    cases = [
+        (C_FIND_RSP, primitive(dp.C_FIND, MessageIDBeingRespondedTo=7, AffectedSOPClassUID=sop, Status=0xFF00,
+                               Identifier=BytesIO(b"\x08\x00\x52\x00\x06\x00STUDY "))),
+        (C_FIND_RSP, primitive(dp.C_FIND, MessageIDBeingRespondedTo=7, AffectedSOPClassUID=sop, Status=0)),
+        (C_MOVE_RSP, primitive(dp.C_MOVE, MessageIDBeingRespondedTo=3, AffectedSOPClassUID=sop, Status=0xFF00,
+                               NumberOfRemainingSuboperations=4, NumberOfCompletedSuboperations=1,
+                               NumberOfFailedSuboperations=0, NumberOfWarningSuboperations=0)),
+        (C_GET_RSP, primitive(dp.C_GET, MessageIDBeingRespondedTo=3, AffectedSOPClassUID=sop, Status=0xA702,
+                              NumberOfCompletedSuboperations=0, NumberOfFailedSuboperations=5,
+                              NumberOfWarningSuboperations=0, ErrorComment="none stored")),
+        (C_STORE_RQ, primitive(dp.C_STORE, MessageID=9, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+                               AffectedSOPInstanceUID="1.2.3.4.5", Priority=2, MoveOriginatorApplicationEntityTitle="MOVESCU",
+                               MoveOriginatorMessageID=3, DataSet=BytesIO(b"\x00\x00"))),
+        (C_STORE_RSP, primitive(dp.C_STORE, MessageIDBeingRespondedTo=9, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+                                AffectedSOPInstanceUID="1.2.3.4.5", Status=0)),
+        (C_ECHO_RSP, primitive(dp.C_ECHO, MessageIDBeingRespondedTo=1, AffectedSOPClassUID="1.2.840.10008.1.1", Status=0)),
+    ]
+    for kind, made in cases:
+        message = kind()
+        message.primitive_to_message(made)
+        assert encoding.command_set(message.command_set) == dsutils.encode(message.command_set, True, True), kind
