@@ -30,5 +30,19 @@
     else if (event.key === "-") { zoom("out"); event.preventDefault(); }
     else if (event.key === "0") { zoom("fit"); event.preventDefault(); }
   });
-  if (image.complete) { zoom("fit"); } else { image.addEventListener("load", function () { zoom("fit"); }); }
+  function failed() {
+    var message = document.createElement("p");
+    message.className = "error";
+    message.setAttribute("role", "alert");
+    message.id = "view-error";
+    message.textContent = "This image cannot be shown: it does not exist, cannot be rendered, or the session " +
+      "expired (reload the page).";
+    box.replaceWith(message);
+  }
+  image.addEventListener("error", failed);
+  if (image.complete) {
+    if (image.naturalWidth) { zoom("fit"); } else { failed(); }
+  } else {
+    image.addEventListener("load", function () { zoom("fit"); });
+  }
 })();
