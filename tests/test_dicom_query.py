@@ -755,3 +755,28 @@ def test_an_instance_sent_again_elsewhere_has_one_copy_everywhere(node: ServerPr
         assert counts_of(study) == (0, 0, 0, None)
     finally:
         fhir.close()
+
+
+def test_an_association_reactor_stays_paused_once_a_sender_saw_it_paused() -> None:
+    """pynetdicom's race (its issue #875): the reactor passed its checkpoint with `_is_paused`
+    still true, a sender (C-MOVE's C-STORE) cleared the checkpoint and saw it paused, then the
+    reactor read the queue and took the response as an unexpected request. With the node's
+    handshake, leaving the pause waits until the sender lets it go."""
+    import threading
+
+    from pynetdicom.association import Association
+
+    from dicom_node.node import _pause_handshake
+
+    _pause_handshake()
+    assoc = Association(AE(), "requestor")
+    assoc._is_paused = True  # the reactor, about to pass its (set) checkpoint
+    assoc._reactor_checkpoint.clear()  # a sender: pause it...
+    assert assoc._is_paused  # ...and it looks paused: the sender sends
+    leaving = threading.Thread(target=setattr, args=(assoc, "_is_paused", False))
+    leaving.start()  # the reactor, past its checkpoint, about to read the queue
+    leaving.join(0.3)
+    assert leaving.is_alive() and assoc._is_paused, "the reactor ran while a sender held it paused"
+    assoc._reactor_checkpoint.set()  # the sender got its response
+    leaving.join(5)
+    assert not leaving.is_alive() and not assoc._is_paused
