@@ -24,6 +24,7 @@ from mappings import retinal
 
 PASSWORD = "S3cret-pass!"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+DATA = Path(__file__).parent / "data"
 SHOTS = Path(os.environ.get("CONSOLE_SCREENSHOTS", "/tmp/console-screenshots"))
 SITE_SYSTEM = retinal.source_system(retinal.SYSTEM, "site")
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-background-networking", "--disable-gpu",
@@ -98,6 +99,7 @@ def open_server(database: EmbeddedDatabase, tmp_path_factory: pytest.TempPathFac
                                                 "identifier": [{"system": SITE_SYSTEM, "value": unique()}]}).json()
         patient = fhir.post("/Patient", json={"resourceType": "Patient", "gender": "female", "birthDate": "1970-05-01",
                                               "name": [{"family": "Photo", "given": ["Paula"]}]}).json()
+        cli(env, "import", "interactions", str(DATA / "interactions" / "interactions.json"), "--url", f"{server.url}/fhir")
         yield {"server": server, "email": email, "doctor": doctor["id"], "site": site["id"],
                "patient": patient["id"], "env": env}
     server.stop()
@@ -271,6 +273,15 @@ def test_in_the_browser(browser: Any, open_server: dict[str, Any], tmp_path: Pat
     error = d.find_element(By.ID, "form-error").text
     assert "already has an appointment" in error and "Appointment/" in error, error
     shoot(d, "07-appointments")
+
+    d.get(f"{base}/console/interactions?insurance=884512306&label=cardiology")
+    rows = d.find_elements(By.CSS_SELECTOR, "#interactions tbody tr")
+    assert len(rows) == 2 and all("cardiology" in r.text for r in rows), [r.text for r in rows]
+    rows[-1].find_element(By.TAG_NAME, "a").click()  # the oldest: the first hypertension follow-up
+    assert "Increase amlodipine to 10 mg daily" in d.find_element(By.ID, "next-steps").text
+    assert "Are you taking your medication every day?" in d.find_element(By.ID, "qa").text
+    assert "148" in d.find_element(By.ID, "metrics").text  # the blood pressure
+    shoot(d, "13-interaction")
 
     for name, path in (("08-patients", "/console/patients"), ("09-interactions", "/console/interactions"),
                        ("10-browser", f"/console/browse?type=Patient&q=_id={patient}"),
