@@ -62,6 +62,12 @@ def page(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
                 status = exc.status if 400 <= exc.status < 600 else 502
                 result = render(request, "error.html", {"title": "Cannot show this page", "message": exc.message,
                                                         "status": exc.status}, session, status)
+            except Exception:  # a defect of the console: logged, and a page rather than a bare 500
+                LOGGER.exception("Console page failed", extra={"path": request.url.path})
+                result = render(request, "error.html", {"title": "Cannot show this page", "status": 500,
+                                                        "message": "Something went wrong on the server; it was "
+                                                                   "logged. Try again, or another page."},
+                                session, 500)
         if not isinstance(result, Response):
             template, context = result
             status = int(context.pop("status", 200))
