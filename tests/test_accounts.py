@@ -420,3 +420,24 @@ def test_confidential_app_and_id_token(setup: dict) -> None:
     identity = jwt.decode(answer.json()["id_token"], jwt.PyJWK(keys[0]).key, algorithms=["ES256"], audience=app,
                           issuer=f"{setup['server'].url}/auth")
     assert identity["nonce"] == "n-1" and identity["fhirUser"] == f"{setup['server'].url}/fhir/Practitioner/dr-1"
+
+
+def test_concurrent_failed_logins_are_all_counted(database: EmbeddedDatabase) -> None:
+    """Failed logins to one address racing each other (several server processes, or one
+    event loop) are each counted: the first ones used to overwrite each other's count, allowing
+    more guesses before the lockout."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from conftest import run_with_database
+
+    from fhir_server.auth import accounts
+
+    async def scenario(db: Any) -> None:
+        now = datetime.now(UTC)
+        email = f"racing-{unique()}@example.org"
+        await asyncio.gather(*(accounts._failed(db, email, now, accounts.Lockout(max_failures=10)) for _ in range(4)))
+        state = await db[accounts.LOGINS].find_one({"_id": email})
+        assert state is not None and state["failures"] == 4, state
+
+    run_with_database(database, scenario)

@@ -238,12 +238,18 @@ async def _failed(db: AsyncDatabase, email: str, now: datetime, lockout: Lockout
     """Count a failure; the `max_failures`-th in a row (each within `lockout_s` of the last)
     locks the address for `lockout_s`."""
     expires = now + timedelta(seconds=lockout.lockout_s)
-    state = await db[LOGINS].find_one_and_update(
-        {"_id": email, "expires": {"$gt": now}}, {"$inc": {"failures": 1}, "$set": {"expires": expires}},
-        return_document=ReturnDocument.AFTER)
-    if state is None:  # none yet, or one the TTL monitor has not removed yet
-        await db[LOGINS].replace_one({"_id": email}, {"failures": 1, "expires": expires}, upsert=True)
-        return
+    while True:
+        state = await db[LOGINS].find_one_and_update(
+            {"_id": email, "expires": {"$gt": now}}, {"$inc": {"failures": 1}, "$set": {"expires": expires}},
+            return_document=ReturnDocument.AFTER)
+        if state is not None:
+            break
+        try:  # the first: none yet, or an expired one the TTL monitor has not removed yet
+            await db[LOGINS].replace_one({"_id": email, "expires": {"$lte": now}},
+                                         {"failures": 1, "expires": expires}, upsert=True)
+            return
+        except DuplicateKeyError:
+            continue  # a concurrent first failure counted before this one: count it on top
     if state.get("failures", 0) >= lockout.max_failures:
         await db[LOGINS].update_one({"_id": email}, {"$set": {"failures": 0, "locked_until": expires}})
 
