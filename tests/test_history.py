@@ -4,7 +4,10 @@ import time
 from urllib.parse import urlsplit
 
 import httpx
+import pymongo.database
 from conftest import patient, post, put, unique
+
+from fhir_server.storage.repository import _versions_of
 
 
 def _entries(bundle: dict) -> list[dict]:
@@ -89,3 +92,16 @@ def test_since_and_at(client: httpx.Client) -> None:
     assert len(_entries(at_year)) == 3
     before = client.get(f"/Patient/{rid}/_history", params={"_at": "2001"}).json()
     assert _entries(before) == []
+
+
+def test_one_resources_versions_are_found_by_an_index(client: httpx.Client, mongo: pymongo.database.Database) -> None:
+    """A read of an unknown id (which looks in the history for a create whose current write was
+    interrupted) and an instance's history ask for one resource's versions by an index: the
+    embedded database answered the `_id` range they used by reading the whole history (200 ms
+    for 4,000 entries, on every 404)."""
+    rid = post(client, patient()).json()["id"]
+    assert client.get(f"/Patient/{rid}/_history").json()["total"] == 1
+    assert client.get(f"/Patient/unknown-{unique()}").status_code == 404
+    for query in (_versions_of("Patient", rid), _versions_of("Patient", f"unknown-{unique()}")):
+        plan = str(mongo["history"].find(query).sort("_id", -1).limit(1).explain()["queryPlanner"]["winningPlan"])
+        assert "IXSCAN" in plan and "COLLSCAN" not in plan, plan

@@ -122,9 +122,10 @@ def _history_id(resource_type: str, resource_id: str, vid: int) -> str:
 
 
 def _versions_of(resource_type: str, resource_id: str) -> dict[str, Any]:
-    """The history entries of one resource: an `_id` range."""
-    prefix = f"{resource_type}/{resource_id}/"
-    return {"_id": {"$gt": prefix, "$lt": prefix + "~"}}
+    """The history entries of one resource: equality on its id and type (index `i_1_t_1`). An
+    `_id` range would say the same, but the embedded database answers ranges on `_id` by
+    reading the whole history (200 ms for 4,000 entries, on every read of an unknown id)."""
+    return {"i": resource_id, "t": resource_type}
 
 
 def _stamp(resource: dict[str, Any], resource_id: str, vid: int, ts: datetime) -> dict[str, Any]:
@@ -260,6 +261,7 @@ class ResourceRepository:
         # the index direction's far side, and with millisecond times both forms select the same.
         await self.history.create_index([("t", ASCENDING), ("ts", ASCENDING), ("_id", ASCENDING)])
         await self.history.create_index([("ts", ASCENDING), ("_id", ASCENDING)])
+        await self.history.create_index([("i", ASCENDING), ("t", ASCENDING)])  # one resource's versions
         await self.db[TRANSACTIONS].create_index("exp", expireAfterSeconds=0)
 
     async def collection(self, resource_type: str) -> AsyncCollection:
