@@ -3,7 +3,6 @@ starts the DICOM node)."""
 
 import asyncio
 import gc
-import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +19,7 @@ from fhir_server.errors import install_error_handlers
 from fhir_server.logs import AccessLogMiddleware
 from fhir_server.provenance import ProvenanceMiddleware
 from fhir_server.routes import admin, auth, bundles, dicomweb, export, login, operations, resources, system
-from fhir_server.security import install_transport_security
+from fhir_server.security import install_transport_security, loopback
 from fhir_server.services.ai_readiness import ReadinessRule
 from fhir_server.services.export import ExportService
 from fhir_server.services.history import HistoryService
@@ -33,15 +32,6 @@ from fhir_server.storage.repository import ResourceRepository
 from fhir_server.validation.resource_types import supported_types
 
 LOGGER = logging.getLogger(__name__)
-
-
-def loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_exposure(settings: Settings) -> bool:

@@ -4,6 +4,7 @@ referrers, CORS for browser apps on other origins, and a cap on request bodies a
 any route reads them.
 """
 
+import ipaddress
 import json
 import re
 import ssl
@@ -37,6 +38,15 @@ CORS_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 STOW = re.compile(r"/dicomweb/studies(/[^/]+)?/?")
 AUTH_FORM_BYTES = 1 << 20  # the authorization server reads its forms whole: far more than any form
 
+
+def loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 in brackets or not) is this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 def check_transport(settings: Settings) -> dict[str, Any]:
     """uvicorn's HTTPS options, after checking that the files exist and make a context (a clear

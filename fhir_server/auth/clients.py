@@ -8,7 +8,6 @@ Clients are kept in MongoDB (`auth_clients`); assertion ids (`jti`) are kept unt
 (`auth_assertions`), so an assertion cannot be replayed on any server process.
 """
 
-import ipaddress
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from fhir_server.auth.scopes import Grants, ScopeError
+from fhir_server.security import loopback
 
 CLIENTS = "auth_clients"
 ASSERTIONS = "auth_assertions"
@@ -94,20 +94,11 @@ def check_redirect_uri(uri: str) -> str:
         raise ValueError(f"redirect URI '{uri}' must be absolute, without a fragment")
     if parts.scheme == "https" and parts.hostname:
         return uri
-    if parts.scheme == "http" and parts.hostname and _loopback(parts.hostname):
+    if parts.scheme == "http" and parts.hostname and loopback(parts.hostname):
         return uri
     if parts.scheme not in ("http", "https") and "." in parts.scheme:
         return uri
     raise ValueError(f"redirect URI '{uri}' must be https (http only on a loopback address) or a private app scheme")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def register(db: AsyncDatabase, client: Client) -> Client:

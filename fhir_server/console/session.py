@@ -11,7 +11,6 @@ read.
 import base64
 import hashlib
 import hmac
-import ipaddress
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -81,17 +80,6 @@ def apply(response: Response, request: Request, session: Session | None) -> Resp
         for name, value in session.cookies.items():
             set_cookie(response, request, name, value, SESSION_LIFETIME_S)
     return response
-
-
-def loopback(host: str) -> bool:
-    """Without FHIR_BASE_URL the console registers the request's own address as its redirect
-    URI, which a forged Host header could choose: only loopback addresses are trusted so."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def callback_uri(request: Request) -> str:

@@ -13,6 +13,7 @@ from fhir_server.console import session as sessions
 from fhir_server.console.api import Api, ApiError
 from fhir_server.console.render import HEADERS, page, render
 from fhir_server.console.session import FLOW, FLOW_LIFETIME_S, PREFIX, SEED, Session, SignInNeeded
+from fhir_server.security import loopback
 
 router = APIRouter()
 
@@ -25,7 +26,9 @@ def _signed_out(request: Request, message: str = "", failed: bool = False, statu
 async def login(request: Request, next: str = f"{PREFIX}/") -> Response:
     """Register the console's redirect URI, then send the browser to the login page."""
     uri = sessions.callback_uri(request)
-    if not request.app.state.settings.base_url and not sessions.loopback(request.url.hostname or ""):
+    # Without FHIR_BASE_URL the redirect URI is the request's own address, which a forged Host
+    # header could choose: it is trusted on loopback addresses only.
+    if not request.app.state.settings.base_url and not loopback(request.url.hostname or ""):
         return _signed_out(request, "Sign-in to the console from another address needs the server's public "
                                     "address: set FHIR_BASE_URL.", True, 503)
     try:
