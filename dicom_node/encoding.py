@@ -19,10 +19,11 @@ from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import dimse_messages, service_class
 
+from dicom_node.matching import pn_text
+
 IMPLICIT_LE, EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 # Text VRs: values joined by backslashes, padded to an even length (UIDs with NUL).
 TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "IS", "LO", "PN", "SH", "TM", "UI", "DS"})
-PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 UTF8 = "ISO_IR 192"
 
 
@@ -43,7 +44,7 @@ def _text(vr: str, values: list[Any]) -> str | None:
         if vr == "PN":
             if not isinstance(value, dict):
                 return None
-            part = "=".join(str(value.get(group, "")) for group in PN_GROUPS).rstrip("=")
+            part = pn_text(value)
         elif isinstance(value, str):
             part = value
         elif vr == "IS" and isinstance(value, int) and not isinstance(value, bool):
