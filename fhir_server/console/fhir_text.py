@@ -130,13 +130,6 @@ def effective(resource: dict[str, Any]) -> str:
                or resource.get("issued") or resource.get("authoredOn") or resource.get("recordedDate") or "")
 
 
-def identifier(resource: dict[str, Any], system: str) -> str:
-    for item in resource.get("identifier", []) or []:
-        if item.get("system") == system:
-            return str(item.get("value", ""))
-    return ""
-
-
 def size(number: int | float | None) -> str:
     if number is None:
         return ""

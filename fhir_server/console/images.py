@@ -24,7 +24,6 @@ class Image:
     eye: str
     patient: str  # Patient/<id>
     record: str  # the FHIR resource, Type/id
-    quality: str = ""
     site: str = ""
 
 

@@ -13,18 +13,18 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from fhir_server.console import fhir_text
+from fhir_server.console import fhir_text, grading
 from fhir_server.console.api import Api, ApiError, entries, gather
 from fhir_server.console.images import images
 from fhir_server.console.render import page
-from fhir_server.console.session import Session, SignInNeeded, apply, current
+from fhir_server.console.session import PREFIX, Session, SignInNeeded, apply, current
 from mappings import retinal
 
 router = APIRouter()
 PER_TYPE = 24  # newest images of each kind on one gallery page (more: narrow the filters)
 SITE_SYSTEM = retinal.source_system(retinal.SYSTEM, "site")
 GRADING = f"{retinal.CODE_SYSTEM}|{retinal.GRADING}"
-QUALITIES = {"low": "quality-low", "acceptable": "quality-acceptable", "high": "quality-high"}
+QUALITIES = grading.QUALITY
 EYE_CODES = {"left": "8966001", "right": "18944008"}
 MODALITIES = ("OP", "XC", "CT", "MR", "US", "CR", "DX", "photo")
 BROWSER_TYPES = {"image/png", "image/jpeg", "image/gif"}
@@ -113,11 +113,11 @@ async def viewer(request: Request, session: Session, api: Api) -> tuple[str, dic
     if kind == "dicom" and rest.count("/") == 2:
         study_uid = rest.split("/")[0]
         study = await api.read(f"ImagingStudy/{study_uid}")
-        context.update(record=study, image=f"/console/images/dicom/{rest}",
+        context.update(record=study, image=f"{PREFIX}/images/dicom/{rest}",
                        title=study.get("description") or "DICOM image")
         subject = study.get("subject", {}).get("reference", "")
     elif kind == "binary" and rest and "/" not in rest:
-        context.update(image=f"/console/images/binary/{rest}", title="Photograph")
+        context.update(image=f"{PREFIX}/images/binary/{rest}", title="Photograph")
         record = request.query_params.get("record", "")
         subject = ""
         if RECORD.fullmatch(record):  # the Media or DocumentReference the gallery came from

@@ -11,10 +11,10 @@ from fhir_server.console.dashboard import included
 from fhir_server.console.paging import links
 from fhir_server.console.render import page
 from fhir_server.console.session import PREFIX, Session
+from mappings.interactions import INSURANCE_SYSTEM, LABEL_SYSTEM
 
 router = APIRouter()
-INSURANCE = "urn:fhir-server:insurance-number"
-LABEL = "urn:fhir-server:interactions:label"
+INSURANCE, LABEL = INSURANCE_SYSTEM, LABEL_SYSTEM  # the mapping's (mappings/interactions.py)
 PAGE_SIZE = 25
 REVINCLUDES = ("Observation:encounter", "QuestionnaireResponse:encounter", "CarePlan:encounter",
                "ClinicalImpression:encounter")

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 
 from fhir_server.console import fhir_text, images, trends
 from fhir_server.console.api import Api, ApiError, entries, gather
+from fhir_server.console.interactions import labels_of
 from fhir_server.console.paging import links
 from fhir_server.console.render import page
 from fhir_server.console.session import PREFIX, Session
@@ -17,7 +18,6 @@ from fhir_server.console.session import PREFIX, Session
 router = APIRouter()
 PAGE_SIZE = 20
 MAX_COUNTED = 1000  # records fetched per count search; more shows as "1000+"
-LABEL_SYSTEM = "urn:fhir-server:interactions:label"
 # Each count: the type searched, its patient parameter, any other criteria.
 COUNTS = {
     "encounters": [("Encounter", "subject", {})],
@@ -135,10 +135,6 @@ def _by_date(resources: list[dict[str, Any]], key: Any) -> list[dict[str, Any]]:
     return sorted(resources, key=lambda r: str(key(r) or ""), reverse=True)
 
 
-def _labels(resource: dict[str, Any]) -> list[str]:
-    return [t.get("code", "") for t in resource.get("meta", {}).get("tag", []) if t.get("system") == LABEL_SYSTEM]
-
-
 async def patient_record(request: Request, session: Session, api: Api) -> tuple[str, dict]:
     patient_id = request.path_params["patient_id"]
     patient, everything = await gather(api.read(f"Patient/{patient_id}"),
@@ -161,7 +157,7 @@ async def patient_record(request: Request, session: Session, api: Api) -> tuple[
                 record[kind].append(resource)
     observations = _by_date(record["Observation"], fhir_text.effective)
     encounters = _by_date(record["Encounter"], lambda r: r.get("period", {}).get("start"))
-    labels = {f"Encounter/{e['id']}": _labels(e) for e in encounters}
+    labels = {f"Encounter/{e['id']}": labels_of(e) for e in encounters}
     context = {
         "title": fhir_text.human_name(patient), "active": "patients", "patient": patient, "error": error,
         "more": more, "age": fhir_text.age(patient.get("birthDate")),

@@ -4,9 +4,6 @@ shares, and each graded aspect's distribution, ready for a chart. Pure."""
 from dataclasses import dataclass, field
 from typing import Any
 
-ASPECTS = {"image-quality": "Image quality", "anatomy-score": "Anatomy visibility",
-           "over-illuminated": "Over-illuminated"}
-
 
 @dataclass
 class Site:

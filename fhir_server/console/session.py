@@ -8,7 +8,6 @@ write carry a CSRF token derived from a random per-session cookie the page's ori
 read.
 """
 
-import base64
 import hashlib
 import hmac
 import secrets
@@ -20,6 +19,7 @@ from urllib.parse import urlencode
 from fastapi import Request, Response
 from pymongo.errors import PyMongoError
 
+from fhir_server.auth.codes import s256
 from fhir_server.auth.tokens import Claims, InvalidToken
 from fhir_server.console.api import Api, ApiError, checked
 from fhir_server.context import base_url, issuer
@@ -124,15 +124,11 @@ async def current(request: Request, renew: bool = True) -> Session:
 # -- the authorization_code flow -----------------------------------------------------------------
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def start_flow(request: Request, next_page: str) -> tuple[str, str]:
     """The authorization URL to send the browser to, and the flow cookie (state, PKCE verifier
     and the page to return to) that the callback checks."""
     state, verifier = secrets.token_urlsafe(24), secrets.token_urlsafe(48)
-    challenge = _b64(hashlib.sha256(verifier.encode()).digest())
+    challenge = s256(verifier)
     query = {"response_type": "code", "client_id": CLIENT_ID, "redirect_uri": callback_uri(request), "scope": SCOPE,
              "state": state, "code_challenge": challenge, "code_challenge_method": "S256", "aud": base_url(request)}
     return f"/auth/authorize?{urlencode(query)}", f"{state} {verifier} {safe_next(next_page)}"

@@ -206,8 +206,8 @@ async def upload_form(request: Request, session: Session, api: Api) -> tuple[str
     if not files or all(not f.filename for f in files):
         return "upload.html", {**await _context(request, api, fields, [], "Choose at least one file."), "status": 400}
     outcomes = [await store(request, api, f.filename or "file", await f.read(), fields) for f in files]
-    status = 200 if all(o.ok for o in outcomes) else 207 if any(o.ok for o in outcomes) else 400
-    return "upload.html", {**await _context(request, api, fields, outcomes), "status": 200 if status == 207 else status}
+    status = 200 if any(o.ok for o in outcomes) else 400  # some stored: the page says which were not
+    return "upload.html", {**await _context(request, api, fields, outcomes), "status": status}
 
 
 @router.post("/upload/file")
