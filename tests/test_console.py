@@ -65,6 +65,12 @@ def csrf_of(page: str) -> str:
     return found.group(1)
 
 
+def fhir_reads(server: ServerProcess, since: int) -> int:
+    """The FHIR reads and searches in the server's access log after its first `since` characters
+    (the console's calls are in it too)."""
+    return sum('"method":"GET","path":"/fhir/' in line for line in server.log()[since:].splitlines())
+
+
 def png(colour: tuple[int, int, int] = (200, 40, 40)) -> bytes:
     from PIL import Image
 
@@ -334,6 +340,23 @@ def test_forms_need_their_csrf_token(http: httpx.Client, open_server: dict[str, 
     answer = http.post("/console/logout", data={"csrf": "nope"})
     assert answer.status_code == 403
     assert http.get("/console/profile").status_code == 200  # still signed in
+
+
+def test_a_booking_builds_its_page_once(http: httpx.Client, open_server: dict[str, Any]) -> None:
+    """The page answering a booking is built after it: the new appointment is listed, and it took
+    as many API reads as the page alone does."""
+    server, patient = open_server["server"], open_server["patient"]
+    since = len(server.log())
+    page = http.get("/console/appointments", params={"patient": patient})
+    alone = fhir_reads(server, since)
+    description = f"Check-up {unique()[:8]}"
+    form = {"patient": patient, "practitioner": open_server["doctor"], "start": "2033-02-03T08:00",
+            "duration": "20", "description": description, "csrf": csrf_of(page.text)}
+    since = len(server.log())
+    answer = http.post("/console/appointments", data=form)
+    assert answer.status_code == 200 and 'id="booked"' in answer.text, answer.text[:2000]
+    assert f"<td>{description}</td>" in answer.text
+    assert fhir_reads(server, since) == alone
 
 
 def test_upload_refusals_are_shown_per_file(http: httpx.Client, open_server: dict[str, Any]) -> None:

@@ -107,27 +107,32 @@ def appointment(form: dict[str, str]) -> dict[str, Any] | str:
     return resource
 
 
-@page
-async def schedule(request: Request, session: Session, api: Api) -> tuple[str, dict]:
-    """Book an appointment; a refusal (a slot taken: 409; a bad reference: 400/404) is shown on the form."""
-    form = {k: str(v) for k, v in (await request.form()).items()}
-    context = await _context(api, {"patient": form.get("patient", "")})
-    context["form"] = form
+async def _book(session: Session, api: Api, form: dict[str, str]) -> tuple[dict[str, Any] | None, str, int]:
+    """The booked Appointment, or why the form was refused and the page's status."""
     if not session.check_csrf(form.get("csrf")):
-        context.update(form_error="The form was out of date: reload the page and try again.", status=403)
-        return "appointments.html", context
+        return None, "The form was out of date: reload the page and try again.", 403
     made = appointment(form)
     if isinstance(made, str):
-        context.update(form_error=made, status=400)
-        return "appointments.html", context
+        return None, made, 400
     try:
         booked = await api.fhir("POST", "Appointment", json=made, headers={"Prefer": "return=representation"})
     except ApiError as exc:
         refused = "Not booked: this practitioner already has an appointment then. " if exc.status == 409 else "Not booked: "
-        context.update(form_error=refused + exc.message, status=exc.status if exc.status < 500 else 502)
-        return "appointments.html", context
+        return None, refused + exc.message, exc.status if exc.status < 500 else 502
+    return booked, "", 200
+
+
+@page
+async def schedule(request: Request, session: Session, api: Api) -> tuple[str, dict]:
+    """Book an appointment; a refusal (a slot taken: 409; a bad reference: 400/404) is shown on the form.
+    The page is built after the booking, so that its list and counts include it."""
+    form = {k: str(v) for k, v in (await request.form()).items()}
+    booked, refused, status = await _book(session, api, form)
     context = await _context(api, {"patient": form.get("patient", "")})
-    context["booked"] = booked
+    if booked is None:
+        context.update(form=form, form_error=refused, status=status)
+    else:
+        context["booked"] = booked
     return "appointments.html", context
 
 
