@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -457,6 +458,74 @@ def test_with_authorization_on(auth_server: dict[str, Any]) -> None:
 
 
 # -- pure parts ------------------------------------------------------------------------------------
+
+
+class TableValidator:
+    """A token validator that answers from a table: a token's claims, or the error it raises."""
+
+    def __init__(self, answers: dict[str, Any]) -> None:
+        self.answers = answers
+
+    async def validate(self, token: str, audience: str, own_issuer: str) -> Any:
+        answer = self.answers[token]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def session_of(token_endpoint: Any, answers: dict[str, Any], cookies: str) -> Any:
+    """`current()` of a console request with these cookies, in an app whose /auth/token is
+    `token_endpoint` and whose validator answers from `answers`: the Session, or the exception."""
+    import asyncio
+
+    from fastapi import FastAPI, Request
+
+    from fhir_server.console.session import current
+
+    app = FastAPI()
+    app.add_api_route("/auth/token", token_endpoint, methods=["POST"])
+    app.state.auth = SimpleNamespace(validator=TableValidator(answers))
+    app.state.settings = SimpleNamespace(base_url=None, auth_issuer=None)
+    request = Request({"type": "http", "app": app, "method": "GET", "path": "/console/", "root_path": "",
+                       "scheme": "http", "server": ("testserver", 80), "client": ("127.0.0.1", 1),
+                       "query_string": b"", "headers": [(b"cookie", cookies.encode())]})
+    try:
+        return asyncio.run(current(request))
+    except Exception as exc:  # noqa: BLE001 - what current() raised is the answer
+        return exc
+
+
+def test_a_failed_renewal_keeps_a_valid_session() -> None:
+    """A refresh that is refused, fails, or whose new token the database cannot check keeps a
+    still-valid access token's session; once it is no longer valid, the user signs in again."""
+    from fastapi.responses import JSONResponse
+    from pymongo.errors import OperationFailure
+
+    from fhir_server.auth.tokens import InvalidToken
+    from fhir_server.console.session import Session, SignInNeeded
+
+    def refused() -> JSONResponse:
+        return JSONResponse({"error": "invalid_grant"}, 400)
+
+    def broken() -> JSONResponse:
+        raise OperationFailure("the database failed")
+
+    def renewed() -> JSONResponse:
+        return JSONResponse({"access_token": "new", "refresh_token": "rt-2"})
+
+    closing = SimpleNamespace(expires=time.time() + 30)  # valid, but due for renewal
+    cookies = "console_at=old; console_rt=rt-1; console_seed=seed"
+    unchecked = OperationFailure("the database failed")
+    for endpoint in (refused, broken):
+        kept = session_of(endpoint, {"old": closing}, cookies)
+        assert isinstance(kept, Session) and kept.token == "old" and kept.cookies == {}, (endpoint, kept)
+        assert isinstance(session_of(endpoint, {"old": InvalidToken("expired")}, cookies), SignInNeeded)
+    kept = session_of(renewed, {"old": closing, "new": unchecked}, cookies)
+    assert isinstance(kept, Session) and kept.token == "old"
+    assert kept.cookies == {"console_at": "new", "console_rt": "rt-2"}  # the spent refresh token's successor
+    assert isinstance(session_of(renewed, {"old": InvalidToken("expired"), "new": unchecked}, cookies), SignInNeeded)
+    fresh = session_of(renewed, {"old": closing, "new": SimpleNamespace(expires=time.time() + 300)}, cookies)
+    assert isinstance(fresh, Session) and fresh.token == "new" and fresh.refresh == "rt-2"
 
 
 def test_raw_json_is_escaped_and_links_references() -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
+import httpx
 from fastapi import Request, Response
 from pymongo.errors import PyMongoError
 
@@ -92,33 +93,53 @@ async def current(request: Request, renew: bool = True) -> Session:
     """The valid session of the request's cookies; SignInNeeded otherwise. With `renew`, an
     access token that expired or is about to is replaced through the refresh token. Requests
     a page makes by itself (its images) do not renew: a refresh token works once, and several
-    of them at a time would spend it together (which revokes the session)."""
+    of them at a time would spend it together (which revokes the session). A renewal that fails
+    while the access token is still valid keeps the session (the next page tries again)."""
     token, refresh, seed = (request.cookies.get(n) for n in (ACCESS, REFRESH, SEED))
     if not seed:
         raise SignInNeeded
-    validator = request.app.state.auth.validator
-    if token:
-        try:
-            claims = await validator.validate(token, base_url(request), issuer(request))
-            if not (renew and refresh and claims.expires - time.time() < RENEW_BEFORE_S):
-                return Session(token, claims, seed, refresh)
-        except (InvalidToken, PyMongoError):
-            pass
+    valid = await _validated(request, token, seed, refresh) if token else None
+    if valid is not None and not (renew and refresh and valid.claims.expires - time.time() < RENEW_BEFORE_S):
+        return valid
     if not (renew and refresh):
         raise SignInNeeded
-    async with Api(request, None) as api:
-        answer = await api.call("POST", "/auth/token", data={"grant_type": "refresh_token", "client_id": CLIENT_ID,
-                                                           "refresh_token": refresh})
-    if answer.status_code != 200:
-        raise SignInNeeded
-    tokens = answer.json()
+    tokens = await _refreshed(request, refresh)
+    if tokens is None:
+        if valid is None:
+            raise SignInNeeded
+        return valid
+    renewed = await _validated(request, tokens["access_token"], seed, tokens.get("refresh_token", refresh))
+    if renewed is None:
+        if valid is None:
+            raise SignInNeeded
+        renewed = Session(valid.token, valid.claims, seed, tokens.get("refresh_token", refresh))
+    # The refresh token was spent: its successor goes to the browser even when the new access
+    # token could not be checked, or the next renewal would replay the spent one (and be revoked).
+    renewed.cookies = {ACCESS: tokens["access_token"], REFRESH: renewed.refresh or ""}
+    return renewed
+
+
+async def _validated(request: Request, token: str, seed: str, refresh: str | None) -> Session | None:
+    """The session of a valid access token; None for an invalid one, or one the database could
+    not check."""
+    validator = request.app.state.auth.validator
     try:
-        claims = await validator.validate(tokens["access_token"], base_url(request), issuer(request))
-    except InvalidToken as exc:
-        raise SignInNeeded from exc
-    session = Session(tokens["access_token"], claims, seed, tokens.get("refresh_token", refresh))
-    session.cookies = {ACCESS: session.token, REFRESH: session.refresh or ""}
-    return session
+        claims = await validator.validate(token, base_url(request), issuer(request))
+    except (InvalidToken, PyMongoError):
+        return None
+    return Session(token, claims, seed, refresh)
+
+
+async def _refreshed(request: Request, refresh: str) -> dict[str, Any] | None:
+    """The token endpoint's new tokens for a refresh token; None when it refused or failed."""
+    try:
+        async with Api(request, None) as api:
+            answer = await api.call("POST", "/auth/token", data={"grant_type": "refresh_token", "client_id": CLIENT_ID,
+                                                               "refresh_token": refresh})
+        tokens = answer.json() if answer.status_code == 200 else None
+    except (httpx.HTTPError, PyMongoError, ValueError):
+        return None
+    return tokens if isinstance(tokens, dict) and isinstance(tokens.get("access_token"), str) else None
 
 
 # -- the authorization_code flow -----------------------------------------------------------------
