@@ -528,6 +528,43 @@ def test_a_failed_renewal_keeps_a_valid_session() -> None:
     assert isinstance(fresh, Session) and fresh.token == "new" and fresh.refresh == "rt-2"
 
 
+class StowOnly:
+    """The console's API where STOW-RS stores a study but reading the ImagingStudy back fails."""
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        instance = "http://testserver/dicomweb/studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5"
+        return httpx.Response(200, json={"00081199": {"Value": [{"00081190": {"Value": [instance]},
+                                                                 "00081155": {"Value": ["1.2.3.4.5"]}}]}})
+
+    async def read(self, path: str, params: Any = None) -> dict[str, Any]:
+        from fhir_server.console.api import ApiError
+
+        raise ApiError(503, "the database is unreachable")
+
+    async def fhir(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise AssertionError("no grading can be written without the study's patient")
+
+
+def test_a_stored_study_not_read_back_says_so(tmp_path: Path) -> None:
+    """The message names what failed: the reading back, and the grading only when one was asked for."""
+    import asyncio
+
+    from fhir_server.console.upload import store
+
+    settings = SimpleNamespace(max_request_bytes=0, max_body_bytes=10**7, max_bundle_bytes=10**7,
+                               upload_max_bytes=10**7)
+    request: Any = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(settings=settings)))
+    data = dicom_file(tmp_path).read_bytes()
+    plain = asyncio.run(store(request, StowOnly(), "ct.dcm", data, {"patient": ""}))
+    assert plain.ok and "grading" not in plain.message, plain
+    assert plain.message == ("Stored as DICOM in study 1.2.3, but the study could not be read back "
+                             "(the database is unreachable).")
+    graded = {"patient": "", "site": "Organization/s1", "eye": "left", "quality": "high", "anatomy": "good"}
+    refused = asyncio.run(store(request, StowOnly(), "ct.dcm", data, graded))
+    assert not refused.ok and refused.message.endswith("could not be read back (the database is unreachable), "
+                                                       "so the grading was not recorded."), refused
+
+
 def test_raw_json_is_escaped_and_links_references() -> None:
     from fhir_server.console.json_html import to_html
 

@@ -82,7 +82,10 @@ async def _store_dicom(api: Api, name: str, data: bytes, fields: dict[str, str])
     instance = str((stored[0].get("00081155", {}).get("Value") or [""])[0]) if stored else ""
     outcome = Outcome(name, True, "Stored as DICOM.", f"{PREFIX}/imaging", "dicom")
     if study:
-        record = await api.read(f"ImagingStudy/{study}")
+        try:
+            record = await api.read(f"ImagingStudy/{study}")
+        except ApiError as exc:
+            return _unread(outcome, study, exc.message, grading.wanted(fields))
         patient = record.get("subject", {}).get("reference", "")
         outcome.link = f"{PREFIX}/patients/{patient.split('/')[-1]}" if patient else f"{PREFIX}/imaging"
         outcome.message = f"Stored as DICOM in study {study}."
@@ -90,6 +93,15 @@ async def _store_dicom(api: Api, name: str, data: bytes, fields: dict[str, str])
             await api.fhir("POST", "Observation", json=grading.observation(
                 fields, patient, grading.dicom_reference(study, instance), _now()))
             outcome.message += " Grading recorded."
+    return outcome
+
+
+def _unread(outcome: Outcome, study: str, problem: str, graded: bool) -> Outcome:
+    """A study stored but not read back: without its patient, a grading asked for could not be
+    recorded (the file then counts as failed)."""
+    outcome.message = f"Stored as DICOM in study {study}, but the study could not be read back ({problem})"
+    outcome.message += ", so the grading was not recorded." if graded else "."
+    outcome.ok = not graded
     return outcome
 
 
