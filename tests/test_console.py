@@ -400,6 +400,8 @@ def test_resource_browser(http: httpx.Client, open_server: dict[str, Any]) -> No
 
 
 def test_static_files_from_installed_packages(http: httpx.Client) -> None:
+    from heroicons.jinja import heroicon_mini
+
     plotly = http.get("/console/static/vendor/plotly.min.js")
     assert plotly.status_code == 200 and plotly.headers["content-type"].startswith("text/javascript")
     assert http.get("/console/static/vendor/plotly.min.js", headers={"If-None-Match": plotly.headers["etag"]}
@@ -410,6 +412,8 @@ def test_static_files_from_installed_packages(http: httpx.Client) -> None:
     page = http.get("/console/")
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert "<script>" not in page.text and " style=" not in page.text  # nothing inline
+    home = str(heroicon_mini("home", **{"class": "icon"}))  # the installed icon set's own SVG
+    assert home in page.text and 'aria-hidden="true"' in home
 
 
 def test_slow_parts_come_later_and_without_scripts(http: httpx.Client, open_server: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from urllib.parse import quote
 import jinja2
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from heroicons.jinja import heroicon_micro, heroicon_mini, heroicon_outline, heroicon_solid
 
 from fhir_server.console import fhir_text
 from fhir_server.console.api import Api, ApiError
@@ -20,10 +21,12 @@ from fhir_server.console.session import PREFIX, Session, SignInNeeded, apply, cu
 
 LOGGER = logging.getLogger(__name__)
 HEADERS = {"Cache-Control": "no-store"}
-NAVIGATION = [("dashboard", "Dashboard", "/"), ("patients", "Patients", "/patients"),
-              ("imaging", "Imaging", "/imaging"), ("upload", "Upload", "/upload"),
-              ("appointments", "Appointments", "/appointments"), ("interactions", "Interactions", "/interactions"),
-              ("browse", "Resources", "/browse")]
+# (key, label, path, Heroicons icon name)
+NAVIGATION = [("dashboard", "Dashboard", "/", "home"), ("patients", "Patients", "/patients", "users"),
+              ("imaging", "Imaging", "/imaging", "photo"), ("upload", "Upload", "/upload", "arrow-up-tray"),
+              ("appointments", "Appointments", "/appointments", "calendar-days"),
+              ("interactions", "Interactions", "/interactions", "chat-bubble-left-right"),
+              ("browse", "Resources", "/browse", "circle-stack")]
 
 ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(resources.files("fhir_server.console") / "templates")),
@@ -32,6 +35,9 @@ ENV = jinja2.Environment(
 ENV.filters.update(fhir_text.FILTERS)
 ENV.filters["tojson_attr"] = lambda value: json.dumps(value, separators=(",", ":"))
 ENV.globals.update(prefix=PREFIX, navigation=NAVIGATION)
+# Inline SVG from the installed heroicons package (decorative: aria-hidden), sized by console.css's .icon.
+ENV.globals.update(heroicon_micro=heroicon_micro, heroicon_mini=heroicon_mini, heroicon_outline=heroicon_outline,
+                   heroicon_solid=heroicon_solid)
 
 Handler = Callable[[Request, Session, Api], Awaitable[Response | tuple[str, dict[str, Any]]]]
 
