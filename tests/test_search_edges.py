@@ -161,6 +161,28 @@ def test_paging_stops_at_the_snapshot_limit_and_the_total_stays_exact(small_snap
         assert pages == 3 and len(seen) == len(set(seen)) == 5
 
 
+
+def test_a_sorted_search_past_the_snapshot_limit_keeps_the_first_in_order(small_snapshots: ServerProcess) -> None:
+    """Eight matches, five kept: the five latest birth dates, in order (the server sorts what
+    fits in the snapshot itself, the database what does not)."""
+    with httpx.Client(base_url=f"{small_snapshots.url}/fhir", timeout=30) as client:
+        family = f"Sorted{unique()}"
+        for year in (1971, 1958, 1990, 1964, 1983, 1949, 1977, 1995):
+            created = client.post("/Patient", json={"resourceType": "Patient", "name": [{"family": family}],
+                                                    "birthDate": f"{year}-01-01"}, headers={"Content-Type": FHIR_JSON})
+            assert created.status_code == 201
+        url: str | None = f"/Patient?family={family}&_sort=-birthdate&_count=2"
+        years = []
+        while url:
+            bundle = client.get(url).json()
+            assert bundle["total"] == 8
+            years += [int(e["resource"]["birthDate"][:4]) for e in bundle.get("entry", [])]
+            url = next((link["url"] for link in bundle["link"] if link["relation"] == "next"), None)
+            url = url.replace("https://fhir.example.org/r4", "") if url else None
+        assert years == [1995, 1990, 1983, 1977, 1971]
+        under = client.get(f"/Patient?family={family}&birthdate=lt1975&_sort=birthdate").json()  # 4 fit: sorted here
+        assert [e["resource"]["birthDate"][:4] for e in under["entry"]] == ["1949", "1958", "1964", "1971"]
+
 def test_absolute_references_to_this_server_are_local(small_snapshots: ServerProcess) -> None:
     """With FHIR_BASE_URL set, `https://fhir.example.org/r4/Patient/1` is indexed as `Patient/1`."""
     with httpx.Client(base_url=f"{small_snapshots.url}/fhir", timeout=30) as client:

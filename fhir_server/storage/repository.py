@@ -320,14 +320,15 @@ class ResourceRepository:
         return [found[i] for i in ids if i in found]
 
     async def find_sort_keys(
-        self, resource_type: str, query: dict[str, Any], sort: list[tuple[str, int]], *, limit: int
+        self, resource_type: str, query: dict[str, Any], sort: list[tuple[str, int]], *, limit: int,
+        ordered: bool = True,
     ) -> list[dict[str, Any]]:
         """`_id` and sort fields of matching current versions, in `sort` order (also to merge
-        several types' results)."""
+        several types' results); in no order unless `ordered`."""
         if limit <= 0:
             return []
         cursor = self.db[resource_type].find(query, {"_id": 1, **{field: 1 for field, _ in sort}})
-        if sort:
+        if sort and ordered:
             cursor = cursor.sort(sort)
         return [doc async for doc in cursor.limit(limit)]
 
