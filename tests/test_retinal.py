@@ -516,6 +516,46 @@ def test_ai_readiness_counts_images_not_gradings(client: httpx.Client) -> None:
     assert population(report["group"][0], "initial-population") == 3
 
 
+def test_a_kept_report_is_counted_again_once_a_grading_or_site_changes(client: httpx.Client) -> None:
+    """A report is kept while nothing it counts changes (its `date` tells when it was counted);
+    a new grading, a renamed site and a deleted grading each show in the next report."""
+    site = unique_site(client)
+    patient = transaction(client, [{"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}}])
+    patient_ref = {"reference": patient.json()["entry"][0]["response"]["location"].split("/_history")[0]}
+
+    def graded() -> str:
+        media = client.post("/Media", json={"resourceType": "Media", "status": "completed", "subject": patient_ref,
+                                            "content": {"contentType": "image/png"}}, headers={"Content-Type": FHIR_JSON})
+        resource = entries_of("image", sample_record("image", 11))[2]["resource"]
+        resource = {**resource, "subject": patient_ref, "performer": [{"reference": site}],
+                    "derivedFrom": [{"reference": f"Media/{media.json()['id']}"}]}
+        resource.pop("identifier")
+        created = client.post("/Observation", json=resource, headers={"Content-Type": FHIR_JSON})
+        assert created.status_code == 201, created.text
+        return str(created.json()["id"])
+
+    def report() -> tuple[str, int, str]:
+        answer = client.get(f"/{site}/$ai-readiness").json()
+        group = answer["group"][0]
+        return answer["date"], population(group, "initial-population"), group["code"]["text"]
+
+    first = graded()
+    time.sleep(1.2)  # the first report after a write is counted, not kept: the write may be on its way
+    counted = report()
+    assert counted[1] == 1
+    assert report() == counted  # kept: the same counting, the same date
+    graded()
+    again = report()
+    assert again[1] == 2 and again[0] != counted[0]
+    renamed = client.get(f"/{site}").json()
+    renamed["name"] = "renamed site"
+    assert client.put(f"/{site}", json=renamed, headers={"Content-Type": FHIR_JSON}).status_code == 200
+    assert report()[2] == "renamed site"
+    assert client.delete(f"/Observation/{first}").status_code in (200, 204)
+    time.sleep(1.2)
+    assert report()[1:] == (1, "renamed site")
+
+
 def unique_site(client: httpx.Client) -> str:
     response = transaction(client, [{"resource": {"resourceType": "Organization", "name": f"site {pydicom.uid.generate_uid()}"},
                                      "request": {"method": "POST", "url": "Organization"}}])

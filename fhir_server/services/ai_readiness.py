@@ -27,14 +27,20 @@ performed a grading. Optional parameters `periodStart` and `periodEnd` (date or 
 the gradings made in that period; the report's period is theirs, else from the first to the
 last grading.
 
-The counting is one aggregation in the database (`fhir_server.search.readiness`).
+The counting is one aggregation in the database (`fhir_server.search.readiness`). It reads every
+grading (half a second for 2,000 images on the embedded database), so a report is kept in the
+database (`CACHE`, shared by the server's processes) and served again, with its own `date`, while
+no Observation or Organization has changed since it was counted: when some version stamped
+after a moment `SETTLE` before the counting is current, or a multi-resource write is in flight,
+it is counted again. A report counted less than `SETTLE` after a write is not kept (that write
+may still have been on its way), nor one counted during a multi-resource write.
 """
 
 import asyncio
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fhir_server.config import Settings
@@ -44,7 +50,7 @@ from fhir_server.search.dates import date_range
 from fhir_server.search.readiness import Aspect, grades_filter, readiness_pipeline
 from fhir_server.services.resources import ResourceService
 from fhir_server.services.search import SearchService
-from fhir_server.storage.repository import ResourceRepository, Version
+from fhir_server.storage.repository import SETTLE, ResourceRepository, Version
 from mappings import retinal
 
 MEASURE_ID = "ai-readiness"
@@ -57,6 +63,9 @@ SITE_SYSTEM = retinal.source_system(retinal.SYSTEM, "site")
 PARAMETERS = frozenset({"periodStart", "periodEnd", "_format", "_pretty"})
 MAX_SITES = 10000
 QUERY = "application/x-fhir-query"
+CACHE = "ai_readiness_reports"
+COUNTED = ("Observation", "Organization")  # what a report is counted from
+KEPT = timedelta(minutes=10)  # a kept report is dropped (and counted again) after this
 
 INCREASE = {"coding": [{"system": IMPROVEMENT_SYSTEM, "code": "increase", "display": "Increased score indicates improvement"}]}
 GROUP_CODE = {"coding": [{"system": retinal.CODE_SYSTEM, "code": "ai-ready", "display": retinal.DISPLAY["ai-ready"]}]}
@@ -346,6 +355,7 @@ class AiReadinessService:
         self.searches = searches
         self.rule = rule
         self._measure_written = False
+        self._cache_indexed = False
         self._lock = asyncio.Lock()
 
     async def ensure_measure(self) -> None:
@@ -366,10 +376,29 @@ class AiReadinessService:
             self._measure_written = True
 
     async def report(self, organization_id: str | None, params: list[tuple[str, str]], body: Any = None) -> dict[str, Any]:
-        """The MeasureReport over every site, or over one (`Organization/{id}/$ai-readiness`)."""
+        """The MeasureReport over every site, or over one (`Organization/{id}/$ai-readiness`):
+        the kept one while nothing it counts has changed."""
         values = _parameters(params, body)
         site = await self.resources.read("Organization", organization_id) if organization_id is not None else None
         await self.ensure_measure()
+        key = "|".join([self.rule.version, organization_id or "", *(values.get(n, "") for n in ("periodStart", "periodEnd"))])
+        cache = self.repository.db[CACHE]
+        kept = await cache.find_one({"_id": key})
+        now = datetime.now(UTC)
+        if kept is not None and kept["exp"].replace(tzinfo=UTC) > now \
+                and not await self.repository.changed_since(COUNTED, kept["since"].replace(tzinfo=UTC)):
+            return dict(kept["report"])
+        since = now - SETTLE
+        settled = not await self.repository.changed_since(COUNTED, since)
+        report = await self._counted(site, values)
+        if settled:
+            if not self._cache_indexed:
+                await cache.create_index("exp", expireAfterSeconds=0)
+                self._cache_indexed = True
+            await cache.replace_one({"_id": key}, {"since": since, "exp": now + KEPT, "report": report}, upsert=True)
+        return report
+
+    async def _counted(self, site: Version | None, values: dict[str, str]) -> dict[str, Any]:
         aspects = self.rule.aspects()
         overall: Tally | None = None
         if site is not None:

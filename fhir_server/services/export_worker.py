@@ -16,7 +16,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from pymongo.errors import PyMongoError
@@ -28,11 +28,9 @@ from fhir_server.search.dates import ONE_MS
 from fhir_server.search.indexer import references
 from fhir_server.search.registry import parameter, patient_compartment
 from fhir_server.storage.exports import ExportFiles, ExportJobs, ExportReader, NdjsonWriter
-from fhir_server.storage.repository import ResourceRepository, Version
+from fhir_server.storage.repository import SETTLE, ResourceRepository, Version
 
 LOGGER = logging.getLogger(__name__)
-# Writes stamped up to the transaction time have reached the current collections by then.
-SETTLE = timedelta(seconds=1)
 ID_LIST_LIMIT = 20_000  # more candidate ids than this: one pass over the collection instead
 PROGRESS_EVERY_S = 2.0
 ERRORS_FILE = "errors.ndjson"

@@ -47,6 +47,9 @@ HISTORY = "history"
 TRANSACTIONS = "transactions"  # commit records of multi-resource writes in ordered mode
 TRANSACTION_LEASE = timedelta(seconds=60)  # a pending commit record older than this was abandoned
 TRANSACTION_KEPT = timedelta(days=1)  # finished commit records, for inspection
+# A single write's version reaches its current collection within this of its timestamp (a
+# multi-resource write's, once its commit record is applied: `in_flight_since`).
+SETTLE = timedelta(seconds=1)
 SERVER = "server"  # deployment-wide facts: the search index version, the page-token key
 SEARCH_INDEX = "search-index"
 MAX_ATTEMPTS = 200
@@ -263,6 +266,7 @@ class ResourceRepository:
         await self.history.create_index([("ts", ASCENDING), ("_id", ASCENDING)])
         await self.history.create_index([("i", ASCENDING), ("t", ASCENDING)])  # one resource's versions
         await self.db[TRANSACTIONS].create_index("exp", expireAfterSeconds=0)
+        await self.db[TRANSACTIONS].create_index("state")  # the few in flight among a day's records
 
     async def collection(self, resource_type: str) -> AsyncCollection:
         """The current-version collection of a type, with its indexes."""
@@ -711,6 +715,15 @@ class ResourceRepository:
         LOGGER.warning("finishing transaction %s interrupted after its commit", record["_id"])
         entries = await self.history.find({"_id": {"$in": record["claims"]}}).to_list(None)
         await self._finish(record["_id"], entries)
+
+    async def changed_since(self, resource_types: Sequence[str], since: datetime) -> bool:
+        """Whether a version of `resource_types` stamped at `since` or later is current, or a
+        multi-resource write is in flight (its versions may be stamped earlier). Deleting
+        stamps a version too."""
+        for resource_type in resource_types:
+            if await (await self.collection(resource_type)).find_one({"ts": {"$gte": since}}, {"_id": 1}) is not None:
+                return True
+        return await self.in_flight_since() is not None
 
     async def in_flight_since(self) -> datetime | None:
         """The earliest timestamp of a multi-resource write not yet applied (None: none is):
