@@ -532,6 +532,30 @@ def test_a_failed_renewal_keeps_a_valid_session() -> None:
     assert isinstance(fresh, Session) and fresh.token == "new" and fresh.refresh == "rt-2"
 
 
+def test_a_page_whose_template_fails_is_the_error_page() -> None:
+    """A defect while filling a template in gives the console's error page (500), not a bare error."""
+    import asyncio
+
+    from fastapi import FastAPI, Request
+
+    from fhir_server.console.render import page
+
+    @page
+    async def broken(request: Any, session: Any, api: Any) -> tuple[str, dict[str, Any]]:
+        return "no-such-template.html", {"title": "Broken"}
+
+    app = FastAPI()
+    app.state.auth = SimpleNamespace(validator=TableValidator({
+        "at": SimpleNamespace(expires=time.time() + 600, fhir_user="Practitioner/1", subject="u1")}))
+    app.state.settings = SimpleNamespace(base_url=None, auth_issuer=None)
+    request = Request({"type": "http", "app": app, "method": "GET", "path": "/console/broken", "root_path": "",
+                       "scheme": "http", "server": ("testserver", 80), "client": ("127.0.0.1", 1),
+                       "query_string": b"", "headers": [(b"cookie", b"console_at=at; console_seed=seed")]})
+    answer = asyncio.run(broken(request))
+    assert answer.status_code == 500
+    assert b"Cannot show this page" in answer.body and b"Something went wrong" in answer.body
+
+
 class StowOnly:
     """The console's API where STOW-RS stores a study but reading the ImagingStudy back fails."""
 

@@ -64,6 +64,9 @@ def page(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async with Api(request, session.token) as api:
             try:
                 result = await handler(request, session, api)
+                if not isinstance(result, Response):  # filling the template in can fail too
+                    template, context = result
+                    result = render(request, template, context, session, int(context.pop("status", 200)))
             except ApiError as exc:
                 status = exc.status if 400 <= exc.status < 600 else 502
                 result = render(request, "error.html", {"title": "Cannot show this page", "message": exc.message,
@@ -74,10 +77,6 @@ def page(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
                                                         "message": "Something went wrong on the server; it was "
                                                                    "logged. Try again, or another page."},
                                 session, 500)
-        if not isinstance(result, Response):
-            template, context = result
-            status = int(context.pop("status", 200))
-            result = render(request, template, context, session, status)
         return apply(result, request, session)
 
     # Not functools.wraps: FastAPI would read the handler's own parameters through __wrapped__.
