@@ -235,6 +235,28 @@ def test_dicom_associations_stores_and_queries_are_audited(audited: Audited, adm
     assert qido and qido[0]["type"]["code"] == "110112"
 
 
+def test_an_open_association_defers_indexing_as_a_request_does(audited: Audited, database: EmbeddedDatabase) -> None:
+    """The trail indexes in the process only when it serves nothing: an open DICOM connection
+    counts, as an HTTP request does (indexing competed with the associations' threads)."""
+    from fhir_server.audit.trail import BATCHES
+
+    ae = AE(ae_title=CALLING)
+    ae.add_requested_context(Verification)
+    with pymongo.MongoClient(database.uri) as mongo:
+        batches = mongo[DB][BATCHES]
+        assoc = ae.associate("127.0.0.1", audited.server.dicom_port, ae_title=AET)
+        assert assoc.is_established
+        try:
+            time.sleep(1.5)  # the acceptance's event stored (every 0.1 s), and more than the idle time
+            assert batches.count_documents({}) >= 1
+        finally:
+            assoc.release()
+        deadline = time.monotonic() + 10
+        while batches.count_documents({}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert batches.count_documents({}) == 0
+
+
 # -- X-Provenance ---------------------------------------------------------------------------------
 
 PROVENANCE = {"resourceType": "Provenance", "agent": [{"who": {"display": "Dr. Example"}}],

@@ -56,8 +56,18 @@ def observed(handlers: list[Any]) -> list[Any]:
     """The node's handlers with C-FIND, C-MOVE and C-GET noted, and the audit's own."""
     noted = [(item[0], _noting(item[1], SERVICES[item[0]]), *item[2:]) if item[0] in SERVICES else item
              for item in handlers]
-    return [*noted, (evt.EVT_ACCEPTED, _accepted), (evt.EVT_REJECTED, _rejected_by_pynetdicom),
-            (evt.EVT_DIMSE_SENT, _answered), (evt.EVT_CONN_CLOSE, _closed)]
+    return [*noted, (evt.EVT_CONN_OPEN, _opened), (evt.EVT_ACCEPTED, _accepted),
+            (evt.EVT_REJECTED, _rejected_by_pynetdicom), (evt.EVT_DIMSE_SENT, _answered), (evt.EVT_CONN_CLOSE, _closed)]
+
+
+@_safe
+def _opened(event: evt.Event) -> None:
+    """A connection is a request being served, as an HTTP one is: the trail indexes (in this
+    process, competing for the interpreter) only when none is, or once its batches lag."""
+    trail = active()
+    if trail is not None:
+        event.assoc.__dict__["_audit_serving"] = trail
+        trail.serving()
 
 
 @_safe
@@ -131,6 +141,9 @@ def _answered(event: evt.Event) -> None:
 
 @_safe
 def _closed(event: evt.Event) -> None:
+    trail = event.assoc.__dict__.pop("_audit_serving", None)
+    if trail is not None:
+        trail.served()
     for key in [k for k in list(_running) if k[0] == id(event.assoc)]:
         _running.pop(key, None)
 

@@ -12,7 +12,7 @@ than half of what a whole FHIR read costs it. So the trail has two stages:
 2. **indexed**: a batch becomes AuditEvent resources, in exactly the documents the repository
    writes (version 1: the history entry, then the current document with its search index), so
    that the ordinary read, vread, history and search code serves them. This runs when this
-   process serves no request (idle for `IDLE_S`), when the oldest batch waits longer than
+   process serves no request, HTTP or DICOM connection (idle for `IDLE_S`), when the oldest batch waits longer than
    `index_lag_s` (so under constant load events become searchable within that lag), and before
    any request that may read AuditEvents (`catch_up`), so that what such a request finds is
    complete up to the events still in some process's memory.
@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import threading
 import time
 import uuid
 import zlib
@@ -97,6 +98,7 @@ class AuditTrail:
         self._dropped = 0
         self._waking = False
         self._busy = 0  # requests being served
+        self._busy_lock = threading.Lock()
         self._last_request = 0.0  # when the last one ended (monotonic)
         self._oldest_stored: datetime | None = None  # of the batches stored since indexing last ran dry
         self._next_look = 0.0  # when an idle process looks for batches again, having found none
@@ -185,11 +187,14 @@ class AuditTrail:
     # -- stage 2: indexed -----------------------------------------------------------------------
 
     def serving(self) -> None:
-        self._busy += 1
+        """A request (HTTP, or a DICOM connection in its own thread) is being served."""
+        with self._busy_lock:
+            self._busy += 1
 
     def served(self) -> None:
-        self._busy -= 1
-        self._last_request = time.monotonic()
+        with self._busy_lock:
+            self._busy -= 1
+            self._last_request = time.monotonic()
 
     def _idle(self) -> bool:
         return self._busy == 0 and time.monotonic() - self._last_request >= IDLE_S
