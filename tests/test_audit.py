@@ -17,8 +17,13 @@ from conftest import FHIR_JSON, ServerProcess, ct_dataset, unique
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydicom.dataset import Dataset
-from pynetdicom import AE
-from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 
 from fhir_server.auth.tokens import SigningKey, access_token
 from fhir_server.storage.embedded import EmbeddedDatabase
@@ -233,6 +238,51 @@ def test_dicom_associations_stores_and_queries_are_audited(audited: Audited, adm
                           headers={"Accept": "application/dicom+json"}).status_code == 200
     qido = find(admin, **{"subtype": f"{LOCAL}|QIDO-RS"}, wanted=lambda e: ds.StudyInstanceUID in "".join(queries(e)))
     assert qido and qido[0]["type"]["code"] == "110112"
+
+
+def test_retrieves_are_audited_with_their_study_and_outcome(audited: Audited, admin: httpx.Client) -> None:
+    """A C-GET (its sub-operations counted) and a C-MOVE to an unknown destination (0xA801) are
+    each an Instances Transferred event, action R, naming the study."""
+    port = audited.server.dicom_port
+    ds = ct_dataset()
+    storer = AE(ae_title=CALLING)
+    storer.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = storer.associate("127.0.0.1", port, ae_title=AET)
+    assert assoc.is_established and int(assoc.send_c_store(ds).Status) == 0
+    assoc.release()  # answered once the instance is indexed
+
+    ae = AE(ae_title=CALLING)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0
+
+    assoc = ae.associate("127.0.0.1", port, ae_title=AET, ext_neg=[build_role(ds.SOPClassUID, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    try:
+        query = Dataset()
+        query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", ds.StudyInstanceUID
+        got = [int(status.Status) for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
+        assert got[-1] == 0 and received == [ds.SOPInstanceUID]
+        moved = [int(status.Status) for status, _ in
+                 assoc.send_c_move(query, "NOWHERE", StudyRootQueryRetrieveInformationModelMove)]
+        assert moved[-1] == 0xA801
+    finally:
+        assoc.release()
+
+    study = f"urn:dicom:uid|urn:oid:{ds.StudyInstanceUID}"
+    gets = find(admin, **{"entity:identifier": study, "subtype": f"{LOCAL}|C-GET"})
+    assert len(gets) == 1
+    assert (gets[0]["type"]["code"], gets[0]["action"], gets[0]["outcome"]) == ("110104", "R", "0")
+    assert "1 completed" in gets[0]["outcomeDesc"]
+    moves = find(admin, **{"entity:identifier": study, "subtype": f"{LOCAL}|C-MOVE"})
+    assert len(moves) == 1 and moves[0]["action"] == "R" and moves[0]["outcome"] == "4"
+    assert "0xA801" in moves[0]["outcomeDesc"]
 
 
 def test_an_open_association_defers_indexing_as_a_request_does(audited: Audited, database: EmbeddedDatabase) -> None:
