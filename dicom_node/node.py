@@ -248,6 +248,11 @@ class DicomNode:
         # pynetdicom decodes each C-FIND request again and formats every identifier for its log
         # lines, whatever the log level: more than a match's own cost.
         _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
+        # Its standard handlers write every PDU and DIMSE message out as text for the debug log
+        # (an association request's every context), whatever the level: about a tenth of a
+        # C-FIND response's cost. Bound only when that log is on.
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            _config.LOG_HANDLER_LEVEL = "none"
         # pynetdicom's temporary files in the store's file system: then placing is a rename.
         dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
             tempfile.NamedTemporaryFile, dir=self.files.incoming
