@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from fhir_server.config import Settings
 from fhir_server.logs import configure_logging
+from fhir_server.storage.embedded import EmbeddedDatabaseError
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -311,7 +312,10 @@ def main(argv: list[str] | None = None) -> None:
     adding.set_defaults(handler=_accounts)
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    args.handler(args)
+    try:
+        args.handler(args)
+    except EmbeddedDatabaseError as exc:  # a data folder in use, a database that cannot start: said, not traced
+        raise SystemExit(f"fhir-server: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -395,6 +395,21 @@ def test_cli_refuses_a_public_client_without_redirect(tmp_path: Path) -> None:
     assert done.returncode != 0 and b"needs its --redirect-uri" in done.stderr
 
 
+def test_cli_on_a_data_folder_a_server_uses_says_so(tmp_path: Path) -> None:
+    """`accounts add` while a server runs on the embedded database's folder: a message to stop
+    it first, not a stack trace."""
+    running = EmbeddedDatabase(tmp_path / "db").start()
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "MONGODB_URI"}
+        done = subprocess.run([sys.executable, "-m", "fhir_server", "accounts", "add", "--email", "a@clinic.example",
+                               "--role", "practitioner", "--data-dir", str(tmp_path)], env=env, capture_output=True,
+                              timeout=60, check=False)
+    finally:
+        running.stop()
+    assert done.returncode != 0 and b"Traceback" not in done.stderr
+    assert b"is in use by another process" in done.stderr, done.stderr.decode()[-2000:]
+
+
 def test_confidential_app_and_id_token(setup: dict) -> None:
     """An app with keys of its own proves itself with private_key_jwt at the token endpoint;
     its id_token is signed by the server's key, for the app, with the nonce and fhirUser."""

@@ -6,6 +6,7 @@ server dies, so a killed server does not leave the data folder locked.
 """
 
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -77,10 +78,25 @@ class EmbeddedDatabase:
                 return self
             if fixed_port:
                 break
+        if self._in_use():
+            raise EmbeddedDatabaseError(
+                f"the embedded database's data folder {self.storage_path} is in use by another process (a server "
+                "running on it?): stop that first, or point this command at it with MONGODB_URI"
+            )
         raise EmbeddedDatabaseError(
             f"the embedded database did not start (data folder {self.storage_path}); "
             f"see {self._log_path()}"
         )
+
+    def _in_use(self) -> bool:
+        """Whether the last start failed on WiredTiger's lock of the folder (its log says so)."""
+        try:
+            with open(self._log_path(), "rb") as log:
+                log.seek(0, os.SEEK_END)
+                log.seek(max(0, log.tell() - 4096))
+                return b"resource busy" in log.read()
+        except OSError:
+            return False
 
     def _log_path(self) -> Path:
         return self.storage_path / "secantusd.log"
