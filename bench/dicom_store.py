@@ -59,6 +59,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("node", "storescp", "orthanc")
 NODE_AET, STORESCP_AET, ORTHANC_AET, CALLING_AET = "FHIRSERVER", "STORESCP", "ORTHANC", "BENCHSCU"
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+if sys.prefix != sys.base_prefix:  # DCMTK's tools, not pynetdicom's apps of the same names in the venv
+    os.environ["PATH"] = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                                         if d and Path(d).resolve() != Path(sys.prefix, "bin").resolve())
 # The series of the small set take their pixels and attributes from these files in turn.
 SMALL_SOURCES = (
     "CT_small.dcm",  # CT, explicit VR little endian, 39 KB

@@ -20,6 +20,11 @@ from pymongo import AsyncMongoClient
 from fhir_server.storage.embedded import EmbeddedDatabase
 
 FHIR_JSON = "application/fhir+json"
+# DCMTK's storescu, findscu, movescu… are the tests' peers: pynetdicom installs apps of the same
+# names into the virtual environment, which come first on PATH once it is activated.
+if sys.prefix != sys.base_prefix:
+    os.environ["PATH"] = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                                         if d and Path(d).resolve() != Path(sys.prefix, "bin").resolve())
 
 
 def free_port() -> int:
