@@ -323,6 +323,8 @@ def test_password_reset(setup: dict, mail: MailSink) -> None:
     assert known.status_code == unknown.status_code == 200
     assert known.text.replace(email, "X") == unknown.text.replace(stranger, "X")
     link = mail.link(email, "Reset your password", "reset")
+    assert http.post("/auth/forgot", data={"email": email}).status_code == 200
+    second = parse_qs(urlsplit(mail.link(email, "Reset your password", "reset")).query)["token"][0]  # same password
     path = urlsplit(link)
     shown = http.get(f"{path.path}?{path.query}")
     assert shown.status_code == 200 and 'for="password"' in shown.text
@@ -332,6 +334,8 @@ def test_password_reset(setup: dict, mail: MailSink) -> None:
     new = "Another-Secret-9"
     assert http.post("/auth/reset", data={"token": token, "password": new, "password2": new}).status_code == 200
     assert http.post("/auth/reset", data={"token": token, "password": new, "password2": new}).status_code == 400
+    third = "Third-Secret-10"  # a link made for the password that was changed since: refused
+    assert http.post("/auth/reset", data={"token": second, "password": third, "password2": third}).status_code == 400
     params = request_params(setup["client_id"], pkce()[1])
     assert log_in(http, params, email, PASSWORD).status_code == 401
     assert redirected(log_in(http, params, email, new))["code"]
