@@ -38,10 +38,14 @@ may still have been on its way), nor one counted during a multi-resource write.
 
 import asyncio
 import hashlib
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from bson.errors import InvalidDocument
+from pymongo.errors import PyMongoError
 
 from fhir_server.config import Settings
 from fhir_server.errors import BadRequest, Gone, NotFound
@@ -53,6 +57,7 @@ from fhir_server.services.search import SearchService
 from fhir_server.storage.repository import SETTLE, ResourceRepository, Version
 from mappings import retinal
 
+LOGGER = logging.getLogger(__name__)
 MEASURE_ID = "ai-readiness"
 MEASURE_URL = "https://fhir-server.local/Measure/ai-readiness"
 POPULATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/measure-population"
@@ -392,10 +397,13 @@ class AiReadinessService:
         settled = not await self.repository.changed_since(COUNTED, since)
         report = await self._counted(site, values)
         if settled:
-            if not self._cache_indexed:
-                await cache.create_index("exp", expireAfterSeconds=0)
-                self._cache_indexed = True
-            await cache.replace_one({"_id": key}, {"since": since, "exp": now + KEPT, "report": report}, upsert=True)
+            try:
+                if not self._cache_indexed:
+                    await cache.create_index("exp", expireAfterSeconds=0)
+                    self._cache_indexed = True
+                await cache.replace_one({"_id": key}, {"since": since, "exp": now + KEPT, "report": report}, upsert=True)
+            except (PyMongoError, InvalidDocument) as exc:  # too large a report to keep (thousands of sites)
+                LOGGER.warning("$ai-readiness: report not kept (%s)", exc)
         return report
 
     async def _counted(self, site: Version | None, values: dict[str, str]) -> dict[str, Any]:
