@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from uuid import uuid4
 
 import httpx
 import pymongo
@@ -143,6 +144,19 @@ def test_create_read_and_search_are_audited_with_their_agent_and_entities(audite
     one = admin.get(f"/AuditEvent/{create['id']}")
     assert one.status_code == 200 and one.json()["subtype"][0]["code"] == "create"
     assert admin.get(f"/AuditEvent/{create['id']}/_history/1").status_code == 200
+
+
+def test_a_transaction_is_audited_as_one_whatever_its_keys_order(audited: Audited, admin: httpx.Client) -> None:
+    """The Bundle's type as the server read it, not a guess from its first bytes: here the entries
+    (more than 8 KiB) come before `"type": "transaction"`."""
+    subject = f"bundler-{unique()}"
+    entries = [{"fullUrl": f"urn:uuid:{uuid}", "resource": {"resourceType": "Patient", "name": [{"text": "x" * 300}]},
+                "request": {"method": "POST", "url": "Patient"}} for uuid in (uuid4() for _ in range(30))]
+    with audited.client(subject=subject) as client:
+        answer = client.post("", json={"resourceType": "Bundle", "entry": entries, "type": "transaction"})
+        assert answer.status_code == 200, answer.text
+    events = find(admin, subtype="transaction", wanted=lambda e: e["agent"][0].get("altId") == subject)
+    assert len(events) == 1 and events[0]["action"] == "E"
 
 
 def test_refusals_are_audited_401_and_403(audited: Audited, admin: httpx.Client) -> None:

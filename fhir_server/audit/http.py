@@ -95,7 +95,7 @@ def _record(trail: AuditTrail, scope: Scope, answer: dict[str, Any], body: bytes
     status = answer["status"]
     exchange = Exchange(
         scope["method"], scope["path"], scope.get("query_string", b"").decode("latin-1"), status,
-        answer.get("location"), answer.get("etag"), body, tuple(patients),
+        answer.get("location"), answer.get("etag"), body, tuple(patients), state.get("bundle_type"),
     )
     described = describe(exchange)
     if isinstance(state.get("provenance"), str):  # the X-Provenance stored with the write

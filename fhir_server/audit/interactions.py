@@ -69,6 +69,7 @@ class Exchange:
     etag: str | None = None
     body: bytes = b""  # the first bytes of the request body, when `wants_body`
     patients: tuple[str, ...] = ()  # Patients the request's state names (the token's patient, a route's)
+    bundle_type: str | None = None  # of a Bundle POSTed to the base, as the route parsed it
 
 
 @dataclass
@@ -94,7 +95,7 @@ def describe(exchange: Exchange) -> Described:
 def _fhir(exchange: Exchange) -> Described:
     method = exchange.method
     parts = [unquote(p) for p in exchange.path[len("/fhir"):].split("/") if p]
-    code, resource_type, resource_id = _interaction(method, parts, exchange.body)
+    code, resource_type, resource_id = _interaction(method, parts, exchange.body, exchange.bundle_type)
     described = Described(ev.REST, ev.interaction(code) if code else None, ev.ACTIONS.get(code or ""))
     patients = list(exchange.patients)
     target = written(exchange.location) if exchange.location else None
@@ -126,11 +127,16 @@ def _fhir(exchange: Exchange) -> Described:
     return described
 
 
-def _interaction(method: str, parts: list[str], body: bytes) -> tuple[str | None, str | None, str | None]:
-    """The RESTful interaction of a FHIR path, with the type and id it names."""
+def _interaction(
+    method: str, parts: list[str], body: bytes, bundle_type: str | None = None
+) -> tuple[str | None, str | None, str | None]:
+    """The RESTful interaction of a FHIR path, with the type and id it names. A Bundle the route
+    did not parse (refused before) is judged by the first bytes of its body."""
     operation = any(p.startswith("$") for p in parts)
     if not parts:
         if method == "POST":
+            if bundle_type in ("batch", "transaction"):
+                return bundle_type, None, None
             found = BUNDLE_TYPE.search(body)
             return (found.group(1).decode() if found else "batch"), None, None
         return ("search-system" if method == "GET" else None), None, None

@@ -44,6 +44,7 @@ async def bundle(request: Request, ctx: Ctx, transactions: Transactions) -> Resp
     settings = request.app.state.settings
     body = await json_body(request, limit=settings.max_bundle_bytes)
     kind, entries = parse_bundle(body, ctx.base_url, settings.max_bundle_entries)
+    request.state.bundle_type = kind  # the audit event's interaction (fhir_server/audit/http.py)
     answers: dict[int, dict[str, Any]] = {}
     if kind == "transaction":
         # One resource may not be larger than when sent alone; only a large Bundle can hold one.
