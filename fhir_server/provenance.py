@@ -4,10 +4,10 @@ On a write of one resource (create, update, patch, delete, their conditional for
 `X-Provenance` header may hold a Provenance resource (JSON, or base64 of it). It is checked
 before anything is written (400 if it is not a valid Provenance; 403 unless the token may
 create Provenance), and once the write succeeded it is stored as a new Provenance whose `target`
-is the version written (`Type/id/_history/n`, from the answer's Location or ETag; a target the
-client gave is replaced; an update that changes nothing: the current version) and whose
-`recorded` is now unless given. The answer waits for it, so
-a client that got its answer finds the Provenance (`Provenance?target=Type/id`).
+is the version written (`Type/id/_history/n`, from the answer's Location, Content-Location or
+ETag; a target the client gave is replaced; an update that changes nothing: the current version)
+and whose `recorded` is now unless given. The answer waits for it, so a client that got its
+answer finds the Provenance (`Provenance?target=Type/id`).
 
 Not for Bundles and operations (400: the header would apply to many writes or none), nor for a
 conditional delete or a delete of nothing (no version names the write: nothing is stored).
@@ -107,7 +107,9 @@ def parse(raw: bytes, placeholder: str) -> dict[str, Any]:
 
 
 def _version_written(headers: dict[str, str], resource_type: str, resource_id: str | None) -> str | None:
-    location = headers.get("location")
+    """The version a write answered with: its Location (a create) or Content-Location (an
+    update, patch: conditional ones name no id in the request), else the id and ETag."""
+    location = headers.get("location") or headers.get("content-location")
     if location and "/_history/" in location:
         return written(location)
     vid = version_of(headers.get("etag"))

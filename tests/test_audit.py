@@ -353,6 +353,17 @@ def test_x_provenance_is_stored_against_the_version_written(audited: Audited, ad
     assert [p["target"] for p in found] == [[{"reference": f"Patient/{new}/_history/1"}]]
     assert found[0]["recorded"] == "2024-01-02T03:04:05Z"
 
+    # A conditional update: the version it wrote, though the request named no id.
+    mark = {"system": "urn:tests:provenance", "value": unique()}
+    made = admin.post("/Patient", json={"resourceType": "Patient", "identifier": [mark]})
+    assert made.status_code == 201
+    conditional = made.json()["id"]
+    answer = admin.put(f"/Patient?identifier={mark['system']}|{mark['value']}", headers={"X-Provenance": json.dumps(PROVENANCE)},
+                       json={"resourceType": "Patient", "identifier": [mark], "gender": "other"})
+    assert answer.status_code == 200, answer.text
+    found = provenances(admin, f"Patient/{conditional}")
+    assert [p["target"] for p in found] == [[{"reference": f"Patient/{conditional}/_history/2"}]]
+
 
 @pytest.mark.parametrize("header", [
     '{"resourceType": "Patient"}',  # not a Provenance
