@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import jwt
+import pymongo
 import pytest
 from aiosmtpd.controller import Controller
 from conftest import ServerProcess, free_port, unique
@@ -118,7 +119,7 @@ def setup(database: EmbeddedDatabase, mail: MailSink, tmp_path_factory: pytest.T
         "Practitioner/dr-1", "--password-stdin", stdin=PASSWORD + "\n")
     server = ServerProcess(tmp_path_factory.mktemp("accounts"), env, port=port).start()
     with httpx.Client(base_url=server.url, timeout=30) as http:
-        yield {"http": http, "client_id": app, "server": server}
+        yield {"http": http, "client_id": app, "server": server, "db": env["FHIR_MONGODB_DB"]}
     server.stop()
 
 
@@ -242,6 +243,25 @@ def test_patient_app_flow(setup: dict, patient: dict[str, str]) -> None:
     oauth_error(http.post("/auth/token", data={"grant_type": "refresh_token", "refresh_token": rotated["refresh_token"],
                                                "client_id": setup["client_id"]}), "invalid_grant")
     assert not introspect(setup, rotated["access_token"])["active"]
+
+
+def test_a_registered_patient_gets_one_record_however_the_first_sign_ins_interleave(
+    setup: dict, mail: MailSink, database: EmbeddedDatabase
+) -> None:
+    """The confirmation makes the Patient record; a first sign-in that read the account before
+    that was linked makes it again: the same record, not a second one left unused."""
+    http, email = setup["http"], f"twice-{unique()}@example.org"
+    assert register(http, email).status_code == 200
+    assert follow(http, mail.link(email, "Confirm your email address", "confirm")).status_code == 200
+    with pymongo.MongoClient(database.uri) as mongo:
+        db = mongo[setup["db"]]
+        made = db["auth_accounts"].find_one({"email": email})["fhir_user"]
+        db["auth_accounts"].update_one({"email": email}, {"$set": {"fhir_user": None}})  # as that sign-in saw it
+        assert tokens_for(setup, email)["access_token"]
+        assert db["auth_accounts"].find_one({"email": email})["fhir_user"] == made
+        records = [d["_id"] for d in db["Patient"].find({"del": False}, {"res.telecom": 1})
+                   if any(t.get("value") == email for t in d["res"].get("telecom", []))]
+    assert [f"Patient/{r}" for r in records] == [made]
 
 
 def test_code_is_bound_and_single_use(setup: dict, patient: dict[str, str]) -> None:

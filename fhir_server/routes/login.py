@@ -105,18 +105,21 @@ async def authorize(request: Request) -> Response:
 
 
 async def ensure_patient(request: Request, account: Account) -> Account:
-    """A self-registered patient's own Patient record, made once its address is confirmed."""
+    """A self-registered patient's own Patient record, made once its address is confirmed. Its id
+    is the account's: the confirmation and a first sign-in (or two), racing, make one record."""
     if account.role != "patient" or account.fhir_user is not None or not account.confirmed:
         return account
     name = account.name.split()
-    patient = {"resourceType": "Patient", "telecom": [{"system": "email", "value": account.email, "use": "home"}]}
+    patient_id = f"account-{account.account_id}"
+    patient = {"resourceType": "Patient", "id": patient_id,
+               "telecom": [{"system": "email", "value": account.email, "use": "home"}]}
     if name:
         patient["name"] = [{"text": account.name, "family": name[-1], "given": name[:-1]} if len(name) > 1
                            else {"text": account.name, "family": name[0]}]
-    result = await request.app.state.resources.create("Patient", patient)
+    await request.app.state.resources.update("Patient", patient_id, patient)
     db = _server(request).db
-    if await accounts.link(db, account.account_id, f"Patient/{result.version.id}"):
-        LOGGER.info("Patient record made for a registered account", extra={"patient": result.version.id})
+    if await accounts.link(db, account.account_id, f"Patient/{patient_id}"):
+        LOGGER.info("Patient record made for a registered account", extra={"patient": patient_id})
     return await accounts.find(db, account.account_id) or account
 
 
