@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from fhir_server.auth.clients import ClientError
 from fhir_server.auth.server import AuthServer
 from fhir_server.context import base_url, issuer
+from fhir_server.routes.pages import form_items
 
 router = APIRouter(tags=["SMART on FHIR"])
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -22,17 +23,14 @@ def _server(request: Request) -> AuthServer:
 
 async def _form(request: Request) -> dict[str, str]:
     """The form fields (application/x-www-form-urlencoded, RFC 6749), each once."""
-    if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
-        raise ClientError("invalid_request", "the body must be application/x-www-form-urlencoded")
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
-        raise ClientError("invalid_request", "the form is too large")
-    form = await request.form()
+    items = await form_items(request, MAX_FORM_BYTES)
+    if items is None:
+        raise ClientError("invalid_request", "the body must be an application/x-www-form-urlencoded form of 64 KiB at most")
     fields: dict[str, str] = {}
-    for name, value in form.multi_items():
+    for name, value in items:
         if name in fields:
             raise ClientError("invalid_request", f"'{name}' is given twice")
-        fields[name] = str(value)
+        fields[name] = value
     return fields
 
 

@@ -63,13 +63,22 @@ def form(action: str, inner: str, button: str, extra_buttons: Iterable[str] = ()
             f'<button type="submit">{escape(button)}</button>{buttons}</form>')
 
 
-async def form_fields(request: Request) -> dict[str, str] | None:
-    """The fields of a posted form (first value of each), or None for something else."""
+async def form_items(request: Request, limit: int = MAX_FORM_BYTES) -> list[tuple[str, str]] | None:
+    """A posted form's fields in order (application/x-www-form-urlencoded, at most `limit`
+    bytes), or None for another body."""
     if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
         return None
-    if len(await request.body()) > MAX_FORM_BYTES:
+    if len(await request.body()) > limit:
+        return None
+    return [(name, str(value)) for name, value in (await request.form()).multi_items()]
+
+
+async def form_fields(request: Request) -> dict[str, str] | None:
+    """The fields of a posted form (first value of each), or None for something else."""
+    items = await form_items(request)
+    if items is None:
         return None
     fields: dict[str, str] = {}
-    for name, value in (await request.form()).multi_items():
-        fields.setdefault(name, str(value))
+    for name, value in items:
+        fields.setdefault(name, value)
     return fields
