@@ -421,6 +421,39 @@ def test_events_stored_at_shutdown_are_indexed_after_a_restart(database: Embedde
     run_with_database(database, scenario)
 
 
+def test_a_batch_indexed_again_stores_its_events_once(database: EmbeddedDatabase) -> None:
+    """An indexer that dies after storing a batch's events but before removing the batch leaves
+    it to be claimed again (its lease lapses): the next indexer stores nothing twice."""
+    from conftest import run_with_database
+
+    from fhir_server.audit.trail import BATCHES, NEVER, PAYLOADS, AuditTrail
+    from fhir_server.storage.repository import ResourceRepository
+
+    event = {"resourceType": "AuditEvent", "type": {"code": "rest"}, "recorded": "2026-01-01T00:00:00Z",
+             "agent": [{"requestor": True}], "source": {"observer": {"display": "tests"}}}
+
+    async def scenario(db: Any) -> None:
+        repository = ResourceRepository(db)
+        await repository.prepare("off")
+        trail = AuditTrail(repository, observer="tests", dicom_observer="TESTS", flush_s=60, batch=10_000)
+        await trail.start()
+        for _ in range(12):
+            trail.record(event)
+        await trail.flush()
+        left = ([b async for b in db[BATCHES].find()], [p async for p in db[PAYLOADS].find()])
+        await trail.catch_up()
+        assert await repository.count("AuditEvent", {}) == 12
+        await db[BATCHES].insert_many([{**b, "lease": NEVER} for b in left[0]])  # as a dead indexer left it
+        await db[PAYLOADS].insert_many(left[1])
+        await trail.catch_up()
+        await trail.stop()
+        assert await repository.count("AuditEvent", {}) == 12
+        assert await db["history"].count_documents({"t": "AuditEvent"}) == 12
+        assert await db[BATCHES].count_documents({}) == 0 and await db[PAYLOADS].count_documents({}) == 0
+
+    run_with_database(database, scenario)
+
+
 def test_only_requests_that_may_read_the_trail_wait_for_it_to_be_indexed() -> None:
     """The trail is indexed before a request that may read AuditEvents only when its requester
     may (an administrator, or anyone with authorization off): a request without a valid token
