@@ -8,6 +8,7 @@ import base64
 import json
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -452,6 +453,46 @@ def test_a_batch_indexed_again_stores_its_events_once(database: EmbeddedDatabase
         assert await db[BATCHES].count_documents({}) == 0 and await db[PAYLOADS].count_documents({}) == 0
 
     run_with_database(database, scenario)
+
+
+def test_events_recorded_while_the_database_is_down_are_stored_once_it_is_back(tmp_path: Path) -> None:
+    """A flush the database refuses keeps the events, in order, for the next one."""
+    import asyncio
+
+    from pymongo import AsyncMongoClient
+
+    from fhir_server.audit.trail import AuditTrail
+    from fhir_server.storage.repository import ResourceRepository
+
+    own = EmbeddedDatabase(tmp_path / "db").start()
+    again = EmbeddedDatabase(tmp_path / "db", port=own.port)  # the same database, back on its port
+
+    async def scenario() -> None:
+        client: AsyncMongoClient = AsyncMongoClient(own.uri, tz_aware=True, serverSelectionTimeoutMS=500)
+        try:
+            repository = ResourceRepository(client["fhir_outage"])
+            await repository.prepare("off")
+            trail = AuditTrail(repository, observer="tests", dicom_observer="TESTS", flush_s=60, batch=10_000)
+            await trail.start()
+            await asyncio.to_thread(own.stop)
+            for n in range(5):
+                trail.record({"resourceType": "AuditEvent", "type": {"code": "rest"}, "recorded": "2026-01-01T00:00:00Z",
+                              "agent": [{"requestor": True}], "source": {"observer": {"display": f"event {n}"}}})
+            assert await trail.flush() is False
+            await asyncio.to_thread(again.start)
+            assert await trail.flush() is True
+            await trail.catch_up()
+            await trail.stop()
+            found = [d["res"]["source"]["observer"]["display"] async for d in repository.db["AuditEvent"].find()]
+            assert sorted(found) == [f"event {n}" for n in range(5)]
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        again.stop()
+        own.stop()
 
 
 def test_only_requests_that_may_read_the_trail_wait_for_it_to_be_indexed() -> None:
