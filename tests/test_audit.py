@@ -392,6 +392,22 @@ def test_x_provenance_needs_a_token_that_may_create_provenance(audited: Audited,
     assert admin.get(f"/Patient/{patient}").json()["meta"]["versionId"] == "1"
 
 
+def test_x_provenance_on_a_bundle_or_an_operation_is_refused(audited: Audited, admin: httpx.Client) -> None:
+    """One Provenance cannot name the many writes of a Bundle (or an operation's): 400, and the
+    Bundle is not run."""
+    mark = {"system": "urn:tests:provenance-bundle", "value": unique()}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "identifier": [mark]}, "request": {"method": "POST", "url": "Patient"}}]}
+    answer = admin.post("", json=bundle, headers={"X-Provenance": json.dumps(PROVENANCE)})
+    assert answer.status_code == 400 and answer.json()["resourceType"] == "OperationOutcome"
+    assert "one resource only" in answer.text
+    found = admin.get("/Patient", params={"identifier": f"{mark['system']}|{mark['value']}", "_summary": "count"})
+    assert found.json()["total"] == 0
+    operation = admin.post("/Patient/$validate", json={"resourceType": "Patient"},
+                           headers={"X-Provenance": json.dumps(PROVENANCE)})
+    assert operation.status_code == 400
+
+
 def test_events_stored_at_shutdown_are_indexed_after_a_restart(database: EmbeddedDatabase) -> None:
     """Stopping stores what is recorded (not indexed yet); the next process indexes it, once."""
     from conftest import run_with_database
