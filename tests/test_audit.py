@@ -408,26 +408,36 @@ def test_x_provenance_on_a_bundle_or_an_operation_is_refused(audited: Audited, a
     assert operation.status_code == 400
 
 
+def sample_event(observer: str = "tests") -> dict[str, Any]:
+    return {"resourceType": "AuditEvent", "type": {"code": "rest"}, "recorded": "2026-01-01T00:00:00Z",
+            "agent": [{"requestor": True}], "source": {"observer": {"display": observer}}}
+
+
+def quiet_trail(repository: Any) -> Any:
+    """A trail that stores and indexes only when asked (flush, catch_up)."""
+    from fhir_server.audit.trail import AuditTrail
+
+    return AuditTrail(repository, observer="tests", dicom_observer="TESTS", flush_s=60, batch=10_000)
+
+
 def test_events_stored_at_shutdown_are_indexed_after_a_restart(database: EmbeddedDatabase) -> None:
     """Stopping stores what is recorded (not indexed yet); the next process indexes it, once."""
     from conftest import run_with_database
 
-    from fhir_server.audit.trail import BATCHES, PAYLOADS, AuditTrail
+    from fhir_server.audit.trail import BATCHES, PAYLOADS
     from fhir_server.storage.repository import ResourceRepository
 
-    event = {"resourceType": "AuditEvent", "type": {"code": "rest"}, "recorded": "2026-01-01T00:00:00Z",
-             "agent": [{"requestor": True}], "source": {"observer": {"display": "tests"}}}
 
     async def scenario(db: Any) -> None:
         repository = ResourceRepository(db)
         await repository.prepare("off")
-        first = AuditTrail(repository, observer="tests", dicom_observer="TESTS", flush_s=60, batch=10_000)
+        first = quiet_trail(repository)
         await first.start()
         for _ in range(30):
-            first.record(event)
+            first.record(sample_event())
         await first.stop()
         assert sum([b["n"] async for b in db[BATCHES].find()]) == 30
-        second = AuditTrail(repository, observer="tests", dicom_observer="TESTS", flush_s=60, batch=10_000)
+        second = quiet_trail(repository)
         await second.start()
         await second.catch_up()
         await second.catch_up()  # nothing left: nothing twice
@@ -443,19 +453,17 @@ def test_a_batch_indexed_again_stores_its_events_once(database: EmbeddedDatabase
     it to be claimed again (its lease lapses): the next indexer stores nothing twice."""
     from conftest import run_with_database
 
-    from fhir_server.audit.trail import BATCHES, NEVER, PAYLOADS, AuditTrail
+    from fhir_server.audit.trail import BATCHES, NEVER, PAYLOADS
     from fhir_server.storage.repository import ResourceRepository
 
-    event = {"resourceType": "AuditEvent", "type": {"code": "rest"}, "recorded": "2026-01-01T00:00:00Z",
-             "agent": [{"requestor": True}], "source": {"observer": {"display": "tests"}}}
 
     async def scenario(db: Any) -> None:
         repository = ResourceRepository(db)
         await repository.prepare("off")
-        trail = AuditTrail(repository, observer="tests", dicom_observer="TESTS", flush_s=60, batch=10_000)
+        trail = quiet_trail(repository)
         await trail.start()
         for _ in range(12):
-            trail.record(event)
+            trail.record(sample_event())
         await trail.flush()
         left = ([b async for b in db[BATCHES].find()], [p async for p in db[PAYLOADS].find()])
         await trail.catch_up()
@@ -477,7 +485,6 @@ def test_events_recorded_while_the_database_is_down_are_stored_once_it_is_back(t
 
     from pymongo import AsyncMongoClient
 
-    from fhir_server.audit.trail import AuditTrail
     from fhir_server.storage.repository import ResourceRepository
 
     own = EmbeddedDatabase(tmp_path / "db").start()
@@ -488,12 +495,11 @@ def test_events_recorded_while_the_database_is_down_are_stored_once_it_is_back(t
         try:
             repository = ResourceRepository(client["fhir_outage"])
             await repository.prepare("off")
-            trail = AuditTrail(repository, observer="tests", dicom_observer="TESTS", flush_s=60, batch=10_000)
+            trail = quiet_trail(repository)
             await trail.start()
             await asyncio.to_thread(own.stop)
             for n in range(5):
-                trail.record({"resourceType": "AuditEvent", "type": {"code": "rest"}, "recorded": "2026-01-01T00:00:00Z",
-                              "agent": [{"requestor": True}], "source": {"observer": {"display": f"event {n}"}}})
+                trail.record(sample_event(f"event {n}"))
             assert await trail.flush() is False
             await asyncio.to_thread(again.start)
             assert await trail.flush() is True
