@@ -573,7 +573,7 @@ def test_an_image_of_an_unknown_site_or_patient_fails_whole(client: httpx.Client
     assert search(client, f"/Binary?_source={source}&_summary=count")["total"] == 0
 
 
-# -- $ai-readiness on 10 sites, 100 patients ------------------------------------------------------
+# -- $ai-readiness on 10 sites, 40 patients ---------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -587,7 +587,7 @@ def readiness_server(database: EmbeddedDatabase, tmp_path_factory: pytest.TempPa
 
 @pytest.fixture(scope="module")
 def generated(readiness_server: ServerProcess) -> dict[str, list[dict[str, Any]]]:
-    data = generate(10, 100, 6, seed=GENERATED_SEED)  # its speed on 500 patients: bench/console.py
+    data = generate(10, 40, 6, seed=GENERATED_SEED)  # its speed on 500 patients: bench/console.py
     started = time.perf_counter()
     with httpx.Client(base_url=f"{readiness_server.url}/fhir", timeout=300) as c:
         load(c, data, StoreSender("127.0.0.1", readiness_server.dicom_port, "FHIRSERVER"))
