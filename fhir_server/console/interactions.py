@@ -14,28 +14,27 @@ from fhir_server.console.session import PREFIX, Session
 from mappings.interactions import INSURANCE_SYSTEM, LABEL_SYSTEM
 
 router = APIRouter()
-INSURANCE, LABEL = INSURANCE_SYSTEM, LABEL_SYSTEM  # the mapping's (mappings/interactions.py)
 PAGE_SIZE = 25
 REVINCLUDES = ("Observation:encounter", "QuestionnaireResponse:encounter", "CarePlan:encounter",
                "ClinicalImpression:encounter")
 
 
 def labels_of(resource: dict[str, Any]) -> list[str]:
-    return [t.get("code", "") for t in resource.get("meta", {}).get("tag", []) if t.get("system") == LABEL]
+    return [t.get("code", "") for t in resource.get("meta", {}).get("tag", []) if t.get("system") == LABEL_SYSTEM]
 
 
 @page
 async def interaction_list(request: Request, session: Session, api: Api) -> tuple[str, dict]:
     query = dict(request.query_params)
-    params: dict[str, str] = {"_tag": f"{LABEL}|{query['label']}" if query.get("label") else f"{LABEL}|",
+    params: dict[str, str] = {"_tag": f"{LABEL_SYSTEM}|{query['label']}" if query.get("label") else f"{LABEL_SYSTEM}|",
                               "_sort": "-date", "_count": str(PAGE_SIZE), "_include": "Encounter:subject"}
     number = query.get("insurance", "").strip()
     if number:
-        params["patient.identifier"] = f"{INSURANCE}|{number}"
+        params["patient.identifier"] = f"{INSURANCE_SYSTEM}|{number}"
     if query.get("page"):
         params["_page"] = query["page"]
     found, every = await gather(api.search("Encounter", params),
-                                api.search("Encounter", {"_tag": f"{LABEL}|", "_count": "500", "_elements": "id"}))
+                                api.search("Encounter", {"_tag": f"{LABEL_SYSTEM}|", "_count": "500", "_elements": "id"}))
     labels = sorted({label for e in ([] if isinstance(every, ApiError) else entries(every)) for label in labels_of(e)})
     context: dict[str, Any] = {"title": "Interactions", "active": "interactions", "query": query, "labels": labels,
                                "error": "", "encounters": [], "refs": {}, "links": {}, "total": None}
@@ -77,7 +76,7 @@ async def interaction(request: Request, session: Session, api: Api) -> tuple[str
         "answers": related.get("QuestionnaireResponse", []), "plans": related.get("CarePlan", []),
         "impressions": related.get("ClinicalImpression", []),
         "insurance": next((i.get("value") for i in (patient or {}).get("identifier", [])
-                           if i.get("system") == INSURANCE), ""),
+                           if i.get("system") == INSURANCE_SYSTEM), ""),
     }
 
 

@@ -13,7 +13,7 @@ from urllib.parse import quote
 import jinja2
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from heroicons.jinja import heroicon_micro, heroicon_mini, heroicon_outline, heroicon_solid
+from heroicons.jinja import heroicon_mini
 
 from fhir_server.console import fhir_text
 from fhir_server.console.api import Api, ApiError
@@ -36,8 +36,7 @@ ENV.filters.update(fhir_text.FILTERS)
 ENV.filters["tojson_attr"] = lambda value: json.dumps(value, separators=(",", ":"))
 ENV.globals.update(prefix=PREFIX, navigation=NAVIGATION)
 # Inline SVG from the installed heroicons package (decorative: aria-hidden), sized by console.css's .icon.
-ENV.globals.update(heroicon_micro=heroicon_micro, heroicon_mini=heroicon_mini, heroicon_outline=heroicon_outline,
-                   heroicon_solid=heroicon_solid)
+ENV.globals.update(heroicon_mini=heroicon_mini)
 
 Handler = Callable[[Request, Session, Api], Awaitable[Response | tuple[str, dict[str, Any]]]]
 
