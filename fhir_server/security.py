@@ -48,6 +48,7 @@ def loopback(host: str) -> bool:
     except ValueError:
         return False
 
+
 def check_transport(settings: Settings) -> dict[str, Any]:
     """uvicorn's HTTPS options, after checking that the files exist and make a context (a clear
     error at start, not a stack trace); the DICOM node's TLS files are checked too."""

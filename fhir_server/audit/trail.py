@@ -12,8 +12,9 @@ than half of what a whole FHIR read costs it. So the trail has two stages:
 2. **indexed**: a batch becomes AuditEvent resources, in exactly the documents the repository
    writes (version 1: the history entry, then the current document with its search index), so
    that the ordinary read, vread, history and search code serves them. This runs when this
-   process serves no request, HTTP or DICOM connection (idle for `IDLE_S`), when the oldest batch waits longer than
-   `index_lag_s` (so under constant load events become searchable within that lag), and before
+   process serves no request, HTTP or DICOM connection (idle for `IDLE_S`), when the oldest
+   batch waits longer than `index_lag_s` (so under constant load events become searchable
+   within that lag), and before
    any request that may read AuditEvents (`catch_up`), so that what such a request finds is
    complete up to the events still in some process's memory.
 

@@ -25,7 +25,8 @@ async def _form(request: Request) -> dict[str, str]:
     """The form fields (application/x-www-form-urlencoded, RFC 6749), each once."""
     items = await form_items(request, MAX_FORM_BYTES)
     if items is None:
-        raise ClientError("invalid_request", "the body must be an application/x-www-form-urlencoded form of 64 KiB at most")
+        raise ClientError("invalid_request", "the body must be an application/x-www-form-urlencoded form of "
+                          f"{MAX_FORM_BYTES >> 10} KiB at most")
     fields: dict[str, str] = {}
     for name, value in items:
         if name in fields:

@@ -392,7 +392,7 @@ class AiReadinessService:
         now = datetime.now(UTC)
         if kept is not None and kept["exp"].replace(tzinfo=UTC) > now \
                 and not await self.repository.changed_since(COUNTED, kept["since"].replace(tzinfo=UTC)):
-            return dict(kept["report"])
+            return kept["report"]
         since = now - SETTLE
         settled = not await self.repository.changed_since(COUNTED, since)
         report = await self._counted(site, values)
