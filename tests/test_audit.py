@@ -413,11 +413,22 @@ def sample_event(observer: str = "tests") -> dict[str, Any]:
             "agent": [{"requestor": True}], "source": {"observer": {"display": observer}}}
 
 
-def quiet_trail(repository: Any) -> Any:
-    """A trail that stores and indexes only when asked (flush, catch_up)."""
+async def prepared(db: Any) -> Any:
+    """A repository on `db`, its indexes made (ordered writes)."""
+    from fhir_server.storage.repository import ResourceRepository
+
+    repository = ResourceRepository(db)
+    await repository.prepare("off")
+    return repository
+
+
+async def quiet_trail(repository: Any) -> Any:
+    """A started trail that stores and indexes only when asked (flush, catch_up)."""
     from fhir_server.audit.trail import AuditTrail
 
-    return AuditTrail(repository, observer="tests", dicom_observer="TESTS", flush_s=60, batch=10_000)
+    trail = AuditTrail(repository, observer="tests", dicom_observer="TESTS", flush_s=60, batch=10_000)
+    await trail.start()
+    return trail
 
 
 def test_events_stored_at_shutdown_are_indexed_after_a_restart(database: EmbeddedDatabase) -> None:
@@ -425,20 +436,15 @@ def test_events_stored_at_shutdown_are_indexed_after_a_restart(database: Embedde
     from conftest import run_with_database
 
     from fhir_server.audit.trail import BATCHES, PAYLOADS
-    from fhir_server.storage.repository import ResourceRepository
-
 
     async def scenario(db: Any) -> None:
-        repository = ResourceRepository(db)
-        await repository.prepare("off")
-        first = quiet_trail(repository)
-        await first.start()
+        repository = await prepared(db)
+        first = await quiet_trail(repository)
         for _ in range(30):
             first.record(sample_event())
         await first.stop()
         assert sum([b["n"] async for b in db[BATCHES].find()]) == 30
-        second = quiet_trail(repository)
-        await second.start()
+        second = await quiet_trail(repository)
         await second.catch_up()
         await second.catch_up()  # nothing left: nothing twice
         await second.stop()
@@ -454,14 +460,10 @@ def test_a_batch_indexed_again_stores_its_events_once(database: EmbeddedDatabase
     from conftest import run_with_database
 
     from fhir_server.audit.trail import BATCHES, NEVER, PAYLOADS
-    from fhir_server.storage.repository import ResourceRepository
-
 
     async def scenario(db: Any) -> None:
-        repository = ResourceRepository(db)
-        await repository.prepare("off")
-        trail = quiet_trail(repository)
-        await trail.start()
+        repository = await prepared(db)
+        trail = await quiet_trail(repository)
         for _ in range(12):
             trail.record(sample_event())
         await trail.flush()
@@ -480,12 +482,10 @@ def test_a_batch_indexed_again_stores_its_events_once(database: EmbeddedDatabase
 
 
 def test_events_recorded_while_the_database_is_down_are_stored_once_it_is_back(tmp_path: Path) -> None:
-    """A flush the database refuses keeps the events, in order, for the next one."""
+    """A flush the database refuses keeps the events for the next one."""
     import asyncio
 
     from pymongo import AsyncMongoClient
-
-    from fhir_server.storage.repository import ResourceRepository
 
     own = EmbeddedDatabase(tmp_path / "db").start()
     again = EmbeddedDatabase(tmp_path / "db", port=own.port)  # the same database, back on its port
@@ -493,10 +493,8 @@ def test_events_recorded_while_the_database_is_down_are_stored_once_it_is_back(t
     async def scenario() -> None:
         client: AsyncMongoClient = AsyncMongoClient(own.uri, tz_aware=True, serverSelectionTimeoutMS=500)
         try:
-            repository = ResourceRepository(client["fhir_outage"])
-            await repository.prepare("off")
-            trail = quiet_trail(repository)
-            await trail.start()
+            repository = await prepared(client["fhir_outage"])
+            trail = await quiet_trail(repository)
             await asyncio.to_thread(own.stop)
             for n in range(5):
                 trail.record(sample_event(f"event {n}"))

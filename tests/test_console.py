@@ -477,22 +477,30 @@ class TableValidator:
         return answer
 
 
+def console_request(answers: dict[str, Any], cookies: str, path: str = "/console/", token_endpoint: Any = None) -> Any:
+    """A GET of `path` with these cookies, in an in-process app whose token validator answers
+    from `answers` (a token's claims, or the error it raises) and whose /auth/token is
+    `token_endpoint`."""
+    from fastapi import FastAPI, Request
+
+    app = FastAPI()
+    if token_endpoint is not None:
+        app.add_api_route("/auth/token", token_endpoint, methods=["POST"])
+    app.state.auth = SimpleNamespace(validator=TableValidator(answers))
+    app.state.settings = SimpleNamespace(base_url=None, auth_issuer=None)
+    return Request({"type": "http", "app": app, "method": "GET", "path": path, "root_path": "", "scheme": "http",
+                    "server": ("testserver", 80), "client": ("127.0.0.1", 1), "query_string": b"",
+                    "headers": [(b"cookie", cookies.encode())]})
+
+
 def session_of(token_endpoint: Any, answers: dict[str, Any], cookies: str) -> Any:
     """`current()` of a console request with these cookies, in an app whose /auth/token is
     `token_endpoint` and whose validator answers from `answers`: the Session, or the exception."""
     import asyncio
 
-    from fastapi import FastAPI, Request
-
     from fhir_server.console.session import current
 
-    app = FastAPI()
-    app.add_api_route("/auth/token", token_endpoint, methods=["POST"])
-    app.state.auth = SimpleNamespace(validator=TableValidator(answers))
-    app.state.settings = SimpleNamespace(base_url=None, auth_issuer=None)
-    request = Request({"type": "http", "app": app, "method": "GET", "path": "/console/", "root_path": "",
-                       "scheme": "http", "server": ("testserver", 80), "client": ("127.0.0.1", 1),
-                       "query_string": b"", "headers": [(b"cookie", cookies.encode())]})
+    request = console_request(answers, cookies, token_endpoint=token_endpoint)
     try:
         return asyncio.run(current(request))
     except Exception as exc:  # noqa: BLE001 - what current() raised is the answer
@@ -536,21 +544,14 @@ def test_a_page_whose_template_fails_is_the_error_page() -> None:
     """A defect while filling a template in gives the console's error page (500), not a bare error."""
     import asyncio
 
-    from fastapi import FastAPI, Request
-
     from fhir_server.console.render import page
 
     @page
     async def broken(request: Any, session: Any, api: Any) -> tuple[str, dict[str, Any]]:
         return "no-such-template.html", {"title": "Broken"}
 
-    app = FastAPI()
-    app.state.auth = SimpleNamespace(validator=TableValidator({
-        "at": SimpleNamespace(expires=time.time() + 600, fhir_user="Practitioner/1", subject="u1")}))
-    app.state.settings = SimpleNamespace(base_url=None, auth_issuer=None)
-    request = Request({"type": "http", "app": app, "method": "GET", "path": "/console/broken", "root_path": "",
-                       "scheme": "http", "server": ("testserver", 80), "client": ("127.0.0.1", 1),
-                       "query_string": b"", "headers": [(b"cookie", b"console_at=at; console_seed=seed")]})
+    claims = SimpleNamespace(expires=time.time() + 600, fhir_user="Practitioner/1", subject="u1")
+    request = console_request({"at": claims}, "console_at=at; console_seed=seed", "/console/broken")
     answer = asyncio.run(broken(request))
     assert answer.status_code == 500
     assert b"Cannot show this page" in answer.body and b"Something went wrong" in answer.body

@@ -161,7 +161,6 @@ def test_paging_stops_at_the_snapshot_limit_and_the_total_stays_exact(small_snap
         assert pages == 3 and len(seen) == len(set(seen)) == 5
 
 
-
 def test_a_sorted_search_past_the_snapshot_limit_keeps_the_first_in_order(small_snapshots: ServerProcess) -> None:
     """Eight matches, five kept: the five latest birth dates, in order (the server sorts what
     fits in the snapshot itself, the database what does not)."""
@@ -182,6 +181,7 @@ def test_a_sorted_search_past_the_snapshot_limit_keeps_the_first_in_order(small_
         assert years == [1995, 1990, 1983, 1977, 1971]
         under = client.get(f"/Patient?family={family}&birthdate=lt1975&_sort=birthdate").json()  # 4 fit: sorted here
         assert [e["resource"]["birthDate"][:4] for e in under["entry"]] == ["1949", "1958", "1964", "1971"]
+
 
 def test_absolute_references_to_this_server_are_local(small_snapshots: ServerProcess) -> None:
     """With FHIR_BASE_URL set, `https://fhir.example.org/r4/Patient/1` is indexed as `Patient/1`."""
