@@ -18,7 +18,6 @@ may be opened beside it for peers that cannot.
 import asyncio
 import concurrent.futures
 import contextlib
-import copy
 import functools
 import logging
 import socket
@@ -38,6 +37,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from dicom_node import direct
 from dicom_node.files import FileStore
 from dicom_node.indexing import DicomIndexer
 from dicom_node.ingest import accept
@@ -178,17 +178,14 @@ def _pause_handshake() -> None:
 
 class _Contexts(list):  # type: ignore[type-arg]
     """The contexts the node supports, as its server holds them: pynetdicom deep-copies them for
-    every association (each association may reorder its copy's transfer syntaxes), about 12 ms
-    for every storage class times 13 transfer syntaxes, longer than a C-ECHO. A copy of each
-    context and of its transfer syntax list is all a deep copy gives here."""
+    every association, in case its negotiation changed them (it does not: it makes new ones for
+    the answer), about 12 ms for every storage class times 13 transfer syntaxes, longer than a
+    C-ECHO. Each association gets its own list of the same contexts; the one handler that
+    reorders a context's transfer syntaxes (`retrieve.prefer_requestor_syntaxes`) puts a copy
+    in its place first."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
-        copies = []
-        for context in self:
-            copied = copy.copy(context)
-            copied._transfer_syntax = list(context._transfer_syntax)
-            copies.append(copied)
-        return copies
+        return list(self)
 
 
 class DicomNode:
@@ -259,6 +256,7 @@ class DicomNode:
         )
         _BoundedSocket.install(self.max_pdu_bytes)
         _poll_faster()
+        direct.install()
         _pause_handshake()
         handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_CONN_OPEN, self._on_open),

@@ -16,6 +16,7 @@ accepted none fails that sub-operation, with a log line saying so.
 
 import asyncio
 import contextlib
+import copy
 import logging
 import ssl
 import threading
@@ -201,11 +202,13 @@ def prefer_requestor_syntaxes(event: evt.Event) -> None:
     for context in sorted(event.assoc.requestor.requested_contexts, key=lambda c: c.context_id or 0):
         if str(context.abstract_syntax) in takes_scp:
             proposed.setdefault(str(context.abstract_syntax), []).extend(map(str, context.transfer_syntax))
-    for context in event.assoc.acceptor.supported_contexts:  # this association's copy
+    contexts = event.assoc.acceptor.supported_contexts  # this association's list of the node's contexts
+    for i, context in enumerate(contexts):
         order = proposed.get(str(context.abstract_syntax))
         if order:
-            context.transfer_syntax = sorted(context.transfer_syntax,
-                                             key=lambda ts: order.index(ts) if ts in order else len(order))
+            contexts[i] = copy.copy(context)  # the node's own stays as it is (its setter makes a new list)
+            contexts[i].transfer_syntax = sorted(context.transfer_syntax,
+                                                 key=lambda ts: order.index(ts) if ts in order else len(order))
 
 
 class RetrieveService:

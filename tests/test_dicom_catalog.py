@@ -343,3 +343,38 @@ def test_command_sets_are_encoded_as_pydicom_encodes_them() -> None:
         message = kind()
         message.primitive_to_message(made)
         assert encoding.command_set(message.command_set) == dsutils.encode(message.command_set, True, True), kind
+
+
+def test_pending_find_responses_are_framed_as_pynetdicom_frames_them() -> None:
+    """A pending C-FIND response written at once (dicom_node/direct.py) is the PDUs pynetdicom
+    sends for it; what would need fragmenting, or is no pending response, is left to pynetdicom."""
+    from io import BytesIO
+
+    from pynetdicom import dimse_primitives as dp
+    from pynetdicom.dimse_messages import C_FIND_RSP
+    from pynetdicom.pdu import P_DATA_TF
+
+    def response(sop: str, status: int, identifier: bytes, **more: Any) -> dp.C_FIND:
+        made = dp.C_FIND()
+        made.MessageIDBeingRespondedTo, made.AffectedSOPClassUID, made.Status = 513, sop, status
+        made.Identifier = BytesIO(identifier)
+        for name, value in more.items():
+            setattr(made, name, value)
+        return made
+
+    def pynetdicom_pdus(made: dp.C_FIND, context_id: int, max_pdu: int) -> bytes:
+        message = C_FIND_RSP()
+        message.primitive_to_message(made)
+        return b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(context_id, max_pdu))
+
+    match = encoding.encode({"00080052": {"vr": "CS", "Value": ["STUDY"]}, "0020000D": {"vr": "UI", "Value": ["1.2.3"]}},
+                            encoding.IMPLICIT_LE)
+    assert match is not None
+    for sop in ("1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.31"):  # odd and even lengths
+        for status in (0xFF00, 0xFF01):
+            for max_pdu in (0, 16384):
+                made = response(sop, status, match)
+                assert encoding.find_pending(made, 5, max_pdu) == pynetdicom_pdus(made, 5, max_pdu)
+    assert encoding.find_pending(response(sop, 0xFF00, match), 5, len(match) + 5) is None  # two fragments
+    assert encoding.find_pending(response(sop, 0x0000, match), 5, 0) is None
+    assert encoding.find_pending(response(sop, 0xFF00, match, ErrorComment="x"), 5, 0) is None

@@ -19,7 +19,7 @@ import pytest
 from conftest import ServerProcess, free_port, unique
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import split_dataset
@@ -577,6 +577,29 @@ def test_pynetdicom_get_with_role_selection(node: ServerProcess, studies: Studie
     final = responses[-1][0]
     assert (int(final.Status), counts(final)[1:]) == (0x0000, (1, 0, 0))
     assert got == {mr.SOPInstanceUID: dataset_bytes(stored(node, mr))}
+
+
+def test_a_get_associations_syntax_order_is_its_own(node: ServerProcess, studies: Studies) -> None:
+    """A C-GET SCU's preferred syntax is accepted on its association only: a later association
+    proposing the same syntaxes gets the node's own first choice (implicit VR)."""
+    ct = studies.of(SeriesInstanceUID=studies.a1_ct)[0]
+
+    def accepted(role: bool) -> str:
+        ae = AE(ae_title="PYGETSCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(ct.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        roles = [build_role(ct.SOPClassUID, scp_role=True)] if role else []
+        assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title=AET, ext_neg=roles)
+        assert assoc.is_established
+        try:
+            [context] = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == ct.SOPClassUID]
+            return str(context.transfer_syntax[0])
+        finally:
+            assoc.release()
+
+    assert accepted(role=True) == ExplicitVRLittleEndian
+    assert accepted(role=False) == ImplicitVRLittleEndian
+    assert accepted(role=True) == ExplicitVRLittleEndian
 
 
 def test_only_the_nodes_own_sends_stream_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
