@@ -24,8 +24,6 @@ import socket
 import ssl
 import tempfile
 import threading
-import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from dicom_node import direct
+from dicom_node import direct, reactors
 from dicom_node.files import FileStore
 from dicom_node.indexing import DicomIndexer
 from dicom_node.ingest import accept
@@ -115,20 +113,6 @@ class _BoundedSocket:
                 break
             buffer += chunk
         return buffer
-
-
-POLL_S = 0.0002  # pynetdicom's reactors poll every 1 ms, several times per instance
-
-
-def _poll_faster() -> None:
-    """pynetdicom's association reactor sleeps a fixed 1 ms per loop (and its DUL reactor its
-    `_run_loop_delay`): at several loops per C-STORE that is most of a small instance's time."""
-    if getattr(association.time, "poll_s", None) == POLL_S:
-        return
-    clock = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__")})
-    clock.sleep = lambda seconds: time.sleep(min(seconds, POLL_S))
-    clock.poll_s = POLL_S
-    association.time = clock  # type: ignore[assignment]
 
 
 def _no_forced_collection() -> None:
@@ -255,7 +239,7 @@ class DicomNode:
             tempfile.NamedTemporaryFile, dir=self.files.incoming
         )
         _BoundedSocket.install(self.max_pdu_bytes)
-        _poll_faster()
+        reactors.install()
         direct.install()
         _pause_handshake()
         handlers: list[tuple[Any, Callable[..., Any]]] = [
@@ -300,9 +284,8 @@ class DicomNode:
     # -- association ------------------------------------------------------------------------------
 
     def _on_open(self, event: evt.Event) -> None:
-        """No Nagle delay (`set_nodelay`), and the faster polling of the node's reactors."""
+        """No Nagle delay (`set_nodelay`)."""
         set_nodelay(event)
-        event.assoc.dul._run_loop_delay = POLL_S
 
     def _on_requested(self, event: evt.Event) -> None:
         """The allow-list: an unknown calling AE title, or a known one from another host, is

@@ -131,6 +131,31 @@ def test_c_echo_with_dcmtk_and_pynetdicom(node: ServerProcess) -> None:
     assert echo(node.dicom_port)
 
 
+def test_open_associations_wait_without_spinning(node: ServerProcess) -> None:
+    """Associations left open and idle cost the node next to no processor time (its reactors
+    wait for their sockets and queues), and each still answers at once."""
+    assert node.process is not None
+
+    def cpu_seconds() -> float:
+        fields = Path(f"/proc/{node.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    ae = AE(ae_title="IDLESCU")
+    ae.add_requested_context(Verification)
+    assocs = [ae.associate("127.0.0.1", node.dicom_port, ae_title=AET) for _ in range(3)]
+    try:
+        assert all(a.is_established for a in assocs)
+        time.sleep(0.5)
+        before, started = cpu_seconds(), time.monotonic()
+        time.sleep(3)
+        share = (cpu_seconds() - before) / (time.monotonic() - started)
+        assert share < 0.1, f"3 idle associations took {share:.0%} of a core"
+        assert all(int(a.send_c_echo().Status) == 0 for a in assocs)
+    finally:
+        for a in assocs:
+            a.release()
+
+
 def test_storescu_stores_every_syntax_unchanged_and_indexes_the_study(
     node: ServerProcess, fhir: httpx.Client, tmp_path: Path
 ) -> None:
