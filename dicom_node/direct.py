@@ -4,10 +4,10 @@ pynetdicom hands every PDU it sends to its DUL reactor's thread, one per loop, t
 and the interpreter lock: a C-FIND's pending responses left one by one, some hundreds of
 microseconds apart, while a reading peer idled between them. In an established association
 (Sta6) a P-DATA changes no state (PS3.8 DT-1): the thread that has one sends it at once, in
-order, under a lock the socket's other sends take too. A pending C-FIND response goes further:
-its two PDUs are framed in one pass (`encoding.find_pending`) and written at once, without
-pynetdicom's message objects (half its cost); nothing of the node's observes pending
-responses (pynetdicom's debug log does: with it on, they take pynetdicom's way).
+order, under a lock the socket's other sends take too. A pending C-FIND, C-MOVE or C-GET
+response goes further: its PDUs are framed in one pass (`encoding.pending`) and written at
+once, without pynetdicom's message objects (half its cost); nothing of the node's observes
+pending responses (pynetdicom's debug log does: with it on, they take pynetdicom's way).
 """
 
 import threading
@@ -15,7 +15,7 @@ from typing import Any
 
 from pynetdicom import _config
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
@@ -23,6 +23,7 @@ from pynetdicom.transport import AssociationSocket
 
 from dicom_node import encoding
 
+PENDING = (C_FIND, C_GET, C_MOVE)  # the responses sent many times per request
 _queued_send_pdu = DULServiceProvider.send_pdu
 _socket_send = AssociationSocket.send
 _send_msg = DIMSEServiceProvider.send_msg
@@ -46,8 +47,8 @@ def _locked_send(self: AssociationSocket, data: bytes) -> None:
 
 
 def _send_message(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
-    if type(primitive) is C_FIND and _config.LOG_HANDLER_LEVEL == "none" and _ready(self.dul):
-        framed = encoding.find_pending(primitive, context_id, self.maximum_pdu_size)
+    if type(primitive) in PENDING and _config.LOG_HANDLER_LEVEL == "none" and _ready(self.dul):
+        framed = encoding.pending(primitive, context_id, self.maximum_pdu_size)
         if framed is not None:
             self.dul.socket.send(framed)  # type: ignore[union-attr]
             return

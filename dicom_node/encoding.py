@@ -8,8 +8,8 @@ a millisecond of Python per DIMSE message, more than the work behind most of the
   to format, text the character set cannot hold) goes the pydicom way, as does any other syntax.
 - Command sets (implicit VR little endian, PS3.7 6.3.1): US, UL and text elements; pynetdicom
   encodes each message's twice (once for its group length).
-- Pending C-FIND responses whole, as the two P-DATA-TF PDUs (command set, then identifier) that
-  carry them (PS3.8 9.3.5, E.2), for `dicom_node/direct.py` to write at once.
+- Pending C-FIND, C-MOVE and C-GET responses whole, as the P-DATA-TF PDUs that carry them
+  (command set, then a C-FIND's match: PS3.8 9.3.5, E.2), for `dicom_node/direct.py` to write at once.
 
 Both give pydicom's bytes (tested); `install` puts them in pynetdicom's place.
 """
@@ -125,28 +125,42 @@ def _pdu(context_id: int, header: int, fragment: bytes) -> bytes:
     return struct.pack(">BBIIBB", 0x04, 0, len(fragment) + 6, len(fragment) + 2, context_id, header) + fragment
 
 
-def find_pending(primitive: Any, context_id: int, max_pdu_length: int) -> bytes | None:
-    """A pending C-FIND response (a C_FIND primitive) as pynetdicom would send it; None for any
-    other, or one that must be fragmented (a fragment is at most `max_pdu_length` - 6 bytes)."""
+# The response's CommandField per query/retrieve primitive (PS3.7 E.1).
+PENDING_RESPONSES = {"C_FIND": 0x8020, "C_GET": 0x8010, "C_MOVE": 0x8021}
+SUB_OPERATIONS = ((0x1020, "NumberOfRemainingSuboperations"), (0x1021, "NumberOfCompletedSuboperations"),
+                  (0x1022, "NumberOfFailedSuboperations"), (0x1023, "NumberOfWarningSuboperations"))
+
+
+def pending(primitive: Any, context_id: int, max_pdu_length: int) -> bytes | None:
+    """A pending C-FIND (with its match), C-MOVE or C-GET (with its sub-operation counts)
+    response as pynetdicom would send it; None for any other, or one that must be fragmented (a
+    fragment is at most `max_pdu_length` - 6 bytes)."""
+    field = PENDING_RESPONSES.get(type(primitive).__name__)
     status, identifier = primitive.Status, primitive.Identifier
-    if status not in (0xFF00, 0xFF01) or identifier is None or primitive.MessageIDBeingRespondedTo is None:
+    if field is None or status not in (0xFF00, 0xFF01) or primitive.MessageIDBeingRespondedTo is None:
         return None
     if primitive.OffendingElement is not None or primitive.ErrorComment is not None:
         return None
-    data = identifier.getvalue()
+    data = identifier.getvalue() if identifier is not None else None
+    if data == b"" or (data is None and field == 0x8020):  # a pending C-FIND carries its match
+        return None
     body = bytearray()
     if primitive.AffectedSOPClassUID is not None:
         uid = str(primitive.AffectedSOPClassUID).encode("ascii")
         uid += b"\0" * (len(uid) % 2)
         body += struct.pack("<HHI", 0x0000, 0x0002, len(uid)) + uid
-    body += struct.pack("<HHIH", 0x0000, 0x0100, 2, 0x8020)  # CommandField: C-FIND-RSP
+    body += struct.pack("<HHIH", 0x0000, 0x0100, 2, field)  # CommandField
     body += struct.pack("<HHIH", 0x0000, 0x0120, 2, primitive.MessageIDBeingRespondedTo)
-    body += struct.pack("<HHIH", 0x0000, 0x0800, 2, 0x0001)  # CommandDataSetType: a data set follows
+    body += struct.pack("<HHIH", 0x0000, 0x0800, 2, 0x0001 if data else 0x0101)  # CommandDataSetType
     body += struct.pack("<HHIH", 0x0000, 0x0900, 2, status)
+    for element, name in SUB_OPERATIONS if field != 0x8020 else ():
+        count = getattr(primitive, name)
+        if count is not None:
+            body += struct.pack("<HHIH", 0x0000, element, 2, count)
     command = struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + bytes(body)  # CommandGroupLength
-    if not data or (max_pdu_length and max(len(command), len(data)) > max_pdu_length - 6):
+    if max_pdu_length and max(len(command), len(data or b"")) > max_pdu_length - 6:
         return None
-    return _pdu(context_id, 0x03, command) + _pdu(context_id, 0x02, data)
+    return _pdu(context_id, 0x03, command) + (_pdu(context_id, 0x02, data) if data else b"")
 
 
 _service_class_encode = service_class.encode

@@ -345,36 +345,48 @@ def test_command_sets_are_encoded_as_pydicom_encodes_them() -> None:
         assert encoding.command_set(message.command_set) == dsutils.encode(message.command_set, True, True), kind
 
 
-def test_pending_find_responses_are_framed_as_pynetdicom_frames_them() -> None:
-    """A pending C-FIND response written at once (dicom_node/direct.py) is the PDUs pynetdicom
-    sends for it; what would need fragmenting, or is no pending response, is left to pynetdicom."""
+def test_pending_responses_are_framed_as_pynetdicom_frames_them() -> None:
+    """A pending C-FIND, C-MOVE or C-GET response written at once (dicom_node/direct.py) is the
+    PDUs pynetdicom sends for it; what would need fragmenting, or is no pending response, is
+    left to pynetdicom."""
     from io import BytesIO
 
     from pynetdicom import dimse_primitives as dp
-    from pynetdicom.dimse_messages import C_FIND_RSP
+    from pynetdicom.dimse_messages import C_FIND_RSP, C_GET_RSP, C_MOVE_RSP
     from pynetdicom.pdu import P_DATA_TF
 
-    def response(sop: str, status: int, identifier: bytes, **more: Any) -> dp.C_FIND:
-        made = dp.C_FIND()
+    messages = {dp.C_FIND: C_FIND_RSP, dp.C_MOVE: C_MOVE_RSP, dp.C_GET: C_GET_RSP}
+
+    def response(kind: type, sop: str, status: int, identifier: bytes | None, **more: Any) -> Any:
+        made = kind()
         made.MessageIDBeingRespondedTo, made.AffectedSOPClassUID, made.Status = 513, sop, status
-        made.Identifier = BytesIO(identifier)
+        made.Identifier = BytesIO(identifier) if identifier is not None else None
         for name, value in more.items():
             setattr(made, name, value)
         return made
 
-    def pynetdicom_pdus(made: dp.C_FIND, context_id: int, max_pdu: int) -> bytes:
-        message = C_FIND_RSP()
+    def pynetdicom_pdus(made: Any, context_id: int, max_pdu: int) -> bytes:
+        message = messages[type(made)]()
         message.primitive_to_message(made)
         return b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(context_id, max_pdu))
 
     match = encoding.encode({"00080052": {"vr": "CS", "Value": ["STUDY"]}, "0020000D": {"vr": "UI", "Value": ["1.2.3"]}},
                             encoding.IMPLICIT_LE)
     assert match is not None
+    counts = {"NumberOfRemainingSuboperations": 3, "NumberOfCompletedSuboperations": 70000 % 65536,
+              "NumberOfFailedSuboperations": 1, "NumberOfWarningSuboperations": 0}
+    cases = []
     for sop in ("1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.31"):  # odd and even lengths
         for status in (0xFF00, 0xFF01):
-            for max_pdu in (0, 16384):
-                made = response(sop, status, match)
-                assert encoding.find_pending(made, 5, max_pdu) == pynetdicom_pdus(made, 5, max_pdu)
-    assert encoding.find_pending(response(sop, 0xFF00, match), 5, len(match) + 5) is None  # two fragments
-    assert encoding.find_pending(response(sop, 0x0000, match), 5, 0) is None
-    assert encoding.find_pending(response(sop, 0xFF00, match, ErrorComment="x"), 5, 0) is None
+            cases.append(response(dp.C_FIND, sop, status, match))
+            cases.append(response(dp.C_MOVE, sop, status, None, **counts))
+            cases.append(response(dp.C_GET, sop, status, None, **{**counts, "NumberOfWarningSuboperations": None}))
+    cases.append(response(dp.C_MOVE, sop, 0xFF00, match, **counts))  # an identifier, if one is given
+    for made in cases:
+        for max_pdu in (0, 16384):
+            assert encoding.pending(made, 5, max_pdu) == pynetdicom_pdus(made, 5, max_pdu), made
+    assert encoding.pending(response(dp.C_FIND, sop, 0xFF00, match), 5, len(match) + 5) is None  # two fragments
+    assert encoding.pending(response(dp.C_FIND, sop, 0xFF00, None), 5, 0) is None
+    assert encoding.pending(response(dp.C_FIND, sop, 0x0000, match), 5, 0) is None
+    assert encoding.pending(response(dp.C_MOVE, sop, 0x0000, None, **counts), 5, 0) is None  # a final one
+    assert encoding.pending(response(dp.C_FIND, sop, 0xFF00, match, ErrorComment="x"), 5, 0) is None
