@@ -8,19 +8,22 @@ bundled test files with fresh UIDs:
 - one large study (`--large` CT instances of 1600 x 1600 16-bit pixels, about 5 MB each), for
   WADO-RS retrieval.
 
-Then, against each target in turn (each started afresh on empty storage):
+Both targets are started (on empty storage) and hold the same data; then they are measured in
+`--rounds` interleaved rounds (this server, Orthanc, then Orthanc, this server...), so that
+what the shared machine does meanwhile weighs on both alike. Over all rounds:
 
 - QIDO-RS study search latency: each query of `QUERIES` `--repeat` times over one HTTP connection
-  (httpx, sequential), median and p95; the answers of the two targets are compared (same
-  StudyInstanceUIDs, same PatientID, StudyDate, AccessionNumber per study);
+  per round (httpx, sequential), median and p95; the answers of the two targets are compared
+  (same StudyInstanceUIDs, same PatientID, StudyDate, AccessionNumber per study);
 - WADO-RS study retrieval: `curl` of the large study as `multipart/related; type="application/dicom"`,
-  MB/s (median of `--rounds`), the body size checked against the files sent;
-- C-FIND latency: study-level Study Root queries by PatientID over one pynetdicom association,
-  median and p95;
-- C-MOVE throughput: DCMTK `movescu` of `--move` small studies to a DCMTK `storescp` (the same
-  destination AE for both targets), instances/s, the received count checked.
+  once per round, MB/s (median), the body size checked against the files sent;
+- C-FIND latency: study-level Study Root queries by PatientID over one pynetdicom association
+  per round, `--repeat` in all, median and p95;
+- C-MOVE throughput: DCMTK `movescu` of `--move` small studies in all to a DCMTK `storescp` (the
+  same destination AE for both targets), one movescu each, instances/s, the received count checked.
 
-    python bench/dicomweb.py [--studies 1000] [--per-study 2] [--large 20] [--repeat 50] [--only node|orthanc]
+    python bench/dicomweb.py [--studies 1000] [--per-study 2] [--large 20] [--repeat 50] [--rounds 5]
+                             [--only node|orthanc]
 
 Needs DCMTK (storescu, storescp, movescu, echoscu), Orthanc and its DICOMweb plugin
 (apt-get install dcmtk orthanc orthanc-dicomweb) and curl.
@@ -133,8 +136,8 @@ def _ms(values: list[float]) -> tuple[float, float]:
     return statistics.median(ordered) * 1000, ordered[max(0, int(len(ordered) * 0.95) - 1)] * 1000
 
 
-def qido(target: Node | Orthanc, repeat: int) -> dict[str, tuple[float, float, list[dict[str, object]]]]:
-    """Per query: median and p95 latency (ms), and the answer's key attributes."""
+def qido(target: Node | Orthanc, repeat: int) -> dict[str, tuple[list[float], list[dict[str, object]]]]:
+    """Per query: `repeat` latencies (s), and the answer's key attributes."""
     results = {}
     with httpx.Client(timeout=60, headers={"Accept": "application/dicom+json"}) as client:
         for name, query, _ in QUERIES:
@@ -150,27 +153,25 @@ def qido(target: Node | Orthanc, repeat: int) -> dict[str, tuple[float, float, l
                 started = time.perf_counter()
                 client.get(url).raise_for_status()
                 timings.append(time.perf_counter() - started)
-            results[name] = (*_ms(timings), keys)
+            results[name] = (timings, keys)
     return results
 
 
-def wado(target: Node | Orthanc, study: str, expected_bytes: int, rounds: int) -> float:
-    """MB/s of the whole large study as multipart/related, by curl (median of `rounds`)."""
-    rates = []
-    for _ in range(rounds):
-        done = subprocess.run(
-            ["curl", "-s", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", "-H",
-             'Accept: multipart/related; type="application/dicom"', f"{target.dicomweb}/studies/{study}"],
-            capture_output=True, text=True, timeout=600, check=True)
-        size, seconds = done.stdout.split()
-        if int(size) < 0.99 * expected_bytes:  # each target writes its own File Meta header
-            raise BenchError(f"{target.label}: WADO-RS gave {size} bytes, the files sent hold {expected_bytes}")
-        rates.append(int(size) / 1e6 / float(seconds))
-    return statistics.median(rates)
+def wado(target: Node | Orthanc, study: str, expected_bytes: int) -> float:
+    """MB/s of the whole large study as multipart/related, by curl."""
+    done = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", "-H",
+         'Accept: multipart/related; type="application/dicom"', f"{target.dicomweb}/studies/{study}"],
+        capture_output=True, text=True, timeout=600, check=True)
+    size, seconds = done.stdout.split()
+    if int(size) < 0.99 * expected_bytes:  # each target writes its own File Meta header
+        raise BenchError(f"{target.label}: WADO-RS gave {size} bytes, the files sent hold {expected_bytes}")
+    return int(size) / 1e6 / float(seconds)
 
 
-def cfind(target: Node | Orthanc, repeat: int) -> tuple[float, float, int]:
-    """Median and p95 (ms) of study-level C-FIND by PatientID, and the matches of the last one."""
+def cfind(target: Node | Orthanc, queries: range) -> tuple[list[float], int]:
+    """Latencies (s) of study-level C-FIND by PatientID (patient k of `queries` each), and the
+    matches of the last one."""
     ae = AE(ae_title=CALLING_AET)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", target.dicom_port, ae_title=target.aet, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
@@ -178,7 +179,7 @@ def cfind(target: Node | Orthanc, repeat: int) -> tuple[float, float, int]:
         raise BenchError(f"{target.label}: no C-FIND association")
     timings, matches = [], 0
     try:
-        for k in range(repeat):
+        for k in queries:
             query = pydicom.Dataset()
             query.QueryRetrieveLevel = "STUDY"
             query.PatientID = f"BENCH-{k % PATIENTS:03d}"
@@ -189,11 +190,11 @@ def cfind(target: Node | Orthanc, repeat: int) -> tuple[float, float, int]:
             timings.append(time.perf_counter() - started)
     finally:
         assoc.release()
-    return (*_ms(timings), matches)
+    return timings, matches
 
 
-def cmove(target: Node | Orthanc, env: dict[str, str], destination: Path, studies: list[str], port: int) -> float:
-    """Instances/s of moving `studies` (one movescu each, over one association) to the storescp."""
+def cmove(target: Node | Orthanc, env: dict[str, str], destination: Path, studies: list[str], port: int) -> tuple[int, float]:
+    """Instances moved and seconds taken moving `studies` (one movescu each) to the storescp."""
     before = sum(1 for _ in destination.rglob("*.dcm"))
     argv = ["movescu", "-S", "-aet", CALLING_AET, "-aec", target.aet, "-aem", DESTINATION_AET, "-k", "QueryRetrieveLevel=STUDY"]
     started = time.perf_counter()
@@ -203,8 +204,12 @@ def cmove(target: Node | Orthanc, env: dict[str, str], destination: Path, studie
         if done.returncode:
             raise BenchError(f"{target.label}: movescu failed: {done.stderr.decode()[-500:]}")
     seconds = time.perf_counter() - started
-    moved = sum(1 for _ in destination.rglob("*.dcm")) - before
-    return moved / seconds, moved
+    return sum(1 for _ in destination.rglob("*.dcm")) - before, seconds
+
+
+def _share(total: int, rounds: int, r: int) -> range:
+    """Round r's part of `total` (0..total-1 split in `rounds` near-equal parts)."""
+    return range(total * r // rounds, total * (r + 1) // rounds)
 
 
 def main() -> None:
@@ -214,7 +219,7 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=20, help="5 MB instances of the retrieved study")
     parser.add_argument("--repeat", type=int, default=50, help="requests per QIDO query and C-FIND")
     parser.add_argument("--move", type=int, default=50, help="small studies moved by C-MOVE")
-    parser.add_argument("--rounds", type=int, default=3, help="WADO-RS retrievals of the large study")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved measuring rounds")
     parser.add_argument("--only", choices=("node", "orthanc"), action="append")
     args = parser.parse_args()
     for tool in ("storescu", "storescp", "movescu", "echoscu", "curl"):
@@ -238,16 +243,19 @@ def main() -> None:
                                 for f in search.files[: args.move * args.per_study]})
         print(f"generated {len(search.files)} search instances ({search.studies} studies) and {len(large.files)} "
               f"large ones ({large.bytes / 1e6:.0f} MB)", flush=True)
-        for name in order:
-            received = work / f"moved-{name}"
-            received.mkdir()
-            dest_port = _free_port()
-            dest = Service("storescp", ["storescp", "-aet", DESTINATION_AET, "+B", "-fe", ".dcm", "-od", str(received),
-                                        str(dest_port)], env, work / f"storescp-{name}.log")
-            cls = DicomWebNode if name == "node" else DicomWebOrthanc
-            target = cls(work / name, env, dest_port)
-            target.work.mkdir()
-            try:
+        targets: dict[str, DicomWebNode | DicomWebOrthanc] = {}
+        destinations: dict[str, tuple[Service, Path, int]] = {}
+        try:
+            for name in order:
+                received = work / f"moved-{name}"
+                received.mkdir()
+                dest_port = _free_port()
+                destinations[name] = (Service("storescp", ["storescp", "-aet", DESTINATION_AET, "+B", "-fe", ".dcm", "-od",
+                                                           str(received), str(dest_port)], env, work / f"storescp-{name}.log"),
+                                      received, dest_port)
+                cls = DicomWebNode if name == "node" else DicomWebOrthanc
+                target = targets[name] = cls(work / name, env, dest_port)
+                target.work.mkdir()
                 target.start()
                 for data in (search, large):
                     _, errors = storescu(env, target.aet, target.dicom_port, data, target.work / f"storescu-{data.name}.log")
@@ -258,16 +266,26 @@ def main() -> None:
                 if stored != expected:
                     raise BenchError(f"{target.label}: holds {stored} instances of {expected}")
                 labels[name] = target.label
+                dest, _, dest_port = destinations[name]
                 _wait_until(dest, lambda port=dest_port: _echo(env, DESTINATION_AET, port), "C-ECHO answer from storescp")
-                results[name] = {
-                    "qido": qido(target, args.repeat),
-                    "wado": wado(target, large_study, large_bytes, args.rounds),
-                    "cfind": cfind(target, args.repeat),
-                    "cmove": cmove(target, env, received, moved_studies, dest_port),
-                }
-                print(f"{target.label}: done", flush=True)
-            finally:
+                results[name] = {"qido": {}, "wado": [], "cfind": ([], 0), "cmove": (0, 0.0)}
+            for r in range(args.rounds):
+                for name in order if r % 2 == 0 else order[::-1]:
+                    target, got = targets[name], results[name]
+                    _, received, dest_port = destinations[name]
+                    for query, (timings, keys) in qido(target, len(_share(args.repeat, args.rounds, r))).items():
+                        got["qido"].setdefault(query, ([], keys))[0].extend(timings)  # type: ignore[union-attr]
+                    got["wado"].append(wado(target, large_study, large_bytes))  # type: ignore[union-attr]
+                    timings, matches = cfind(target, _share(args.repeat, args.rounds, r))
+                    got["cfind"] = (got["cfind"][0] + timings, matches)  # type: ignore[index]
+                    part = _share(len(moved_studies), args.rounds, r)
+                    moved, seconds = cmove(target, env, received, moved_studies[part.start:part.stop], dest_port)
+                    got["cmove"] = (got["cmove"][0] + moved, got["cmove"][1] + seconds)  # type: ignore[index]
+                print(f"round {r + 1} of {args.rounds} done", flush=True)
+        finally:
+            for target in targets.values():
                 target.stop()
+            for dest, _, _ in destinations.values():
                 dest.stop()
     except BenchError as exc:
         raise SystemExit(f"{exc}\n(logs in {work})") from None
@@ -279,17 +297,19 @@ def main() -> None:
 
 def report(order: list[str], labels: dict[str, str], results: dict[str, dict[str, object]], args: argparse.Namespace) -> None:
     print(f"\nDICOM query/retrieve and DICOMweb, {args.studies} studies of {args.per_study} instances + one study of "
-          f"{args.large} x 5 MB, {os.cpu_count()} cores, TCP_NODELAY=1")
+          f"{args.large} x 5 MB, {args.rounds} interleaved rounds, {os.cpu_count()} cores, TCP_NODELAY=1")
     print(f"{'measure':<44}" + "".join(f"{labels[t]:>22}" for t in order)
           + ("   ratio (node / Orthanc, >1 = better)" if len(order) == 2 else ""))
     rows: list[tuple[str, list[float], bool]] = []  # (name, values, lower is better)
     for name, *_ in QUERIES:
-        rows.append((f"QIDO {name}: median ms", [results[t]["qido"][name][0] for t in order], True))  # type: ignore[index]
-        rows.append((f"QIDO {name}: p95 ms", [results[t]["qido"][name][1] for t in order], True))  # type: ignore[index]
-    rows.append(("WADO-RS study retrieval MB/s", [results[t]["wado"] for t in order], False))  # type: ignore[misc]
-    rows.append(("C-FIND study by PatientID: median ms", [results[t]["cfind"][0] for t in order], True))  # type: ignore[index]
-    rows.append(("C-FIND study by PatientID: p95 ms", [results[t]["cfind"][1] for t in order], True))  # type: ignore[index]
-    rows.append(("C-MOVE instances/s", [results[t]["cmove"][0] for t in order], False))  # type: ignore[index]
+        latencies = [_ms(results[t]["qido"][name][0]) for t in order]  # type: ignore[index]
+        rows.append((f"QIDO {name}: median ms", [m for m, _ in latencies], True))
+        rows.append((f"QIDO {name}: p95 ms", [p for _, p in latencies], True))
+    rows.append(("WADO-RS study retrieval MB/s", [statistics.median(results[t]["wado"]) for t in order], False))  # type: ignore[arg-type]
+    latencies = [_ms(results[t]["cfind"][0]) for t in order]  # type: ignore[index]
+    rows.append(("C-FIND study by PatientID: median ms", [m for m, _ in latencies], True))
+    rows.append(("C-FIND study by PatientID: p95 ms", [p for _, p in latencies], True))
+    rows.append(("C-MOVE instances/s", [results[t]["cmove"][0] / results[t]["cmove"][1] for t in order], False))  # type: ignore[index]
     for title, values, lower in rows:
         ratio = ""
         if len(values) == 2 and values[0] and values[1]:
@@ -298,14 +318,14 @@ def report(order: list[str], labels: dict[str, str], results: dict[str, dict[str
     problems = []
     if len(order) == 2:
         for name, _, whole in QUERIES:
-            mine, theirs = (results[t]["qido"][name][2] for t in order)  # type: ignore[index]
+            mine, theirs = (results[t]["qido"][name][1] for t in order)  # type: ignore[index]
             same = mine == theirs if whole else len(mine) == len(theirs)
             print(f"check: QIDO {name}: {len(mine)} and {len(theirs)} studies, "
                   + (("same answers" if whole else "as many") if same else "ANSWERS DIFFER"))
             if not same:
                 problems.append(f"QIDO {name}: the answers differ (first: {mine[:1]} vs {theirs[:1]})")
     for t in order:
-        print(f"check: {labels[t]}: C-MOVE delivered {results[t]['cmove'][1]} instances")  # type: ignore[index]
+        print(f"check: {labels[t]}: C-MOVE delivered {results[t]['cmove'][0]} instances")  # type: ignore[index]
     for problem in problems:
         print(f"PROBLEM: {problem}")
     if problems:
