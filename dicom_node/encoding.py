@@ -29,11 +29,14 @@ TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "IS", "LO", "PN", "SH", "TM"
 UTF8 = "ISO_IR 192"
 
 
-class EncodedIdentifier(Dataset):
-    """A response identifier already encoded for one transfer syntax (and its DICOM JSON)."""
+class EncodedIdentifier:
+    """A response identifier already encoded for one transfer syntax (and its DICOM JSON), which
+    pynetdicom's C-FIND SCP hands to its `encode` (replaced by `install`) and nothing else: no
+    Dataset is made for it (a Dataset's attributes cost more than the encoding)."""
+
+    __slots__ = ("json", "encoded", "syntax")
 
     def __init__(self, json: dict[str, Any], encoded: bytes, syntax: str) -> None:
-        super().__init__()
         self.json = json
         self.encoded = encoded
         self.syntax = syntax
@@ -91,7 +94,7 @@ def encode(json: dict[str, Any], syntax: str) -> bytes | None:
     return bytes(out)
 
 
-def identifier(json: dict[str, Any], syntax: str) -> Dataset:
+def identifier(json: dict[str, Any], syntax: str) -> Dataset | EncodedIdentifier:
     """What the C-FIND handler yields for one match."""
     encoded = encode(json, syntax)
     return EncodedIdentifier(json, encoded, syntax) if encoded is not None else Dataset.from_json(json)
@@ -167,7 +170,7 @@ _service_class_encode = service_class.encode
 _messages_encode = dimse_messages.encode
 
 
-def _encode(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False) -> bytes | None:
+def _encode(ds: Dataset | EncodedIdentifier, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False) -> bytes | None:
     if isinstance(ds, EncodedIdentifier):
         if is_little_endian and not deflated and is_implicit_vr == (ds.syntax == IMPLICIT_LE):
             return ds.encoded

@@ -124,7 +124,7 @@ class FindService:
         self.loop = loop
         encoding.install()  # matches and command sets are encoded in one pass (dicom_node/encoding.py)
 
-    def handle(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+    def handle(self, event: evt.Event) -> Iterator[tuple[int, Dataset | encoding.EncodedIdentifier | None]]:
         root = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), "STUDY")
         try:
             identifier = decoded(event)
