@@ -461,6 +461,25 @@ def test_with_authorization_on(auth_server: dict[str, Any]) -> None:
         assert location["error"] == ["invalid_scope"]
 
 
+def test_two_tabs_renewing_at_once_keep_the_session(auth_server: dict[str, Any]) -> None:
+    """Two tabs of one browser, their access token expired, renew it with the same refresh token
+    (each before the other's new cookies arrive): both pages come, and the session goes on in
+    each; a refresh token of another client presented twice is still a replay (tests/test_accounts.py)."""
+    with httpx.Client(base_url=auth_server["server"].url, timeout=30) as one, \
+            httpx.Client(base_url=auth_server["server"].url, timeout=30) as two:
+        assert sign_in(one, auth_server["doctor"], "/console/patients").status_code == 303
+        one.cookies.delete("console_at")  # expired
+        for cookie in one.cookies.jar:  # the same browser: the same cookies
+            two.cookies.jar.set_cookie(cookie)
+        assert one.get("/console/profile").status_code == 200  # spends the refresh token
+        assert two.get("/console/profile").status_code == 200  # presents it again, a moment later
+        assert one.cookies["console_rt"] != two.cookies["console_rt"]
+        for tab in (one, two):
+            tab.cookies.delete("console_at")
+            answer = tab.get("/console/profile")
+            assert answer.status_code == 200 and "dr-1" in answer.text  # neither session was revoked
+
+
 # -- pure parts ------------------------------------------------------------------------------------
 
 

@@ -51,6 +51,9 @@ class Client:
     roles: tuple[str, ...] = field(default_factory=tuple)
     public: bool = False  # no keys: authorization_code with PKCE only (SMART client-public)
     disabled: bool = False
+    # A spent refresh token presented again this soon (another browser tab renewing at the same
+    # moment) gets new tokens of its family instead of revoking it; 0: never (a replay).
+    refresh_reuse_s: int = 0
 
     def public_view(self) -> dict[str, Any]:
         """What the admin API shows."""
@@ -133,7 +136,7 @@ async def find(db: AsyncDatabase, client_id: str) -> Client | None:
 def _client(found: dict[str, Any]) -> Client:
     return Client(found["_id"], found.get("name", ""), found.get("scope", ""), found.get("jwks"), found.get("jwks_url"),
                   tuple(found.get("redirect_uris", ())), found.get("fhir_user"), tuple(found.get("roles", ())),
-                  bool(found.get("public")), bool(found.get("disabled")))
+                  bool(found.get("public")), bool(found.get("disabled")), int(found.get("refresh_reuse_s") or 0))
 
 
 async def all_clients(db: AsyncDatabase, limit: int = 1000) -> list[Client]:
@@ -202,13 +205,16 @@ async def authenticate(db: AsyncDatabase, assertion_type: str | None, assertion:
     return client
 
 
-async def ensure_public(db: AsyncDatabase, client_id: str, name: str, scope: str, redirect_uri: str) -> None:
-    """A public client of the server's own (the web console): made on first use, its scope kept
-    current, `redirect_uri` added to its list. ValueError for a URI that may not be registered."""
+async def ensure_public(
+    db: AsyncDatabase, client_id: str, name: str, scope: str, redirect_uri: str, refresh_reuse_s: int = 0,
+) -> None:
+    """A public client of the server's own (the web console): made on first use, its scope and
+    refresh reuse kept current, `redirect_uri` added to its list. ValueError for a URI that may
+    not be registered."""
     check_redirect_uri(redirect_uri)
     await db[CLIENTS].update_one(
         {"_id": client_id},
-        {"$set": {"name": name, "scope": scope, "public": True},
+        {"$set": {"name": name, "scope": scope, "public": True, "refresh_reuse_s": refresh_reuse_s},
          "$addToSet": {"redirect_uris": redirect_uri},
          "$setOnInsert": {"jwks": None, "jwks_url": None, "fhir_user": None, "roles": [], "disabled": False,
                           "created": time.time()}},

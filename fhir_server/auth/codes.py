@@ -102,11 +102,15 @@ async def issue_refresh(db: AsyncDatabase, grant: Authorization, lifetime_s: int
     return token
 
 
-async def rotate_refresh(db: AsyncDatabase, token: str, client_id: str, asked: str = "") -> Authorization:
+async def rotate_refresh(
+    db: AsyncDatabase, token: str, client_id: str, asked: str = "", reuse_s: int = 0,
+) -> Authorization:
     """The authorization a refresh token carries, spending the token;
     ClientError `invalid_grant` for an unknown or expired one, and for a spent one, whose
-    whole family is then revoked. `asked`: the narrower scope wanted (RFC 6749 6); wider is
-    `invalid_scope`, the token unspent (a retry with it must not look like a replay)."""
+    whole family is then revoked, unless it was spent by its client less than `reuse_s` ago
+    (two tabs of a browser renewing at once: the second gets tokens too). `asked`: the narrower
+    scope wanted (RFC 6749 6); wider is `invalid_scope`, the token unspent (a retry with it must
+    not look like a replay)."""
     key = digest(token)
     now = datetime.now(UTC)
     if asked:
@@ -117,6 +121,8 @@ async def rotate_refresh(db: AsyncDatabase, token: str, client_id: str, asked: s
                                                   {"$set": {"used": True, "used_at": now}})
     if found is None:
         spent = await db[REFRESH].find_one({"_id": key})
+        if spent is not None and _reusable(spent, client_id, reuse_s, now):
+            return Authorization(spent["client_id"], spent["account_id"], spent["scope"], spent["family"])
         if spent is not None and spent.get("used"):
             await revoke_family(db, spent["family"])
         raise ClientError("invalid_grant", "the refresh token is not valid (unknown, expired, revoked or used already)")
@@ -124,6 +130,15 @@ async def rotate_refresh(db: AsyncDatabase, token: str, client_id: str, asked: s
         await revoke_family(db, found["family"])
         raise ClientError("invalid_grant", "the refresh token was issued to another client")
     return Authorization(found["client_id"], found["account_id"], found["scope"], found["family"])
+
+
+def _reusable(spent: dict[str, Any], client_id: str, reuse_s: int, now: datetime) -> bool:
+    """A token its client spent less than `reuse_s` ago, not revoked nor expired since."""
+    if not reuse_s or spent.get("revoked") or spent.get("client_id") != client_id:
+        return False
+    used_at, expires = spent.get("used_at"), spent.get("expires")
+    return (used_at is not None and expires is not None and _aware(expires) > now
+            and now - _aware(used_at) <= timedelta(seconds=reuse_s))
 
 
 async def revoke_family(db: AsyncDatabase, family: str) -> None:

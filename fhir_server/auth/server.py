@@ -161,7 +161,8 @@ class AuthServer:
     async def _refresh(self, form: dict[str, str], issuer: str, audience: str) -> dict[str, Any]:
         client = await self._app(form, issuer)
         asked = form.get("scope", "")
-        grant = await codes.rotate_refresh(self.db, form.get("refresh_token", ""), client.client_id, asked)
+        grant = await codes.rotate_refresh(self.db, form.get("refresh_token", ""), client.client_id, asked,
+                                           client.refresh_reuse_s)
         if asked:  # narrower scopes only (RFC 6749 6), checked before the token was spent
             grant = Authorization(grant.client_id, grant.account_id, " ".join(sorted(set(asked.split()))), grant.family)
         answer, _ = await self._user_tokens(grant, issuer, audience, refreshed=True)

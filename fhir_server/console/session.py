@@ -33,6 +33,7 @@ ACCESS, REFRESH, SEED, FLOW = "console_at", "console_rt", "console_seed", "conso
 FLOW_LIFETIME_S = 600
 SESSION_LIFETIME_S = 12 * 3600  # the online_access refresh token's lifetime
 RENEW_BEFORE_S = 90  # a page renews a token this close to expiry, so that its images find it valid
+REFRESH_REUSE_S = 30  # two tabs renewing at once present one refresh token: the second is not a replay
 
 
 class SignInNeeded(Exception):

@@ -33,7 +33,7 @@ async def login(request: Request, next: str = f"{PREFIX}/") -> Response:
                                     "address: set FHIR_BASE_URL.", True, 503)
     try:
         await clients.ensure_public(request.app.state.auth.db, sessions.CLIENT_ID, sessions.CLIENT_NAME,
-                                    sessions.SCOPE, uri)
+                                    sessions.SCOPE, uri, sessions.REFRESH_REUSE_S)
     except ValueError as exc:
         return _signed_out(request, f"The console cannot sign in here: {exc}", True, 503)
     except PyMongoError:
