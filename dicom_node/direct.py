@@ -6,8 +6,9 @@ microseconds apart, while a reading peer idled between them. In an established a
 (Sta6) a P-DATA changes no state (PS3.8 DT-1): the thread that has one sends it at once, in
 order, under a lock the socket's other sends take too. A pending C-FIND, C-MOVE or C-GET
 response goes further: its PDUs are framed in one pass (`encoding.pending`) and written at
-once, without pynetdicom's message objects (half its cost); nothing of the node's observes
-pending responses (pynetdicom's debug log does: with it on, they take pynetdicom's way).
+once, without pynetdicom's message objects (half its cost), and without the EVT_DIMSE_SENT
+event: the node's audit trail looks at final responses only (pynetdicom's debug log at every
+one: with it on, they take pynetdicom's way).
 """
 
 import threading

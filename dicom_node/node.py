@@ -191,13 +191,13 @@ def _keep_early_cancels() -> None:
     def get(dimse: Any) -> dict[int, Any]:
         return dimse.__dict__.setdefault("_cancels", {})
 
-    def _number(primitive: Any) -> int:
+    def number(primitive: Any) -> int:
         return getattr(primitive, "_received", -1)
 
     def put(dimse: Any, value: dict[int, Any]) -> None:
         cancels, request = get(dimse), dimse.__dict__.pop("_serving", None)  # only the first emptying keeps
         for msg_id, cancel in list(cancels.items()):
-            if request is None or msg_id != request.MessageID or _number(cancel) < _number(request):
+            if request is None or msg_id != request.MessageID or number(cancel) < number(request):
                 del cancels[msg_id]
         cancels.update(value)
 
