@@ -119,8 +119,13 @@ def command_set(ds: Dataset) -> bytes | None:
                 encoded += b"\0" if element.VR == "UI" else b" "
         else:
             return None
-        out += struct.pack("<HHI", element.tag.group, element.tag.element, len(encoded)) + encoded
+        out += _command_element(element.tag.element, encoded, element.tag.group)
     return bytes(out)
+
+
+def _command_element(element: int, value: bytes, group: int = 0x0000) -> bytes:
+    """One element in implicit VR little endian (a command set's encoding): tag, length, value."""
+    return struct.pack("<HHI", group, element, len(value)) + value
 
 
 def _pdu(context_id: int, header: int, fragment: bytes) -> bytes:
@@ -150,17 +155,16 @@ def pending(primitive: Any, context_id: int, max_pdu_length: int) -> bytes | Non
     body = bytearray()
     if primitive.AffectedSOPClassUID is not None:
         uid = str(primitive.AffectedSOPClassUID).encode("ascii")
-        uid += b"\0" * (len(uid) % 2)
-        body += struct.pack("<HHI", 0x0000, 0x0002, len(uid)) + uid
-    body += struct.pack("<HHIH", 0x0000, 0x0100, 2, field)  # CommandField
-    body += struct.pack("<HHIH", 0x0000, 0x0120, 2, primitive.MessageIDBeingRespondedTo)
-    body += struct.pack("<HHIH", 0x0000, 0x0800, 2, 0x0001 if data else 0x0101)  # CommandDataSetType
-    body += struct.pack("<HHIH", 0x0000, 0x0900, 2, status)
+        body += _command_element(0x0002, uid + b"\0" * (len(uid) % 2))
+    body += _command_element(0x0100, struct.pack("<H", field))  # CommandField
+    body += _command_element(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo))
+    body += _command_element(0x0800, struct.pack("<H", 0x0001 if data else 0x0101))  # CommandDataSetType
+    body += _command_element(0x0900, struct.pack("<H", status))
     for element, name in SUB_OPERATIONS if field != 0x8020 else ():
         count = getattr(primitive, name)
         if count is not None:
-            body += struct.pack("<HHIH", 0x0000, element, 2, count)
-    command = struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + bytes(body)  # CommandGroupLength
+            body += _command_element(element, struct.pack("<H", count))
+    command = _command_element(0x0000, struct.pack("<I", len(body))) + bytes(body)  # CommandGroupLength
     if max_pdu_length and max(len(command), len(data or b"")) > max_pdu_length - 6:
         return None
     return _pdu(context_id, 0x03, command) + (_pdu(context_id, 0x02, data) if data else b"")
