@@ -128,7 +128,27 @@ def _command_element(element: int, value: bytes, group: int = 0x0000) -> bytes:
     return struct.pack("<HHI", group, element, len(value)) + value
 
 
-def _pdu(context_id: int, header: int, fragment: bytes) -> bytes:
+def store_request(message_id: int, sop_class: str, sop_instance: str, originator_aet: str | None = None,
+                  originator_id: int | None = None, priority: int = 2) -> bytes:
+    """A C-STORE-RQ's command set (PS3.7 9.3.1.1), a data set to follow; pynetdicom's
+    `send_c_store` priority (low) by default."""
+    body = (_command_element(0x0002, _uid(sop_class)) + _command_element(0x0100, struct.pack("<H", 0x0001))
+            + _command_element(0x0110, struct.pack("<H", message_id)) + _command_element(0x0700, struct.pack("<H", priority))
+            + _command_element(0x0800, struct.pack("<H", 0x0001)) + _command_element(0x1000, _uid(sop_instance)))
+    if originator_aet:
+        title = originator_aet.encode("ascii")
+        body += _command_element(0x1030, title + b" " * (len(title) % 2))
+    if originator_id is not None:
+        body += _command_element(0x1031, struct.pack("<H", originator_id))
+    return _command_element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _uid(uid: str) -> bytes:
+    value = uid.encode("ascii")
+    return value + b"\0" * (len(value) % 2)
+
+
+def pdata(context_id: int, header: int, fragment: bytes) -> bytes:
     """A P-DATA-TF PDU of one PDV: `header` 0x03 a command's last fragment, 0x02 a data set's."""
     return struct.pack(">BBIIBB", 0x04, 0, len(fragment) + 6, len(fragment) + 2, context_id, header) + fragment
 
@@ -154,8 +174,7 @@ def pending(primitive: Any, context_id: int, max_pdu_length: int) -> bytes | Non
         return None
     body = bytearray()
     if primitive.AffectedSOPClassUID is not None:
-        uid = str(primitive.AffectedSOPClassUID).encode("ascii")
-        body += _command_element(0x0002, uid + b"\0" * (len(uid) % 2))
+        body += _command_element(0x0002, _uid(str(primitive.AffectedSOPClassUID)))
     body += _command_element(0x0100, struct.pack("<H", field))  # CommandField
     body += _command_element(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo))
     body += _command_element(0x0800, struct.pack("<H", 0x0001 if data else 0x0101))  # CommandDataSetType
@@ -167,7 +186,7 @@ def pending(primitive: Any, context_id: int, max_pdu_length: int) -> bytes | Non
     command = _command_element(0x0000, struct.pack("<I", len(body))) + bytes(body)  # CommandGroupLength
     if max_pdu_length and max(len(command), len(data or b"")) > max_pdu_length - 6:
         return None
-    return _pdu(context_id, 0x03, command) + (_pdu(context_id, 0x02, data) if data else b"")
+    return pdata(context_id, 0x03, command) + (pdata(context_id, 0x02, data) if data else b"")
 
 
 _service_class_encode = service_class.encode

@@ -60,7 +60,7 @@ def _check_deflated(path: Path) -> None:
     beyond MAX_INFLATED (a small C-STORE could otherwise ask for gigabytes) or is cut short."""
     data = path.read_bytes()
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total, chunk = 0, data[_dataset_offset(data):]
+    total, chunk = 0, data[dataset_offset(data):]
     try:
         while chunk:
             total += len(inflater.decompress(chunk, 1 << 20))
@@ -73,11 +73,13 @@ def _check_deflated(path: Path) -> None:
         raise BadInstance("The deflated dataset is cut short", CANNOT_UNDERSTAND)
 
 
-def _dataset_offset(data: bytes) -> int:
-    """Where the dataset starts: after the preamble, prefix and File Meta group (whose first
-    element, the group length, gives its size)."""
-    group_length = int.from_bytes(data[140:144], "little")
-    return 144 + group_length
+def dataset_offset(data: bytes) -> int:
+    """Where the dataset starts in a file the node wrote (`data`, its first 144 bytes at least):
+    after the preamble, prefix and File Meta group (whose first element, the group length,
+    gives its size). ValueError for another layout."""
+    if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
+        raise ValueError("not a Part 10 file with a File Meta group length")
+    return 144 + int.from_bytes(data[140:144], "little")
 
 
 def check_instance(path: Path, sop_instance_uid: str | None = None) -> Dataset:

@@ -126,7 +126,7 @@ def _no_forced_collection() -> None:
 
 def _pause_handshake() -> None:
     """Close a race in pynetdicom's reactor pause (its issue #875): a thread that sends on an
-    association (C-MOVE's C-STOREs, a release) clears the reactor's checkpoint and waits for
+    association (the importer's C-STOREs, a release) clears the reactor's checkpoint and waits for
     `_is_paused`; but the reactor may have passed its checkpoint with `_is_paused` still true,
     then takes the awaited response off the queue as if it were a request ("Received
     unexpected C-STORE service message"): the sub-operation fails after the DIMSE timeout.
@@ -264,7 +264,7 @@ class DicomNode:
         for context in AllStoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         # C-FIND, C-MOVE and C-GET from the catalog (dicom_node/query.py, retrieve.py).
-        self.query_retrieve = query_retrieve(self.ae, indexer.catalog, loop, destinations, self._on_open, client_tls)
+        self.query_retrieve = query_retrieve(self.ae, indexer.catalog, loop, destinations, client_tls)
         self.max_pdu_bytes = max_pdu_bytes
         self.server: ThreadedAssociationServer | None = None
 

@@ -2,16 +2,18 @@
 GET, at the PATIENT, STUDY, SERIES and IMAGE levels.
 
 The identifier's unique keys select instances in the catalog; each becomes one C-STORE
-sub-operation, to a known destination (`FHIR_DICOM_DESTINATIONS`, `AET=host:port`, or
-`AET=tls://host:port` for one that speaks TLS) on a new association for C-MOVE, back to the requestor on its own association for C-GET. pynetdicom runs
-the sub-operations, counts them (remaining, completed, failed, warning) and gives the final
-status (0xB000 when some failed, 0xA702 when all did, PS3.4 C.4.2.3 and C.4.3.3).
+sub-operation: for C-MOVE to a known destination (`FHIR_DICOM_DESTINATIONS`, `AET=host:port`,
+or `AET=tls://host:port` for one that speaks TLS) on a new association, made by
+`dicom_node/store_scu.py`; for C-GET back to the requestor on its own association. pynetdicom
+runs the sub-operations, counts them (remaining, completed, failed, warning) and gives the
+final status (0xB000 when some failed, 0xA702 when all did, PS3.4 C.4.2.3 and C.4.3.3).
 
 Files are sent as stored: no transcoding. pynetdicom's handlers must yield Datasets, which it
-encodes again; the node yields a `StoredInstance` (a Dataset naming the file), which its
-`send_c_store` sends as the file's bytes, streamed from disk (`STORE_SEND_CHUNKED_DATASET`, for
-those sends only), in a presentation context of the file's own transfer syntax. A peer that
-accepted none fails that sub-operation, with a log line saying so.
+encodes again; the node yields a `StoredInstance` (a Dataset naming the file), whose bytes are
+sent streamed from disk, in a presentation context of the file's own transfer syntax: by
+store_scu for C-MOVE, by pynetdicom's `send_c_store` for C-GET (`STORE_SEND_CHUNKED_DATASET`,
+for those sends only). A peer that accepted none fails that sub-operation, with a log line
+saying so.
 """
 
 import asyncio
@@ -37,6 +39,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from dicom_node import store_scu
 from dicom_node.catalog import Catalog, InstanceRef
 from dicom_node.query import FIND_MODELS, QR_TRANSFER_SYNTAXES, FindService, decoded, on_loop, query_level
 from dicom_node.statuses import (
@@ -160,14 +163,19 @@ class _NoAssociation:
         """Nothing to release: no connection was made."""
 
 
-def refuse_without_destination(ae: AE) -> None:
-    """Let `ae`'s C-MOVE handler answer a failure without contacting any destination."""
-    associate = ae.associate
+def open_sub_associations(ae: AE) -> None:
+    """`ae` requests associations only for its C-MOVEs: with the destination, a
+    `store_scu.StoreAssociation` in the serving thread; with NO_DESTINATION, none."""
 
-    def associating(addr: Any, port: int, *args: Any, **kwargs: Any) -> Any:
+    def associating(addr: str, port: int, ae_title: str, contexts: list[PresentationContext] | None = None,
+                    tls_args: tuple[ssl.SSLContext, str] | None = None, **_: Any) -> Any:
         if addr == NO_DESTINATION:
             return _NoAssociation()
-        return associate(addr, port, *args, **kwargs)
+        return store_scu.associate(
+            addr, port, calling_aet=ae.ae_title, called_aet=str(ae_title).strip(), contexts=contexts or [],
+            max_pdu=ae.maximum_pdu_size, implementation=(ae.implementation_class_uid, ae.implementation_version_name),
+            connect_timeout_s=ae.connection_timeout, acse_timeout_s=ae.acse_timeout, dimse_timeout_s=ae.dimse_timeout,
+            tls=tls_args)
 
     ae.associate = associating  # type: ignore[method-assign]
 
@@ -216,7 +224,7 @@ class RetrieveService:
 
     def __init__(
         self, catalog: Catalog, loop: asyncio.AbstractEventLoop, destinations: dict[str, Destination],
-        on_open: Callable[[evt.Event], None] | None = None, client_tls: ssl.SSLContext | None = None,
+        client_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.catalog = catalog
         self.loop = loop
@@ -226,8 +234,6 @@ class RetrieveService:
         untrusted = [title for title, d in destinations.items() if d.tls and client_tls is None]
         if untrusted:
             raise ValueError(f"FHIR_DICOM_DESTINATIONS: {', '.join(untrusted)} need TLS, and the node has no client TLS context")
-        # The node's own connection set-up (TCP_NODELAY...) for the associations C-MOVE opens.
-        self.connection_handlers = [(evt.EVT_CONN_OPEN, on_open)] if on_open is not None else []
         install_file_sending()
 
     def handle_move(self, event: evt.Event) -> Iterator[Any]:
@@ -236,7 +242,7 @@ class RetrieveService:
         (0 sub-operations); then an unknown or unreachable destination is 0xA801."""
         refs, failure = self._select(event, MOVE_MODELS)
         if failure is not None:
-            yield NO_DESTINATION, 0  # pynetdicom "associates" with it (`refuse_without_destination`)
+            yield NO_DESTINATION, 0  # pynetdicom "associates" with it (`open_sub_associations`)
             yield from self._sub_operations(event, refs, failure)
             return
         title = str(event.move_destination or "").strip()
@@ -245,7 +251,7 @@ class RetrieveService:
             LOGGER.warning("C-MOVE refused: unknown destination '%s' (FHIR_DICOM_DESTINATIONS)", title)
             yield None, None  # pynetdicom answers 0xA801, move destination unknown
             return
-        options: dict[str, Any] = {"contexts": storage_contexts(refs), "evt_handlers": self.connection_handlers}
+        options: dict[str, Any] = {"contexts": storage_contexts(refs)}
         if destination.tls:
             options["tls_args"] = (self.client_tls, destination.host)
         yield destination.host, destination.port, options
@@ -321,16 +327,16 @@ def _values(identifier: Dataset, keyword: str) -> list[str]:
 
 def query_retrieve(
     ae: AE, catalog: Catalog, loop: asyncio.AbstractEventLoop, destinations: str,
-    on_open: Callable[[evt.Event], None] | None = None, client_tls: ssl.SSLContext | None = None,
+    client_tls: ssl.SSLContext | None = None,
 ) -> list[tuple[Any, Callable[..., Any]]]:
     """Make `ae` a Query/Retrieve SCP (FIND, MOVE and GET of both roots) over `catalog`: its
-    presentation contexts, and the handlers to bind (`on_open` also for the associations C-MOVE
-    opens; `client_tls` for the destinations marked tls://). C-GET's sub-operations run on the SCU's own association with the roles reversed: the
-    storage classes accept its role selection. ValueError for malformed destinations (the node
-    does not start)."""
+    presentation contexts, and the handlers to bind (`client_tls` for the C-MOVE destinations
+    marked tls://). C-GET's sub-operations run on the SCU's own association with the roles
+    reversed: the storage classes accept its role selection. ValueError for malformed
+    destinations (the node does not start)."""
     find = FindService(catalog, loop)
-    retrieve = RetrieveService(catalog, loop, parse_destinations(destinations), on_open, client_tls)
-    refuse_without_destination(ae)
+    retrieve = RetrieveService(catalog, loop, parse_destinations(destinations), client_tls)
+    open_sub_associations(ae)
     for sop_class in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS):
         ae.add_supported_context(sop_class, QR_TRANSFER_SYNTAXES)
     storage = {str(context.abstract_syntax) for context in AllStoragePresentationContexts}

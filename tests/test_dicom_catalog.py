@@ -343,6 +343,17 @@ def test_command_sets_are_encoded_as_pydicom_encodes_them() -> None:
         message = kind()
         message.primitive_to_message(made)
         assert encoding.command_set(message.command_set) == dsutils.encode(message.command_set, True, True), kind
+    # A C-MOVE's C-STORE requests (dicom_node/store_scu.py): odd and even UIDs and titles, with
+    # and without the originator.
+    for sop_class, instance, title, originator in (("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "MOVESCU", 3),
+                                                   ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4", "MOVE", 65535),
+                                                   ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.45", None, None)):
+        store = C_STORE_RQ()
+        store.primitive_to_message(primitive(
+            dp.C_STORE, MessageID=513, AffectedSOPClassUID=sop_class, AffectedSOPInstanceUID=instance, Priority=2,
+            MoveOriginatorApplicationEntityTitle=title, MoveOriginatorMessageID=originator, DataSet=BytesIO(b"\x00\x00")))
+        expected = dsutils.encode(store.command_set, True, True)
+        assert encoding.store_request(513, sop_class, instance, title, originator) == expected, instance
 
 
 def test_pending_responses_are_framed_as_pynetdicom_frames_them() -> None:

@@ -20,7 +20,7 @@ from conftest import ServerProcess, free_port, unique
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import (
@@ -82,15 +82,20 @@ class Studies:
 
 
 def start_storescp(title: str, folder: Path, *options: str) -> tuple[subprocess.Popen[bytes], int]:
-    """A DCMTK storescp writing what it receives as received (+B), once it answers C-ECHO."""
+    """A DCMTK storescp writing what it receives as received (+B), once it answers C-ECHO (or,
+    refusing every association, once it listens)."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     process = subprocess.Popen(["storescp", "-aet", title, "+B", "-fe", ".dcm", "-od", str(folder), *options, str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=TOOLS_ENV)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if subprocess.run(["echoscu", "-aec", title, "127.0.0.1", str(port)], capture_output=True,
-                          env=TOOLS_ENV).returncode == 0:
+        if "--refuse" in options:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return process, port
+        elif subprocess.run(["echoscu", "-aec", title, "127.0.0.1", str(port)], capture_output=True,
+                            env=TOOLS_ENV).returncode == 0:
             return process, port
         time.sleep(0.1)
     process.kill()
@@ -99,12 +104,26 @@ def start_storescp(title: str, folder: Path, *options: str) -> tuple[subprocess.
 
 @pytest.fixture(scope="module")
 def destinations(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, int]]]:
-    """DEST accepts every transfer syntax; PLAIN (storescp's default) only uncompressed ones."""
+    """DEST accepts every transfer syntax; PLAIN (storescp's default) only uncompressed ones;
+    SMALL every syntax in PDUs of at most 4 KB (DCMTK's least); REFUSE no association; ABORTS
+    (pynetdicom) aborts the association at its first C-STORE."""
     root = tmp_path_factory.mktemp("destinations")
     everything, port = start_storescp("DEST", root / "dest", "+xa")
     plain, plain_port = start_storescp("PLAIN", root / "plain")
-    yield {"DEST": (root / "dest", port), "PLAIN": (root / "plain", plain_port)}
-    for process in (everything, plain):
+    small, small_port = start_storescp("SMALL", root / "small", "+xa", "--max-pdu", "4096")
+    refusing, refusing_port = start_storescp("REFUSE", root / "refuse", "--refuse")
+    aborting = AE(ae_title="ABORTS")
+    aborting.supported_contexts = AllStoragePresentationContexts
+
+    def abort(event: evt.Event) -> int:
+        event.assoc.abort()
+        return 0xC000
+
+    server = aborting.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, abort)])
+    yield {"DEST": (root / "dest", port), "PLAIN": (root / "plain", plain_port), "SMALL": (root / "small", small_port),
+           "REFUSE": (root / "refuse", refusing_port), "ABORTS": (root / "aborts", server.server_address[1])}
+    server.shutdown()
+    for process in (everything, plain, small, refusing):
         process.terminate()
         process.wait(10)
 
@@ -435,6 +454,34 @@ def test_move_counts_failures_and_unknown_destinations(
             assert int(status.Status) == 0xA801
         nothing = list(assoc.send_c_move(query("STUDY", StudyInstanceUID=generate_uid()), "DEST", model))
         assert [(int(s.Status), counts(s)[1:]) for s, _ in nothing] == [(0x0000, (0, 0, 0))]
+    finally:
+        assoc.release()
+
+
+def test_move_fragments_and_survives_destinations_that_refuse_or_abort(
+    node: ServerProcess, studies: Studies, destinations: dict[str, tuple[Path, int]]
+) -> None:
+    """The node's own C-STORE client (dicom_node/store_scu.py): the data set cut to the
+    destination's largest PDU; a rejected association is 0xA801; an association aborted at the
+    first C-STORE fails that sub-operation and the rest; the node goes on serving."""
+    model = StudyRootQueryRetrieveInformationModelMove
+    assoc = association(node.dicom_port, model)
+    try:
+        small = list(assoc.send_c_move(query("STUDY", StudyInstanceUID=studies.a1), "SMALL", model))
+        assert (int(small[-1][0].Status), counts(small[-1][0])[1:]) == (0x0000, (3, 0, 0))
+        got = received(destinations["SMALL"][0])
+        for ds in studies.of(StudyInstanceUID=studies.a1):  # CT_small: about 10 fragments of 4 KB
+            assert dataset_bytes(got[ds.SOPInstanceUID]) == dataset_bytes(stored(node, ds)), ds.SOPInstanceUID
+        [(refused, _)] = list(assoc.send_c_move(query("STUDY", StudyInstanceUID=studies.a1), "REFUSE", model))
+        assert int(refused.Status) == 0xA801
+        aborted = list(assoc.send_c_move(query("STUDY", StudyInstanceUID=studies.a1), "ABORTS", model))
+        final, identifier = aborted[-1]
+        assert (int(final.Status), counts(final)[1:]) == (0xA702, (0, 3, 0))
+        sent = {ds.SOPInstanceUID for ds in studies.of(StudyInstanceUID=studies.a1)}
+        assert set(identifier.FailedSOPInstanceUIDList) == sent
+        again = list(assoc.send_c_move(query("SERIES", StudyInstanceUID=studies.b1, SeriesInstanceUID=studies.b1_mr),
+                                       "DEST", model))
+        assert (int(again[-1][0].Status), counts(again[-1][0])[1:]) == (0x0000, (1, 0, 0))
     finally:
         assoc.release()
 
@@ -786,7 +833,7 @@ def test_an_instance_sent_again_elsewhere_has_one_copy_everywhere(node: ServerPr
 
 def test_an_association_reactor_stays_paused_once_a_sender_saw_it_paused() -> None:
     """pynetdicom's race (its issue #875): the reactor passed its checkpoint with `_is_paused`
-    still true, a sender (C-MOVE's C-STORE) cleared the checkpoint and saw it paused, then the
+    still true, a sender (a C-STORE SCU's request) cleared the checkpoint and saw it paused, then the
     reactor read the queue and took the response as an unexpected request. With the node's
     handshake, leaving the pause waits until the sender lets it go."""
     import threading
