@@ -63,6 +63,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
+from dicom_node.reactors import pause_handshake
 from dicom_node.sender import set_nodelay  # pynetdicom leaves Nagle's algorithm on
 
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -172,6 +173,7 @@ def wado(target: Node | Orthanc, study: str, expected_bytes: int) -> float:
 def cfind(target: Node | Orthanc, queries: range) -> tuple[list[float], int]:
     """Latencies (s) of study-level C-FIND by PatientID (patient k of `queries` each), and the
     matches of the last one."""
+    pause_handshake()  # else pynetdicom may take a response for a request, and wait out its DIMSE timeout
     ae = AE(ae_title=CALLING_AET)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", target.dicom_port, ae_title=target.aet, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])

@@ -124,44 +124,6 @@ def _no_forced_collection() -> None:
     leaves; the objects start-up made are frozen out of it (`gc.freeze()` once started)."""
 
 
-def _pause_handshake() -> None:
-    """Close a race in pynetdicom's reactor pause (its issue #875): a thread that sends on an
-    association (the importer's C-STOREs, a release) clears the reactor's checkpoint and waits for
-    `_is_paused`; but the reactor may have passed its checkpoint with `_is_paused` still true,
-    then takes the awaited response off the queue as if it were a request ("Received
-    unexpected C-STORE service message"): the sub-operation fails after the DIMSE timeout.
-    Here leaving the pause waits while the checkpoint is clear, under a lock that reading the
-    flag takes too, so the reactor never reads the queue after a sender saw it paused. (The
-    faster polling, 5 times a millisecond, made the race 5 times likelier.)"""
-    if isinstance(getattr(association.Association, "_is_paused", None), property):
-        return
-
-    def lock(assoc: Any) -> threading.Lock:
-        return assoc.__dict__.setdefault("_pause_lock", threading.Lock())  # set first in __init__
-
-    def get(assoc: Any) -> bool:
-        with lock(assoc):
-            return bool(assoc.__dict__.get("_paused", False))
-
-    def put(assoc: Any, paused: bool) -> None:
-        checkpoint: threading.Event = assoc._reactor_checkpoint
-        guard = lock(assoc)
-        guard.acquire()
-        try:
-            while not paused and not checkpoint.is_set():  # a sender paused it meanwhile: stay paused
-                assoc.__dict__["_paused"] = True
-                guard.release()
-                try:
-                    checkpoint.wait()
-                finally:
-                    guard.acquire()
-            assoc.__dict__["_paused"] = paused
-        finally:
-            guard.release()
-
-    association.Association._is_paused = property(get, put)  # type: ignore[attr-defined]
-
-
 def _keep_early_cancels() -> None:
     """Close a race in pynetdicom's C-CANCEL: it empties the association's received C-CANCELs
     when it starts serving a request (stale ones, for requests answered before), and again when
@@ -287,7 +249,6 @@ class DicomNode:
         _BoundedSocket.install(self.max_pdu_bytes)
         reactors.install()
         direct.install()
-        _pause_handshake()
         _keep_early_cancels()
         handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_CONN_OPEN, self._on_open),

@@ -15,6 +15,10 @@ database and the peers on a 2-core machine. Here:
 
 Both wait at most WAIT_S, for their timers (ARTIM, network timeout). pynetdicom's other sleeps
 (a sender waiting for the reactor's pause, a stop for a thread's end) are capped at POLL_S.
+
+`pause_handshake` closes a race of that pause, for the node and for any pynetdicom SCU of the
+project (the importer's sender; the benchmarks' clients, which otherwise lose a response now
+and then to it, and wait out their DIMSE timeout).
 """
 
 import contextlib
@@ -177,13 +181,53 @@ def _clock(sleep: Callable[[float], None]) -> types.SimpleNamespace:
     return clock
 
 
+def pause_handshake() -> None:
+    """Close a race in pynetdicom's reactor pause (its issue #875): a thread that sends on an
+    association (an SCU's C-STORE or C-FIND, a release) clears the reactor's checkpoint and
+    waits for `_is_paused`; but the reactor may have passed its checkpoint with `_is_paused`
+    still true, then takes the awaited response off the queue as if it were a request
+    ("Received unexpected C-STORE service message"): the request fails after the DIMSE timeout.
+    Here leaving the pause waits while the checkpoint is clear, under a lock that reading the
+    flag takes too, so the reactor never reads the queue after a sender saw it paused. (The
+    faster the peer answers, the likelier the race.)"""
+    if isinstance(getattr(association.Association, "_is_paused", None), property):
+        return
+
+    def lock(assoc: Any) -> threading.Lock:
+        return assoc.__dict__.setdefault("_pause_lock", threading.Lock())  # set first in __init__
+
+    def get(assoc: Any) -> bool:
+        with lock(assoc):
+            return bool(assoc.__dict__.get("_paused", False))
+
+    def put(assoc: Any, paused: bool) -> None:
+        checkpoint: threading.Event = assoc._reactor_checkpoint
+        guard = lock(assoc)
+        guard.acquire()
+        try:
+            while not paused and not checkpoint.is_set():  # a sender paused it meanwhile: stay paused
+                assoc.__dict__["_paused"] = True
+                guard.release()
+                try:
+                    checkpoint.wait()
+                finally:
+                    guard.acquire()
+            assoc.__dict__["_paused"] = paused
+        finally:
+            guard.release()
+
+    association.Association._is_paused = property(get, put)  # type: ignore[attr-defined]
+
+
 _original: dict[str, Any] = {}
 
 
 def install() -> None:
-    """In pynetdicom's place, for the associations made from now on (idempotent)."""
+    """In pynetdicom's place, for the associations made from now on (idempotent), with the
+    pause handshake."""
     if _original:
         return
+    pause_handshake()
     _original.update(dul_init=DULServiceProvider.__init__, run_dul=DULServiceProvider.run_reactor,
                      association_init=Association.__init__)
     DULServiceProvider.__init__ = _dul_init  # type: ignore[method-assign]

@@ -18,6 +18,8 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, Association, build_context, evt
 
+from dicom_node import reactors
+
 LOGGER = logging.getLogger(__name__)
 MAX_CONTEXTS = 128  # PS3.8: presentation context ids are odd numbers 1 to 255
 
@@ -40,6 +42,7 @@ class StoreSender:
     ) -> None:
         self.host, self.port, self.called_aet = host, port, called_aet
         self.tls_args = (tls, host) if tls is not None else None
+        reactors.install()  # no polling, and no response taken for a request (pynetdicom's issue #875)
         self.ae = AE(ae_title=calling_aet)
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = timeout_s
         self.contexts: list[tuple[str, str]] = []

@@ -840,9 +840,9 @@ def test_an_association_reactor_stays_paused_once_a_sender_saw_it_paused() -> No
 
     from pynetdicom.association import Association
 
-    from dicom_node.node import _pause_handshake
+    from dicom_node.reactors import pause_handshake
 
-    _pause_handshake()
+    pause_handshake()
     assoc = Association(AE(), "requestor")
     assoc._is_paused = True  # the reactor, about to pass its (set) checkpoint
     assoc._reactor_checkpoint.clear()  # a sender: pause it...
