@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, association, dimse_messages, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.pdu_primitives import A_RELEASE
@@ -168,6 +169,16 @@ def _keep_early_cancels() -> None:
     DIMSEServiceProvider.cancel_req = property(get, put)  # type: ignore[assignment]
 
 
+class _InlineAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, each association made in the accepting thread (it then
+    runs in its own threads): pynetdicom started a thread per connection only to make it, one
+    thread start more (0.2 to 0.4 ms) before every A-ASSOCIATE-AC. A TLS connection keeps that
+    thread, for its handshake (`TlsAssociationServer`)."""
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.process_request_thread(request, client_address)
+
+
 class _Contexts(list):  # type: ignore[type-arg]
     """The contexts the node supports, as its server holds them: pynetdicom deep-copies them for
     every association, in case its negotiation changed them (it does not: it makes new ones for
@@ -234,6 +245,10 @@ class DicomNode:
         """Listen (in pynetdicom's threads); received datasets go to the store's incoming folder."""
         self.files.prepare()  # what a crash left in `incoming` was swept by `recover` before
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # pydicom checks each value it reads or makes (a UID: a regular expression; some 40 per
+        # association) against its VR and only warns of what fails: a tenth of an association's
+        # CPU. What the node relies on it checks itself (files.check_instance, matching.py).
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         # pynetdicom decodes each C-FIND request again and formats every identifier for its log
         # lines, whatever the log level: more than a match's own cost.
         _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -269,14 +284,11 @@ class DicomNode:
     def _listen(self, address: tuple[str, int], handlers: list[Any], tls: ssl.SSLContext | None) -> ThreadedAssociationServer:
         """One listening port of the AE (a TLS one does its handshakes in the associations'
         threads: `TlsAssociationServer`)."""
-        if tls is None:
-            server = self.ae.start_server(address, block=False, evt_handlers=handlers)
-        else:  # what `start_server(block=False)` does, with the node's server class
-            server = self.ae.make_server(address, ssl_context=tls, evt_handlers=handlers,
-                                         server_class=TlsAssociationServer)
-            threading.Thread(target=make_target(server.serve_forever), name=f"DicomTlsServer@{address[1]}",
-                             daemon=True).start()
-            self.ae._servers.append(server)  # stopped with the others by `ae.shutdown()`
+        # What `start_server(block=False)` does, with the node's server classes.
+        server = self.ae.make_server(address, ssl_context=tls, evt_handlers=handlers,
+                                     server_class=TlsAssociationServer if tls else _InlineAssociationServer)
+        threading.Thread(target=make_target(server.serve_forever), name=f"DicomServer@{address[1]}", daemon=True).start()
+        self.ae._servers.append(server)  # stopped with the others by `ae.shutdown()`
         server.contexts = _Contexts(server.contexts)
         server.service_actions = _no_forced_collection  # type: ignore[method-assign]
         LOGGER.info("DICOM node %s listening on %s:%d%s", self.ae.ae_title, *address, " (TLS)" if tls else "")
