@@ -507,7 +507,7 @@ class Catalog:
             raise ValueError("which instances: a patient, study, series or SOP Instance UIDs")
         first = next(iter(criteria))  # one index: the most selective criterion; the rest checked here
         refs = []
-        async for doc in self.instances_.find({first: criteria[first]}):
+        async for doc in self.instances_.find({first: criteria[first]}, {"json": 0}):  # not its DICOM JSON
             if all(_satisfies(doc.get(field), wanted) for field, wanted in criteria.items()):
                 refs.append(doc)
         refs.sort(key=lambda d: (d["StudyInstanceUID"], d["SeriesInstanceUID"],
