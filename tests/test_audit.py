@@ -456,7 +456,9 @@ def test_events_stored_at_shutdown_are_indexed_after_a_restart(database: Embedde
 
 def test_a_batch_indexed_again_stores_its_events_once(database: EmbeddedDatabase) -> None:
     """An indexer that dies after storing a batch's events but before removing the batch leaves
-    it to be claimed again (its lease lapses): the next indexer stores nothing twice."""
+    it to be claimed again (its lease lapses): the next indexer stores nothing twice. A batch
+    stored before the events moved into its document (they were apart, in PAYLOADS) is indexed
+    too."""
     from conftest import run_with_database
 
     from fhir_server.audit.trail import BATCHES, NEVER, PAYLOADS
@@ -467,11 +469,16 @@ def test_a_batch_indexed_again_stores_its_events_once(database: EmbeddedDatabase
         for _ in range(12):
             trail.record(sample_event())
         await trail.flush()
-        left = ([b async for b in db[BATCHES].find()], [p async for p in db[PAYLOADS].find()])
+        left = [b async for b in db[BATCHES].find()]
+        assert left and all("events" in b for b in left) and await db[PAYLOADS].count_documents({}) == 0
         await trail.catch_up()
         assert await repository.count("AuditEvent", {}) == 12
-        await db[BATCHES].insert_many([{**b, "lease": NEVER} for b in left[0]])  # as a dead indexer left it
-        await db[PAYLOADS].insert_many(left[1])
+        await db[BATCHES].insert_many([{**b, "lease": NEVER} for b in left])  # as a dead indexer left it
+        await trail.catch_up()
+        assert await repository.count("AuditEvent", {}) == 12
+        # The same batches as stored before: the events apart.
+        await db[BATCHES].insert_many([{k: v for k, v in b.items() if k != "events"} for b in left])
+        await db[PAYLOADS].insert_many([{"_id": b["_id"], "events": b["events"]} for b in left])
         await trail.catch_up()
         await trail.stop()
         assert await repository.count("AuditEvent", {}) == 12

@@ -5,9 +5,10 @@ what read and search need, and costs the embedded database 0.5 to 0.75 ms of CPU
 than half of what a whole FHIR read costs it. So the trail has two stages:
 
 1. **recorded**: an event is kept in memory (serialised) and, every `flush_s` or `batch` events,
-   the events gathered are stored (journaled) as one batch: their compressed JSON in
-   `audit_batch_events`, and a small document in `audit_batches` that indexers claim. This is
-   the durable record, a few µs an event. A crash loses what was not flushed yet: at most
+   the events gathered are stored (journaled) as one batch: one document in `audit_batches`,
+   their compressed JSON with what indexers claim it by (they read the events only once they
+   hold it). This is the durable record, a few µs an event, one write per batch (two writes,
+   each waiting for the journal, held up the queries meanwhile more). A crash loses what was not flushed yet: at most
    `flush_s` of events (`max_buffered` while the database is unreachable).
 2. **indexed**: a batch becomes AuditEvent resources, in exactly the documents the repository
    writes (version 1: the history entry, then the current document with its search index), so
@@ -51,7 +52,7 @@ from fhir_server.storage.repository import (
 LOGGER = logging.getLogger(__name__)
 AUDIT_EVENT = "AuditEvent"
 BATCHES = "audit_batches"
-PAYLOADS = "audit_batch_events"
+PAYLOADS = "audit_batch_events"  # where a batch stored before kept its events apart
 LEASE = timedelta(seconds=60)  # a batch claimed for longer was abandoned by its indexer
 STOP_WAIT_S = 10.0  # at shutdown, for the round in progress (an indexing round: one batch)
 IDLE_S = 0.2  # no request for this long: the process is idle, and indexes
@@ -85,8 +86,8 @@ class AuditTrail:
         index_lag_s: float = 60.0,
     ) -> None:
         self.repository = repository
-        self.batches = repository.db[BATCHES]  # small documents, queried: {_id, ts, lease, n}
-        self.payloads = repository.db[PAYLOADS]  # their events (compressed JSON), read by `_id` only
+        self.batches = repository.db[BATCHES]  # {_id, ts, lease, n, events (compressed JSON)}
+        self.payloads = repository.db[PAYLOADS]
         self.observer = observer  # the source of HTTP events: this server
         self.dicom_observer = dicom_observer  # of DICOM events: the node's AE title
         self.flush_s = flush_s
@@ -169,16 +170,11 @@ class AuditTrail:
             if not taken:
                 break
             batch_id, stored = str(uuid.uuid4()), now()
-            payload_stored = False
-            try:  # the events first: a batch that can be claimed has them
-                await self.payloads.insert_one({"_id": batch_id, "events": bson.Binary(zlib.compress(b"[" + b",".join(taken) + b"]", 1))})
-                payload_stored = True
-                await self.batches.insert_one({"_id": batch_id, "ts": stored, "lease": NEVER, "n": len(taken)})
+            events = bson.Binary(zlib.compress(b"[" + b",".join(taken) + b"]", 1))
+            try:
+                await self.batches.insert_one({"_id": batch_id, "ts": stored, "lease": NEVER, "n": len(taken), "events": events})
             except (PyMongoError, OSError) as exc:
                 self._pending.extendleft(reversed(taken))
-                if payload_stored:  # no batch will ever name it: the events go again in another
-                    with contextlib.suppress(PyMongoError, OSError):
-                        await self.payloads.delete_one({"_id": batch_id})
                 LOGGER.error("audit trail: storing %d events failed (%s); kept for the next try",
                              len(self._pending), exc)
                 return False
@@ -241,13 +237,16 @@ class AuditTrail:
         """Claim one batch and store its events as AuditEvent resources; False when none is free."""
         moment = now()
         batch = await self.batches.find_one_and_update(
-            {"lease": {"$lt": moment}}, {"$set": {"lease": moment + LEASE}},
+            {"lease": {"$lt": moment}}, {"$set": {"lease": moment + LEASE}}, projection={"events": 0},
             sort=[("ts", ASCENDING)], return_document=ReturnDocument.AFTER,
         )
         if batch is None:
             return False
         repository = self.repository
-        payload = await self.payloads.find_one({"_id": batch["_id"]})
+        payload = await self.batches.find_one({"_id": batch["_id"]}, {"events": 1})
+        apart = payload is None or "events" not in payload  # a batch stored before the events moved in
+        if apart:
+            payload = await self.payloads.find_one({"_id": batch["_id"]})
         events = orjson.loads(zlib.decompress(payload["events"])) if payload is not None else []  # None: indexed, not yet removed
         ts = now()  # stored now: `_lastUpdated` and history order follow what search can find
         entries = [_entry(AUDIT_EVENT, f"{batch['_id']}-{i}", None, Change(event, "POST"), ts)
@@ -260,7 +259,8 @@ class AuditTrail:
                 lambda: [current_document(e, repository.search_indexing, repository.base_url) for e in entries])
             await _insert_new(repository.history, entries)
             await _insert_new(repository.db[AUDIT_EVENT], documents)
-        await self.payloads.delete_one({"_id": batch["_id"]})
+        if apart:
+            await self.payloads.delete_one({"_id": batch["_id"]})
         await self.batches.delete_one({"_id": batch["_id"]})
         return True
 
