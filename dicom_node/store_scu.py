@@ -14,15 +14,17 @@ each sub-operation (an exception counts it failed) and `release`.
 """
 
 import contextlib
+import functools
 import logging
 import os
 import socket
 import ssl
 import struct
 from io import BytesIO
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydicom import Dataset
+from pynetdicom import build_context
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -191,7 +193,7 @@ def associate(
     """An association with the destination, proposing `contexts` (one transfer syntax each); one
     that is not established when the destination cannot be reached, rejects or aborts."""
     peer = f"{called_aet} at {host}:{port}"
-    proposed = {2 * i + 1: (str(c.abstract_syntax), str(c.transfer_syntax[0])) for i, c in enumerate(contexts)}
+    pairs = tuple((str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in contexts)
     try:
         sock = socket.create_connection((host, port), timeout=connect_timeout_s)
     except OSError as exc:
@@ -202,39 +204,39 @@ def associate(
         if tls is not None:
             sock = tls[0].wrap_socket(sock, server_hostname=tls[1])
         sock.settimeout(acse_timeout_s)
-        sock.sendall(_request(calling_aet, called_aet, contexts, max_pdu, implementation))
+        sock.sendall(_request(calling_aet, called_aet, pairs, max_pdu, implementation))
         kind, pdu = _read_pdu(sock)
         if kind != ASSOCIATE_AC:
             raise SubAssociationError("rejected the association" if kind == ASSOCIATE_RJ else f"answered PDU type {kind:#04x}")
-        answer = A_ASSOCIATE_AC()
-        answer.decode(pdu)
-        accepted_primitive = answer.to_primitive()
-    except (OSError, SubAssociationError, ValueError, struct.error) as exc:
+        results, peer_max = _accepted(pdu)
+    except (OSError, SubAssociationError, ValueError, struct.error, IndexError, KeyError) as exc:  # a garbled answer too
         LOGGER.warning("C-MOVE destination %s: no association: %s", peer, exc)
         sock.close()
         return StoreAssociation(None, {}, 0, dimse_timeout_s, acse_timeout_s, peer)
-    accepted = {}
-    for result in accepted_primitive.presentation_context_definition_results_list:
-        pair = proposed.get(result.context_id)
-        if pair is not None and result.result == 0 and result.transfer_syntax and str(result.transfer_syntax[0]) == pair[1]:
-            accepted[pair] = result.context_id
-    peer_max = next((item.maximum_length_received for item in accepted_primitive.user_information
-                     if isinstance(item, MaximumLengthNotification)), 0) or 0
+    proposed = {2 * i + 1: pair for i, pair in enumerate(pairs)}
+    accepted = {proposed[cid]: cid for cid, syntax in results if cid in proposed and syntax == proposed[cid][1]}
     return StoreAssociation(sock, accepted, peer_max, dimse_timeout_s, acse_timeout_s, peer)
 
 
-def _request(calling_aet: str, called_aet: str, contexts: list[PresentationContext], max_pdu: int,
+# The same destinations are asked for the same contexts again and again, and answer alike:
+# pynetdicom's PDU objects (some hundreds of µs a request and an answer) are made once each.
+@functools.lru_cache(maxsize=256)
+def _request(calling_aet: str, called_aet: str, pairs: tuple[tuple[str, str], ...], max_pdu: int,
              implementation: tuple[str, str | None]) -> bytes:
-    """The A-ASSOCIATE-RQ PDU (PS3.8 9.3.2): the contexts numbered 1, 3, 5..."""
+    """The A-ASSOCIATE-RQ PDU (PS3.8 9.3.2): one context per (SOP class, transfer syntax),
+    numbered 1, 3, 5..."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = APPLICATION_CONTEXT
     primitive.calling_ae_title, primitive.called_ae_title = calling_aet, called_aet
-    primitive.presentation_context_definition_list = [_numbered(c, 2 * i + 1) for i, c in enumerate(contexts)]
+    contexts = [build_context(sop_class, syntax) for sop_class, syntax in pairs]
+    for i, context in enumerate(contexts):
+        context.context_id = 2 * i + 1
+    primitive.presentation_context_definition_list = contexts
     length = MaximumLengthNotification()
     length.maximum_length_received = max_pdu
     class_uid = ImplementationClassUIDNotification()
     class_uid.implementation_class_uid = implementation[0]
-    items: list = [length, class_uid]
+    items: list[Any] = [length, class_uid]
     if implementation[1]:
         version = ImplementationVersionNameNotification()
         version.implementation_version_name = implementation[1]
@@ -245,12 +247,18 @@ def _request(calling_aet: str, called_aet: str, contexts: list[PresentationConte
     return pdu.encode()
 
 
-def _numbered(context: PresentationContext, context_id: int) -> PresentationContext:
-    made = PresentationContext()
-    made.context_id = context_id
-    made.abstract_syntax = context.abstract_syntax
-    made.transfer_syntax = list(context.transfer_syntax)
-    return made
+@functools.lru_cache(maxsize=256)
+def _accepted(pdu: bytes) -> tuple[tuple[tuple[int, str], ...], int]:
+    """An A-ASSOCIATE-AC PDU's accepted contexts (id, transfer syntax) and the peer's largest
+    PDU (0: no limit). ValueError (or struct.error) for one that does not decode."""
+    answer = A_ASSOCIATE_AC()
+    answer.decode(pdu)
+    primitive = answer.to_primitive()
+    results = tuple((int(r.context_id), str(r.transfer_syntax[0])) for r in primitive.presentation_context_definition_results_list
+                    if r.result == 0 and r.transfer_syntax and r.context_id is not None)
+    peer_max = next((item.maximum_length_received for item in primitive.user_information
+                     if isinstance(item, MaximumLengthNotification)), 0) or 0
+    return results, int(peer_max)
 
 
 def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
