@@ -174,8 +174,11 @@ class StoreAssociation:
                 if header & COMMAND:
                     command += fragment
                     if header & LAST:
-                        response = decode(BytesIO(bytes(command)), True, True)
-                        data_expected = response.get("CommandDataSetType", NO_DATA_SET) != NO_DATA_SET
+                        try:
+                            response = decode(BytesIO(bytes(command)), True, True)
+                            data_expected = response.get("CommandDataSetType", NO_DATA_SET) != NO_DATA_SET
+                        except Exception as exc:  # noqa: BLE001 - whatever pydicom raises on garbled bytes
+                            raise SubAssociationError(f"a response that does not decode: {exc}") from exc
                 elif header & LAST:
                     data_done = True
         if response.get("CommandField") != C_STORE_RSP or response.get("MessageIDBeingRespondedTo") != msg_id:

@@ -401,3 +401,43 @@ def test_pending_responses_are_framed_as_pynetdicom_frames_them() -> None:
     assert encoding.pending(response(dp.C_FIND, sop, 0x0000, match), 5, 0) is None
     assert encoding.pending(response(dp.C_MOVE, sop, 0x0000, None, **counts), 5, 0) is None  # a final one
     assert encoding.pending(response(dp.C_FIND, sop, 0xFF00, match, ErrorComment="x"), 5, 0) is None
+
+
+def test_the_c_move_client_reads_responses_and_refuses_garbled_ones() -> None:
+    """dicom_node/store_scu.py reads a C-STORE-RSP split over PDUs, and ends the association
+    (SubAssociationError, so pynetdicom counts the sub-operation failed) on a response that
+    does not decode, answers another message, or an A-ABORT."""
+    import socket
+
+    from pynetdicom import dsutils
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from dicom_node.store_scu import StoreAssociation, SubAssociationError
+
+    def response(message_id: int, status: int) -> bytes:
+        made = C_STORE()
+        made.MessageIDBeingRespondedTo, made.Status = message_id, status
+        made.AffectedSOPClassUID, made.AffectedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.3"
+        message = C_STORE_RSP()
+        message.primitive_to_message(made)
+        return dsutils.encode(message.command_set, True, True)
+
+    def read(*pdus: bytes) -> Any:
+        mine, theirs = socket.socketpair()
+        with theirs:
+            theirs.sendall(b"".join(pdus))
+            client = StoreAssociation(mine, {}, 16384, 5, 5, "TEST")
+            try:
+                return client._response(7)
+            finally:
+                client.close()
+
+    command = response(7, 0xB000)
+    halves = [encoding.pdata(1, 0x01, command[:20]), encoding.pdata(1, 0x03, command[20:])]
+    assert int(read(*halves).Status) == 0xB000  # a command in two fragments, two PDUs
+    for wrong in (encoding.pdata(1, 0x03, response(8, 0)),  # the response to another message
+                  encoding.pdata(1, 0x03, b"\x00\x00\x00\x09\xff\xff"),  # bytes that are no C-STORE-RSP
+                  bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])):  # A-ABORT
+        with pytest.raises(SubAssociationError):
+            read(wrong)
