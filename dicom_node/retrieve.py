@@ -27,10 +27,10 @@ from typing import Any, NamedTuple
 
 from bson.errors import BSONError
 from pydicom import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
 from pymongo.errors import PyMongoError
-from pynetdicom import AE, AllStoragePresentationContexts, _config, build_context, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -167,12 +167,12 @@ def open_sub_associations(ae: AE) -> None:
     """`ae` requests associations only for its C-MOVEs: with the destination, a
     `store_scu.StoreAssociation` in the serving thread; with NO_DESTINATION, none."""
 
-    def associating(addr: str, port: int, ae_title: str, contexts: list[PresentationContext] | None = None,
+    def associating(addr: str, port: int, ae_title: str, contexts: tuple[tuple[str, str], ...] = (),
                     tls_args: tuple[ssl.SSLContext, str] | None = None, **_: Any) -> Any:
         if addr == NO_DESTINATION:
             return _NoAssociation()
         return store_scu.associate(
-            addr, port, calling_aet=ae.ae_title, called_aet=str(ae_title).strip(), contexts=contexts or [],
+            addr, port, calling_aet=ae.ae_title, called_aet=str(ae_title).strip(), contexts=contexts,
             max_pdu=ae.maximum_pdu_size, implementation=(ae.implementation_class_uid, ae.implementation_version_name),
             connect_timeout_s=ae.connection_timeout, acse_timeout_s=ae.acse_timeout, dimse_timeout_s=ae.dimse_timeout,
             tls=tls_args)
@@ -187,15 +187,15 @@ def install_file_sending() -> None:
     Association.send_c_store = _send_stored  # type: ignore[method-assign]
 
 
-def storage_contexts(refs: list[InstanceRef]) -> list[PresentationContext]:
-    """What to propose to a C-MOVE destination: each SOP class in each transfer syntax it is
-    stored in, one context each, so that the destination accepts or refuses every pair alone."""
+def storage_contexts(refs: list[InstanceRef]) -> tuple[tuple[str, str], ...]:
+    """What to propose to a C-MOVE destination, as (SOP class, transfer syntax): each SOP class
+    in each transfer syntax it is stored in, one context each, so that the destination accepts
+    or refuses every pair alone."""
     pairs = sorted({(ref.sop_class, ref.transfer_syntax) for ref in refs if ref.transfer_syntax})
     if len(pairs) > MAX_CONTEXTS:
         LOGGER.warning("C-MOVE: %d SOP class and transfer syntax pairs, %d proposed (the others fail)",
                        len(pairs), MAX_CONTEXTS)
-    return [build_context(sop_class, syntax) for sop_class, syntax in pairs[:MAX_CONTEXTS]] or [
-        build_context(Verification)]
+    return tuple(pairs[:MAX_CONTEXTS]) or ((str(Verification), str(ImplicitVRLittleEndian)),)
 
 
 def prefer_requestor_syntaxes(event: evt.Event) -> None:

@@ -33,7 +33,6 @@ from pynetdicom.pdu_primitives import (
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
 )
-from pynetdicom.presentation import PresentationContext
 
 from dicom_node import encoding
 from dicom_node.files import dataset_offset
@@ -189,14 +188,14 @@ class StoreAssociation:
 
 
 def associate(
-    host: str, port: int, *, calling_aet: str, called_aet: str, contexts: list[PresentationContext], max_pdu: int,
+    host: str, port: int, *, calling_aet: str, called_aet: str, contexts: tuple[tuple[str, str], ...], max_pdu: int,
     implementation: tuple[str, str | None], connect_timeout_s: float, acse_timeout_s: float, dimse_timeout_s: float,
     tls: tuple[ssl.SSLContext, str] | None = None,
 ) -> StoreAssociation:
-    """An association with the destination, proposing `contexts` (one transfer syntax each); one
-    that is not established when the destination cannot be reached, rejects or aborts."""
+    """An association with the destination, proposing `contexts` ((SOP class, transfer syntax)
+    each); one that is not established when the destination cannot be reached, rejects or
+    aborts."""
     peer = f"{called_aet} at {host}:{port}"
-    pairs = tuple((str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in contexts)
     try:
         sock = socket.create_connection((host, port), timeout=connect_timeout_s)
     except OSError as exc:
@@ -207,7 +206,7 @@ def associate(
         if tls is not None:
             sock = tls[0].wrap_socket(sock, server_hostname=tls[1])
         sock.settimeout(acse_timeout_s)
-        sock.sendall(_request(calling_aet, called_aet, pairs, max_pdu, implementation))
+        sock.sendall(_request(calling_aet, called_aet, contexts, max_pdu, implementation))
         kind, pdu = _read_pdu(sock)
         if kind != ASSOCIATE_AC:
             raise SubAssociationError("rejected the association" if kind == ASSOCIATE_RJ else f"answered PDU type {kind:#04x}")
@@ -216,7 +215,7 @@ def associate(
         LOGGER.warning("C-MOVE destination %s: no association: %s", peer, exc)
         sock.close()
         return StoreAssociation(None, {}, 0, dimse_timeout_s, acse_timeout_s, peer)
-    proposed = {2 * i + 1: pair for i, pair in enumerate(pairs)}
+    proposed = {2 * i + 1: pair for i, pair in enumerate(contexts)}
     accepted = {proposed[cid]: cid for cid, syntax in results if cid in proposed and syntax == proposed[cid][1]}
     return StoreAssociation(sock, accepted, peer_max, dimse_timeout_s, acse_timeout_s, peer)
 

@@ -405,8 +405,8 @@ def test_pending_responses_are_framed_as_pynetdicom_frames_them() -> None:
 
 def test_the_c_move_client_reads_responses_and_refuses_garbled_ones() -> None:
     """dicom_node/store_scu.py reads a C-STORE-RSP split over PDUs, and ends the association
-    (SubAssociationError, so pynetdicom counts the sub-operation failed) on a response that
-    does not decode, answers another message, or an A-ABORT."""
+    (SubAssociationError, so pynetdicom counts the sub-operation failed) on bytes that are no
+    C-STORE-RSP, the response to another message, or an A-ABORT."""
     import socket
 
     from pynetdicom import dsutils

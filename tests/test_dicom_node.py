@@ -288,6 +288,15 @@ def test_garbage_abort_and_oversized_requests_cost_only_their_connection(node: S
     assert echo(node.dicom_port)
 
 
+def test_a_connection_that_sends_nothing_holds_up_no_other(node: ServerProcess) -> None:
+    """Associations are made in the accepting thread (dicom_node/node.py): nothing there waits
+    for the peer, so a connection left silent does not stop the node accepting others."""
+    with socket.create_connection(("127.0.0.1", node.dicom_port), timeout=10):
+        started = time.monotonic()
+        assert echo(node.dicom_port)
+        assert time.monotonic() - started < 5
+
+
 def test_allow_list_rejects_unknown_callers(database: EmbeddedDatabase, tmp_path: Path) -> None:
     env = {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "fhir_dicom_acl", "FHIR_DICOM_AET": AET,
            "FHIR_DICOM_ALLOWED": "GOODSCU,LOCALSCU@127.0.0.1,FARSCU@192.0.2.1"}

@@ -6,10 +6,10 @@ than half of what a whole FHIR read costs it. So the trail has two stages:
 
 1. **recorded**: an event is kept in memory (serialised) and, every `flush_s` or `batch` events,
    the events gathered are stored (journaled) as one batch: one document in `audit_batches`,
-   their compressed JSON with what indexers claim it by (they read the events only once they
-   hold it). This is the durable record, a few µs an event, one write per batch (two writes,
-   each waiting for the journal, held up the queries meanwhile more). A crash loses what was not flushed yet: at most
-   `flush_s` of events (`max_buffered` while the database is unreachable).
+   their compressed JSON with what indexers claim it by. This is the durable record, a few µs
+   an event, one write per batch (two writes, each waiting for the journal, held up the
+   queries meanwhile more). A crash loses what was not flushed yet: at most `flush_s` of
+   events (`max_buffered` while the database is unreachable).
 2. **indexed**: a batch becomes AuditEvent resources, in exactly the documents the repository
    writes (version 1: the history entry, then the current document with its search index), so
    that the ordinary read, vread, history and search code serves them. This runs when this
@@ -237,16 +237,14 @@ class AuditTrail:
         """Claim one batch and store its events as AuditEvent resources; False when none is free."""
         moment = now()
         batch = await self.batches.find_one_and_update(
-            {"lease": {"$lt": moment}}, {"$set": {"lease": moment + LEASE}}, projection={"events": 0},
+            {"lease": {"$lt": moment}}, {"$set": {"lease": moment + LEASE}},
             sort=[("ts", ASCENDING)], return_document=ReturnDocument.AFTER,
         )
         if batch is None:
             return False
         repository = self.repository
-        payload = await self.batches.find_one({"_id": batch["_id"]}, {"events": 1})
-        apart = payload is None or "events" not in payload  # a batch stored before the events moved in
-        if apart:
-            payload = await self.payloads.find_one({"_id": batch["_id"]})
+        apart = "events" not in batch  # a batch stored before the events moved into it
+        payload = await self.payloads.find_one({"_id": batch["_id"]}) if apart else batch
         events = orjson.loads(zlib.decompress(payload["events"])) if payload is not None else []  # None: indexed, not yet removed
         ts = now()  # stored now: `_lastUpdated` and history order follow what search can find
         entries = [_entry(AUDIT_EVENT, f"{batch['_id']}-{i}", None, Change(event, "POST"), ts)
