@@ -286,6 +286,32 @@ def test_wado_study_series_and_instance_are_the_files_as_sent(study: dict, http:
     assert [body for _, body in split(http.get(url))] == [study["sent"][ds.SOPInstanceUID]]
 
 
+def test_wado_sends_the_files_as_they_were_when_asked(http: httpx.Client, server: ServerProcess) -> None:
+    """The body's length is known up front, and it holds the files as they were when the request
+    came, even when an instance is stored again and another removed while it is sent (24 MB:
+    more than the loopback connection's buffers hold, so the last file is still to be sent)."""
+    uid = generate_uid()
+    datasets = [fresh("CT_small.dcm", uid) for _ in range(3)]
+    for seed, ds in enumerate(datasets):
+        ds.add_new(0x00091010, "OB", np.random.default_rng(seed).bytes(8 << 20))
+    sent = [encode(ds) for ds in datasets]
+    assert stow(http, sent).status_code == 200
+    paths = [server.data_dir / "dicom" / "store" / uid / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm" for ds in datasets]
+    with http.stream("GET", f"/studies/{uid}", headers={"Accept": MULTIPART_DICOM}) as response:
+        assert response.status_code == 200 and "transfer-encoding" not in response.headers
+        chunks = response.iter_raw()
+        body = bytearray(next(chunks))
+        replacement = paths[2].with_suffix(".new")
+        replacement.write_bytes(sent[2][: len(sent[2]) // 2])  # the store replaces a file whole, by a rename
+        replacement.replace(paths[2])
+        paths[1].unlink()
+        for chunk in chunks:
+            body.extend(chunk)
+    assert len(body) == int(response.headers["content-length"])
+    response._content = bytes(body)
+    assert sorted(part for _, part in split(response)) == sorted(sent)
+
+
 def test_wado_with_dicomweb_client(study: dict, dicomweb: DICOMwebClient) -> None:
     datasets: list[Dataset] = study["datasets"]
     got = dicomweb.retrieve_study(study["uid"])
