@@ -4,14 +4,16 @@ pynetdicom hands every PDU it sends to its DUL reactor's thread, one per loop, t
 and the interpreter lock: a C-FIND's pending responses left one by one, some hundreds of
 microseconds apart, while a reading peer idled between them. In an established association
 (Sta6) a P-DATA changes no state (PS3.8 DT-1): the thread that has one sends it at once, in
-order, under a lock the socket's other sends take too. A pending C-FIND, C-MOVE or C-GET
-response goes further: its PDUs are framed in one pass (`encoding.pending`) and written at
-once, without pynetdicom's message objects (half its cost), and without the EVT_DIMSE_SENT
-event: the node's audit trail looks at final responses only (pynetdicom's debug log at every
-one: with it on, they take pynetdicom's way).
+order, under a lock the socket's other sends take too. A C-FIND, C-MOVE or C-GET response,
+pending or final, goes further: its PDUs are framed in one pass (`encoding.response`) and
+written at once, without pynetdicom's message objects (half a millisecond a response), and
+without the EVT_DIMSE_SENT event (pynetdicom's debug log at every one: with it on, they take
+pynetdicom's way). What the event told of a final response goes to the observers of
+`on_final_response` instead, whichever way it was sent (the node's audit trail).
 """
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import _config
@@ -24,10 +26,11 @@ from pynetdicom.transport import AssociationSocket
 
 from dicom_node import encoding
 
-PENDING = (C_FIND, C_GET, C_MOVE)  # the responses sent many times per request
+QUERY_RETRIEVE = (C_FIND, C_GET, C_MOVE)  # their responses: many per request, then a final one
 _queued_send_pdu = DULServiceProvider.send_pdu
 _socket_send = AssociationSocket.send
 _send_msg = DIMSEServiceProvider.send_msg
+_final_observers: list[Callable[[Any, Any], None]] = []
 
 
 def _ready(dul: DULServiceProvider) -> bool:
@@ -48,12 +51,26 @@ def _locked_send(self: AssociationSocket, data: bytes) -> None:
 
 
 def _send_message(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
-    if type(primitive) in PENDING and _config.LOG_HANDLER_LEVEL == "none" and _ready(self.dul):
-        framed = encoding.pending(primitive, context_id, self.maximum_pdu_size)
-        if framed is not None:
-            self.dul.socket.send(framed)  # type: ignore[union-attr]
-            return
-    _send_msg(self, primitive, context_id)
+    if type(primitive) not in QUERY_RETRIEVE:
+        _send_msg(self, primitive, context_id)
+        return
+    framed = None
+    if _config.LOG_HANDLER_LEVEL == "none" and _ready(self.dul):
+        framed = encoding.response(primitive, context_id, self.maximum_pdu_size)
+    if framed is not None:
+        self.dul.socket.send(framed)  # type: ignore[union-attr]
+    else:
+        _send_msg(self, primitive, context_id)
+    if primitive.MessageIDBeingRespondedTo is not None and primitive.Status not in (None, *encoding.PENDING_STATUSES):
+        for observer in _final_observers:
+            observer(self.assoc, primitive)
+
+
+def on_final_response(observer: Callable[[Any, Any], None]) -> None:
+    """Have `observer(association, primitive)` called once each final C-FIND, C-MOVE or C-GET
+    response of this process is sent (idempotent)."""
+    if observer not in _final_observers:
+        _final_observers.append(observer)
 
 
 def install() -> None:

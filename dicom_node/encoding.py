@@ -8,8 +8,9 @@ a millisecond of Python per DIMSE message, more than the work behind most of the
   to format, text the character set cannot hold) goes the pydicom way, as does any other syntax.
 - Command sets (implicit VR little endian, PS3.7 6.3.1): US, UL and text elements; pynetdicom
   encodes each message's twice (once for its group length).
-- Pending C-FIND, C-MOVE and C-GET responses whole, as the P-DATA-TF PDUs that carry them
-  (command set, then a C-FIND's match: PS3.8 9.3.5, E.2), for `dicom_node/direct.py` to write at once.
+- C-FIND, C-MOVE and C-GET responses (pending and final) whole, as the P-DATA-TF PDUs that
+  carry them (command set, then a C-FIND's match: PS3.8 9.3.5, E.2), for `dicom_node/direct.py`
+  to write at once.
 
 Both give pydicom's bytes (tested); `install` puts them in pynetdicom's place.
 """
@@ -154,23 +155,27 @@ def pdata(context_id: int, header: int, fragment: bytes) -> bytes:
 
 
 # The response's CommandField per query/retrieve primitive (PS3.7 E.1).
-PENDING_RESPONSES = {"C_FIND": 0x8020, "C_GET": 0x8010, "C_MOVE": 0x8021}
+RESPONSE_FIELDS = {"C_FIND": 0x8020, "C_GET": 0x8010, "C_MOVE": 0x8021}
 SUB_OPERATIONS = ((0x1020, "NumberOfRemainingSuboperations"), (0x1021, "NumberOfCompletedSuboperations"),
                   (0x1022, "NumberOfFailedSuboperations"), (0x1023, "NumberOfWarningSuboperations"))
 
 
-def pending(primitive: Any, context_id: int, max_pdu_length: int) -> bytes | None:
-    """A pending C-FIND (with its match), C-MOVE or C-GET (with its sub-operation counts)
-    response as pynetdicom would send it; None for any other, or one that must be fragmented (a
-    fragment is at most `max_pdu_length` - 6 bytes)."""
-    field = PENDING_RESPONSES.get(type(primitive).__name__)
+PENDING_STATUSES = frozenset({0xFF00, 0xFF01})
+
+
+def response(primitive: Any, context_id: int, max_pdu_length: int) -> bytes | None:
+    """A C-FIND (a pending one with its match), C-MOVE or C-GET response (with its
+    sub-operation counts), pending or final, as pynetdicom would send it; None for any other,
+    one with an error comment or offending element, or one that must be fragmented (a fragment
+    is at most `max_pdu_length` - 6 bytes)."""
+    field = RESPONSE_FIELDS.get(type(primitive).__name__)
     status, identifier = primitive.Status, primitive.Identifier
-    if field is None or status not in (0xFF00, 0xFF01) or primitive.MessageIDBeingRespondedTo is None:
+    if field is None or status is None or primitive.MessageIDBeingRespondedTo is None:
         return None
     if primitive.OffendingElement is not None or primitive.ErrorComment is not None:
         return None
     data = identifier.getvalue() if identifier is not None else None
-    if data == b"" or (data is None and field == 0x8020):  # a pending C-FIND carries its match
+    if data == b"" or (data is None and field == 0x8020 and status in PENDING_STATUSES):  # a pending C-FIND carries its match
         return None
     body = bytearray()
     if primitive.AffectedSOPClassUID is not None:

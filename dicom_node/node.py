@@ -277,6 +277,7 @@ class DicomNode:
             *self.query_retrieve,
         ]
         handlers = audit.observed(handlers)  # associations, C-FIND, C-MOVE, C-GET in the audit trail
+        direct.on_final_response(audit.answered)
         self.server = self._listen(self.address, handlers, self.tls)
         if self.plain_address is not None:
             self._listen(self.plain_address, handlers, None)

@@ -356,10 +356,10 @@ def test_command_sets_are_encoded_as_pydicom_encodes_them() -> None:
         assert encoding.store_request(513, sop_class, instance, title, originator) == expected, instance
 
 
-def test_pending_responses_are_framed_as_pynetdicom_frames_them() -> None:
-    """A pending C-FIND, C-MOVE or C-GET response written at once (dicom_node/direct.py) is the
-    PDUs pynetdicom sends for it; what would need fragmenting, or is no pending response, is
-    left to pynetdicom."""
+def test_query_retrieve_responses_are_framed_as_pynetdicom_frames_them() -> None:
+    """A C-FIND, C-MOVE or C-GET response written at once (dicom_node/direct.py), pending or
+    final, is the PDUs pynetdicom sends for it; what would need fragmenting, or carries an error
+    comment, or is no response, is left to pynetdicom."""
     from io import BytesIO
 
     from pynetdicom import dimse_primitives as dp
@@ -392,15 +392,19 @@ def test_pending_responses_are_framed_as_pynetdicom_frames_them() -> None:
             cases.append(response(dp.C_FIND, sop, status, match))
             cases.append(response(dp.C_MOVE, sop, status, None, **counts))
             cases.append(response(dp.C_GET, sop, status, None, **{**counts, "NumberOfWarningSuboperations": None}))
+        for status in (0x0000, 0xFE00, 0xA700, 0xC000):  # final: success, cancel, failures
+            cases.append(response(dp.C_FIND, sop, status, None))
+            cases.append(response(dp.C_MOVE, sop, status, None, **{**counts, "NumberOfRemainingSuboperations": None}))
+        cases.append(response(dp.C_GET, sop, 0xB000, match, **counts))  # failed instances listed
     cases.append(response(dp.C_MOVE, sop, 0xFF00, match, **counts))  # an identifier, if one is given
+    cases.append(response(dp.C_FIND, sop, 0x0000, match))
     for made in cases:
         for max_pdu in (0, 16384):
-            assert encoding.pending(made, 5, max_pdu) == pynetdicom_pdus(made, 5, max_pdu), made
-    assert encoding.pending(response(dp.C_FIND, sop, 0xFF00, match), 5, len(match) + 5) is None  # two fragments
-    assert encoding.pending(response(dp.C_FIND, sop, 0xFF00, None), 5, 0) is None
-    assert encoding.pending(response(dp.C_FIND, sop, 0x0000, match), 5, 0) is None
-    assert encoding.pending(response(dp.C_MOVE, sop, 0x0000, None, **counts), 5, 0) is None  # a final one
-    assert encoding.pending(response(dp.C_FIND, sop, 0xFF00, match, ErrorComment="x"), 5, 0) is None
+            assert encoding.response(made, 5, max_pdu) == pynetdicom_pdus(made, 5, max_pdu), made
+    assert encoding.response(response(dp.C_FIND, sop, 0xFF00, match), 5, len(match) + 5) is None  # two fragments
+    assert encoding.response(response(dp.C_FIND, sop, 0xFF00, None), 5, 0) is None
+    assert encoding.response(response(dp.C_FIND, sop, None, None), 5, 0) is None  # a request
+    assert encoding.response(response(dp.C_FIND, sop, 0xA700, None, ErrorComment="x"), 5, 0) is None
 
 
 def test_the_c_move_client_reads_responses_and_refuses_garbled_ones() -> None:

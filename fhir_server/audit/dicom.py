@@ -23,8 +23,6 @@ from fhir_server.audit.trail import active, now
 LOGGER = logging.getLogger(__name__)
 Hook = TypeVar("Hook", bound=Callable[..., None])
 SERVICES = {evt.EVT_C_FIND: "C-FIND", evt.EVT_C_MOVE: "C-MOVE", evt.EVT_C_GET: "C-GET"}
-FINAL_ANSWERS = frozenset({"C_FIND_RSP", "C_MOVE_RSP", "C_GET_RSP"})
-PENDING = frozenset({0xFF00, 0xFF01})
 ASSOCIATE = ev.local("A-ASSOCIATE")
 # The C-FIND, C-MOVE and C-GET requests being answered: (association, message id) → (service,
 # Study Instance UIDs), from the handler's start to its final response.
@@ -57,7 +55,7 @@ def observed(handlers: list[Any]) -> list[Any]:
     noted = [(item[0], _noting(item[1], SERVICES[item[0]]), *item[2:]) if item[0] in SERVICES else item
              for item in handlers]
     return [*noted, (evt.EVT_CONN_OPEN, _opened), (evt.EVT_ACCEPTED, _accepted),
-            (evt.EVT_REJECTED, _rejected_by_pynetdicom), (evt.EVT_DIMSE_SENT, _answered), (evt.EVT_CONN_CLOSE, _closed)]
+            (evt.EVT_REJECTED, _rejected_by_pynetdicom), (evt.EVT_CONN_CLOSE, _closed)]
 
 
 @_safe
@@ -74,7 +72,7 @@ def _opened(event: evt.Event) -> None:
 def rejected(event: evt.Event, reason: str) -> None:
     """An association the node refused (its allow-list)."""
     title = str(event.assoc.requestor.primitive.calling_ae_title).strip()
-    _record(ev.USER_AUTHENTICATION, ASSOCIATE, "E", "4", f"association rejected: {reason}", event, title, [])
+    _record(ev.USER_AUTHENTICATION, ASSOCIATE, "E", "4", f"association rejected: {reason}", event.assoc, title, [])
 
 
 @_safe
@@ -88,18 +86,18 @@ def stored(event: evt.Event, status: int, facts: dict[str, Any] | None) -> None:
         if patient.get("id"):
             entities.append(ev.patient_identifier_entity(patient.get("issuer"), patient["id"]))
     desc = f"C-STORE status 0x{status:04X}" + ("" if facts else f" (SOP Instance UID {instance})")
-    _record(ev.INSTANCES_TRANSFERRED, ev.local("C-STORE"), "C", dimse_outcome(status), desc, event, None, entities)
+    _record(ev.INSTANCES_TRANSFERRED, ev.local("C-STORE"), "C", dimse_outcome(status), desc, event.assoc, None, entities)
 
 
 @_safe
 def _accepted(event: evt.Event) -> None:
-    _record(ev.USER_AUTHENTICATION, ASSOCIATE, "E", "0", "association accepted", event, None, [])
+    _record(ev.USER_AUTHENTICATION, ASSOCIATE, "E", "0", "association accepted", event.assoc, None, [])
 
 
 @_safe
 def _rejected_by_pynetdicom(event: evt.Event) -> None:
     """Rejections pynetdicom makes itself (too many associations, no acceptable context)."""
-    _record(ev.USER_AUTHENTICATION, ASSOCIATE, "E", "4", "association rejected", event, None, [])
+    _record(ev.USER_AUTHENTICATION, ASSOCIATE, "E", "4", "association rejected", event.assoc, None, [])
 
 
 def _noting(handler: Callable[..., Iterator[Any]], service: str) -> Callable[..., Iterator[Any]]:
@@ -116,27 +114,22 @@ def _noting(handler: Callable[..., Iterator[Any]], service: str) -> Callable[...
 
 
 @_safe
-def _answered(event: evt.Event) -> None:
-    """The final response of a C-FIND, C-MOVE or C-GET: its event, with the status sent."""
-    message = event.message
-    if type(message).__name__ not in FINAL_ANSWERS:
-        return
-    command = message.command_set
-    status = int(command.Status)
-    if status in PENDING:
-        return
-    found = _running.pop((id(event.assoc), int(command.MessageIDBeingRespondedTo)), None)
+def answered(assoc: Any, primitive: Any) -> None:
+    """A final C-FIND, C-MOVE or C-GET response, once sent (`dicom_node.direct.on_final_response`):
+    its event, with the status sent."""
+    status = int(primitive.Status)
+    found = _running.pop((id(assoc), int(primitive.MessageIDBeingRespondedTo)), None)
     if found is None:  # its request was noted when it came: an answer to nothing
         return
     service, studies = found
     desc = f"{service} status 0x{status:04X}"
-    counts = [(name, getattr(command, f"NumberOf{name.title()}Suboperations", None))
+    counts = [(name, getattr(primitive, f"NumberOf{name.title()}Suboperations", None))
               for name in ("completed", "failed", "warning")]
     if any(n is not None for _, n in counts):
         desc += ", sub-operations: " + ", ".join(f"{n} {name}" for name, n in counts if n is not None)
     kind, action = (ev.QUERY, "E") if service == "C-FIND" else (ev.INSTANCES_TRANSFERRED, "R")
     entities = [ev.study_entity(uid) for uid in studies]
-    _record(kind, ev.local(service), action, dimse_outcome(status), desc, event, None, entities)
+    _record(kind, ev.local(service), action, dimse_outcome(status), desc, assoc, None, entities)
 
 
 @_safe
@@ -150,12 +143,12 @@ def _closed(event: evt.Event) -> None:
 
 def _record(
     kind: dict[str, str], subtype: dict[str, str], action: str, outcome: str, desc: str,
-    event: evt.Event, title: str | None, entities: list[dict[str, Any]],
+    assoc: Any, title: str | None, entities: list[dict[str, Any]],
 ) -> None:
     trail = active()
     if trail is None:
         return
-    requestor = event.assoc.requestor
+    requestor = assoc.requestor
     name = title or str(requestor.ae_title).strip() or None
     requester = ev.Requester(address=requestor.address or None, name=name)
     trail.record(
