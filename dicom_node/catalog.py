@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from bson.codec_options import CodecOptions
 from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pymongo import ASCENDING, ReplaceOne, ReturnDocument
@@ -156,13 +157,15 @@ def patient_key(patient_id: str | None, issuer: str | None) -> str:
 
 class Catalog:
     def __init__(self, db: AsyncDatabase, files: FileStore | None = None, ae_title: str | None = None) -> None:
-        self.db = db
+        # Without the FHIR decimals' codec: the catalog holds none, and with a type registry
+        # the driver decodes every answer through Python (a fifth of a C-FIND's database time).
+        self.db = db.with_options(codec_options=CodecOptions(tz_aware=True))
         self.files = files
         self.ae_title = ae_title  # RetrieveAETitle of every match
-        self.patients: AsyncCollection = db[PATIENTS]
-        self.studies: AsyncCollection = db[STUDIES]
-        self.series: AsyncCollection = db[SERIES]
-        self.instances_: AsyncCollection = db[INSTANCES]
+        self.patients: AsyncCollection = self.db[PATIENTS]
+        self.studies: AsyncCollection = self.db[STUDIES]
+        self.series: AsyncCollection = self.db[SERIES]
+        self.instances_: AsyncCollection = self.db[INSTANCES]
         self._prepared = False
 
     async def prepare(self) -> None:
