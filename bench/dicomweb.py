@@ -5,8 +5,8 @@ bundled test files with fresh UIDs:
 
 - `--studies` small studies (1,000: 100 patients, `--per-study` CT/MR instances each), dates spread
   over 2023-2024, for the searches;
-- one large study (`--large` CT instances of 1600 x 1600 16-bit pixels, about 5 MB each), for
-  WADO-RS retrieval.
+- `--large` CT instances of 1600 x 1600 16-bit pixels, about 5 MB each, in two studies: the
+  first one's is retrieved by WADO-RS.
 
 Both targets are started (on empty storage) and hold the same data; then they are measured in
 `--rounds` interleaved rounds (this server, Orthanc, then Orthanc, this server...), so that
@@ -15,7 +15,7 @@ what the shared machine does meanwhile weighs on both alike. Over all rounds:
 - QIDO-RS study search latency: each query of `QUERIES` `--repeat` times over one HTTP connection
   per round (httpx, sequential), median and p95; the answers of the two targets are compared
   (same StudyInstanceUIDs, same PatientID, StudyDate, AccessionNumber per study);
-- WADO-RS study retrieval: `curl` of the large study as `multipart/related; type="application/dicom"`,
+- WADO-RS study retrieval: `curl` of that study as `multipart/related; type="application/dicom"`,
   once per round, MB/s (median), the body size checked against the files sent;
 - C-FIND latency: study-level Study Root queries by PatientID over one pynetdicom association
   per round, `--repeat` in all, median and p95;
