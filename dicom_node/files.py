@@ -10,8 +10,10 @@ store without either being in FHIR or having a marker that says it is not yet.
 """
 
 import contextlib
+import mmap
 import os
 import re
+import struct
 import time
 import zlib
 from dataclasses import dataclass
@@ -80,6 +82,35 @@ def dataset_offset(data: bytes) -> int:
     if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
         raise ValueError("not a Part 10 file with a File Meta group length")
     return 144 + int.from_bytes(data[140:144], "little")
+
+
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+def meta_transfer_syntax(data: bytes | mmap.mmap) -> str | None:
+    """The Transfer Syntax UID of a Part 10 file's File Meta group (`data`: the file, or its
+    start), read element by element (explicit VR little endian, PS3.10 7.1): a few µs where
+    pydicom takes a tenth of a millisecond. None when the group is not laid out so."""
+    if data[128:132] != b"DICM":
+        return None
+    position = 132
+    while position + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, position)
+        if group != 0x0002:
+            return None
+        vr = data[position + 4:position + 6]
+        if vr in LONG_VRS:
+            if position + 12 > len(data):
+                return None
+            length, start = struct.unpack_from("<I", data, position + 8)[0], position + 12
+        else:
+            length, start = struct.unpack_from("<H", data, position + 6)[0], position + 8
+        if element == 0x0010:
+            value = bytes(data[start:start + length])
+            uid = value.rstrip(b"\0 ").decode("ascii") if vr == b"UI" and value.isascii() else ""
+            return uid if len(value) == length and UID.fullmatch(uid) else None
+        position = start + length
+    return None
 
 
 def check_instance(path: Path, sop_instance_uid: str | None = None) -> Dataset:

@@ -445,3 +445,34 @@ def test_the_c_move_client_reads_responses_and_refuses_garbled_ones() -> None:
                   bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])):  # A-ABORT
         with pytest.raises(SubAssociationError):
             read(wrong)
+
+
+def test_the_file_meta_transfer_syntax_is_read_as_pydicom_reads_it() -> None:
+    """WADO-RS names each part's transfer syntax from the file's File Meta group, read without
+    pydicom (dicom_node/files.py): the same UID as pydicom's for every bundled test file it
+    reads; None (pydicom's way then) for what it cannot read, never an exception."""
+    from pathlib import Path
+
+    from pydicom.filereader import read_file_meta_info
+
+    from dicom_node.files import meta_transfer_syntax
+
+    compared = 0
+    for path in sorted((Path(pydicom.data.__file__).parent / "test_files").rglob("*.dcm")):  # bundled: no download
+        try:
+            expected = str(read_file_meta_info(path).get("TransferSyntaxUID", "") or "")
+        except Exception:  # noqa: BLE001 - files pydicom reads without a File Meta group
+            continue
+        data = open(path, "rb").read()  # noqa: SIM115
+        found = meta_transfer_syntax(data)
+        assert found in (expected, None), path
+        compared += found == expected
+        for cut in (130, 140, 150, len(data) // 2):
+            assert meta_transfer_syntax(data[:cut]) in (expected, None)  # a file cut short
+    assert compared >= 50
+    ct = open(get_testdata_file("CT_small.dcm"), "rb").read()  # noqa: SIM115
+    tag = ct.index(b"\x02\x00\x10\x00UI")
+    assert meta_transfer_syntax(ct[:tag + 6] + b"\xff\x00" + ct[tag + 8:]) is None  # a length past the value
+    assert meta_transfer_syntax(ct[:tag + 8] + b"\xff" * 20 + ct[tag + 28:]) is None  # not a UID
+    assert meta_transfer_syntax(ct[:tag + 4] + b"OB" + ct[tag + 6:]) is None  # not a UI element
+    assert meta_transfer_syntax(b"\0" * 128 + b"DICM" + b"\x08\x00\x05\x00CS\x00\x00") is None  # no File Meta

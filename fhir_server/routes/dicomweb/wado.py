@@ -30,7 +30,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from starlette.responses import Response, StreamingResponse
 
-from dicom_node.files import PIXEL_TAGS
+from dicom_node.files import PIXEL_TAGS, meta_transfer_syntax
 from fhir_server.errors import BadRequest, NotAcceptable, NotFound
 from fhir_server.routes.dicomweb import pixels
 from fhir_server.routes.dicomweb.common import (
@@ -77,16 +77,24 @@ def _stored(path: Path) -> _Stored | None:
     """The file's transfer syntax and content; None when it is gone."""
     try:
         with open(path, "rb") as handle:
-            try:
-                syntax = str(read_partial(handle, stop_when=lambda *_: True).file_meta.get("TransferSyntaxUID", "") or "")
-            except (OSError, ValueError, EOFError, InvalidDicomError) as exc:
-                LOGGER.warning("unreadable file meta of %s: %s", path, exc)
-                syntax = ""
             if not os.fstat(handle.fileno()).st_size:
-                return _Stored(syntax, b"")
-            return _Stored(syntax, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+                return _Stored(_syntax(handle, b""), b"")
+            content = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            return _Stored(_syntax(handle, content), content)
     except FileNotFoundError:
         return None
+
+
+def _syntax(handle: BinaryIO, content: mmap.mmap | bytes) -> str:
+    """The file's transfer syntax, from its File Meta group; "" when it has none to read."""
+    syntax = meta_transfer_syntax(content)
+    if syntax is not None:
+        return syntax
+    try:  # a layout the node does not write itself: pydicom's reading
+        return str(read_partial(handle, stop_when=lambda *_: True).file_meta.get("TransferSyntaxUID", "") or "")
+    except (OSError, ValueError, EOFError, InvalidDicomError) as exc:
+        LOGGER.warning("unreadable file meta of %s: %s", handle.name, exc)
+        return ""
 
 
 def _read_ahead(stored: _Stored) -> None:
