@@ -10,6 +10,8 @@ import asyncio
 import logging
 import ssl
 
+from pymongo.database import Database
+
 from dicom_node.catalog import Catalog
 from dicom_node.files import FileStore
 from dicom_node.indexing import DicomIndexer
@@ -30,13 +32,14 @@ def dicomweb_address(settings: Settings) -> str:
     return f"{scheme}://{settings.host}:{settings.port}/dicomweb"
 
 
-def indexer_for(settings: Settings, repository: ResourceRepository, searches: SearchService) -> DicomIndexer:
+def indexer_for(settings: Settings, repository: ResourceRepository, searches: SearchService, reader: Database) -> DicomIndexer:
+    """The DICOM store's indexer, and the catalog it keeps (read through `reader`, synchronous)."""
     files = FileStore(settings.data_dir / "dicom")
     files.prepare()
     return DicomIndexer(
         repository, searches, files,
         patient_system=settings.dicom_patient_system, endpoint_address=dicomweb_address(settings),
-        catalog=Catalog(repository.db, files, ae_title=settings.dicom_aet),
+        catalog=Catalog(repository.db, reader, files, ae_title=settings.dicom_aet),
     )
 
 

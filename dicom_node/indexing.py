@@ -65,12 +65,12 @@ class DicomIndexer:
         *,
         patient_system: str,
         endpoint_address: str,
-        catalog: Catalog | None = None,
+        catalog: Catalog,
     ) -> None:
         self.repository = repository
         self.searches = searches
         self.files = files
-        self.catalog = catalog or Catalog(repository.db, files)  # what query/retrieve answers from
+        self.catalog = catalog  # what query/retrieve answers from
         self.patient_system = patient_system
         self.endpoint_address = endpoint_address
         self.database_ok = True  # cleared by a lost connection, set again by a successful write
@@ -215,7 +215,8 @@ class DicomIndexer:
         """The other copies of `instances` these replace: the catalog's and `earlier`, those not
         newer than the copy being indexed (modification time, the time it was received)."""
         copies = {sop: list(found) for sop, found in earlier.items()}
-        for ref in await self.catalog.instances(sops=[f["instance"]["uid"] for f in instances]):
+        sops = [f["instance"]["uid"] for f in instances]
+        for ref in await asyncio.to_thread(lambda: self.catalog.instances(sops=sops)):
             copies.setdefault(ref.sop, []).append(Copy(ref.study, ref.series, ref.path))
         stale: list[Copy] = []
         for facts in instances:

@@ -237,7 +237,7 @@ class DicomNode:
         for context in AllStoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         # C-FIND, C-MOVE and C-GET from the catalog (dicom_node/query.py, retrieve.py).
-        self.query_retrieve = query_retrieve(self.ae, indexer.catalog, loop, destinations, client_tls)
+        self.query_retrieve = query_retrieve(self.ae, indexer.catalog, destinations, client_tls)
         self.max_pdu_bytes = max_pdu_bytes
         self.server: ThreadedAssociationServer | None = None
 

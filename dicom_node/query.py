@@ -1,18 +1,16 @@
 """C-FIND SCP: Patient Root and Study Root Query/Retrieve Information Model - FIND, answered from
 the catalog at the PATIENT, STUDY, SERIES and IMAGE levels.
 
-pynetdicom calls the handler in the association's thread; the catalog belongs to the server's
-event loop (its database client). Matches are pulled from the loop in small batches
-(`LoopIterator`) and sent one pending response each as they come; a C-CANCEL, looked for between
-matches, ends the answer with the Cancel status. An identifier that cannot be decoded or is no
-valid query gets a failure status, and the association goes on.
+pynetdicom calls the handler in the association's thread, which reads the catalog itself (its
+synchronous reader): matches are sent one pending response each as the database's cursor gives
+them; a C-CANCEL, looked for between matches, ends the answer with the Cancel status (and closes
+the cursor). An identifier that cannot be decoded or is no valid query gets a failure status,
+and the association goes on.
 """
 
-import asyncio
 import logging
-from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Generator, Iterator
+from typing import Any
 
 from bson.errors import BSONError
 from pydicom import Dataset
@@ -34,9 +32,6 @@ from dicom_node.statuses import (
 )
 
 LOGGER = logging.getLogger(__name__)
-T = TypeVar("T")
-
-LOOP_TIMEOUT_S = 300.0
 # Query/retrieve identifiers are small: the uncompressed syntaxes and deflate.
 QR_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
@@ -49,48 +44,6 @@ FIND_MODELS = {
     str(PatientRootQueryRetrieveInformationModelFind): "PATIENT",
     str(StudyRootQueryRetrieveInformationModelFind): "STUDY",
 }
-
-
-def on_loop(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run `coroutine` on the server's loop from a pynetdicom thread, and wait for it."""
-    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(LOOP_TIMEOUT_S)
-
-
-class LoopIterator(Iterator[T]):
-    """An async iterator of the event loop consumed from another thread, `batch` items per trip
-    to the loop (a trip costs about as much as a match)."""
-
-    def __init__(self, source: AsyncIterator[T], loop: asyncio.AbstractEventLoop, batch: int = 32) -> None:
-        self._source = source
-        self._loop = loop
-        self._batch = batch
-        self._buffer: deque[T] = deque()
-        self._exhausted = False
-
-    def __next__(self) -> T:
-        if not self._buffer and not self._exhausted:
-            items, self._exhausted = on_loop(self._loop, self._take())
-            self._buffer.extend(items)
-        if not self._buffer:
-            raise StopIteration
-        return self._buffer.popleft()
-
-    async def _take(self) -> tuple[list[T], bool]:
-        items: list[T] = []
-        try:
-            while len(items) < self._batch:
-                items.append(await anext(self._source))
-        except StopAsyncIteration:
-            return items, True
-        return items, False
-
-    def close(self) -> None:
-        """Stop the source early (a cancelled or failed answer): its cursor is closed."""
-        if not self._exhausted:
-            self._exhausted = True
-            aclose = getattr(self._source, "aclose", None)
-            if aclose is not None:
-                on_loop(self._loop, aclose())
 
 
 def query_level(identifier: Dataset, root: str) -> str:
@@ -119,9 +72,8 @@ def decoded(event: evt.Event) -> Dataset:
 class FindService:
     """The EVT_C_FIND handler over the catalog."""
 
-    def __init__(self, catalog: Catalog, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        self.loop = loop
         encoding.install()  # matches and command sets are encoded in one pass (dicom_node/encoding.py)
 
     def handle(self, event: evt.Event) -> Iterator[tuple[int, Dataset | encoding.EncodedIdentifier | None]]:
@@ -132,10 +84,10 @@ class FindService:
             LOGGER.warning("C-FIND refused (0x%04X): %s", UNABLE_TO_PROCESS, exc)
             yield UNABLE_TO_PROCESS, None
             return
-        matches: LoopIterator[dict[str, Any]] | None = None
+        matches: Generator[dict[str, Any], None, None] | None = None
         try:
             level = query_level(identifier, root)
-            matches = LoopIterator(self.catalog.find_json(level, identifier, root=root), self.loop)
+            matches = self.catalog.find_json(level, identifier, root=root)
             syntax = str(event.context.transfer_syntax)
             for response in matches:
                 if event.is_cancelled:
@@ -153,4 +105,4 @@ class FindService:
             yield UNABLE_TO_PROCESS, None
         finally:
             if matches is not None:
-                matches.close()
+                matches.close()  # its cursor, when the answer was cancelled or failed

@@ -16,7 +16,6 @@ for those sends only). A peer that accepted none fails that sub-operation, with 
 saying so.
 """
 
-import asyncio
 import contextlib
 import copy
 import logging
@@ -41,7 +40,7 @@ from pynetdicom.sop_class import (
 
 from dicom_node import store_scu
 from dicom_node.catalog import Catalog, InstanceRef
-from dicom_node.query import FIND_MODELS, QR_TRANSFER_SYNTAXES, FindService, decoded, on_loop, query_level
+from dicom_node.query import FIND_MODELS, QR_TRANSFER_SYNTAXES, FindService, decoded, query_level
 from dicom_node.statuses import (
     CANCEL,
     IDENTIFIER_DOES_NOT_MATCH,
@@ -223,11 +222,9 @@ class RetrieveService:
     """The EVT_C_MOVE and EVT_C_GET handlers over the catalog."""
 
     def __init__(
-        self, catalog: Catalog, loop: asyncio.AbstractEventLoop, destinations: dict[str, Destination],
-        client_tls: ssl.SSLContext | None = None,
+        self, catalog: Catalog, destinations: dict[str, Destination], client_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.catalog = catalog
-        self.loop = loop
         self.destinations = destinations
         # For destinations marked tls://: checks their certificate, offers the node's.
         self.client_tls = client_tls
@@ -286,7 +283,7 @@ class RetrieveService:
             return [], UNABLE_TO_PROCESS
         try:
             level = query_level(identifier, root)
-            return on_loop(self.loop, self._instances(level, identifier)), None
+            return self._instances(level, identifier), None
         except ValueError as exc:
             LOGGER.warning("retrieve refused (0x%04X): %s", IDENTIFIER_DOES_NOT_MATCH, exc)
             return [], IDENTIFIER_DOES_NOT_MATCH
@@ -294,7 +291,7 @@ class RetrieveService:
             LOGGER.error("retrieve failed, database error: %s", exc)
             return [], OUT_OF_RESOURCES
 
-    async def _instances(self, level: str, identifier: Dataset) -> list[InstanceRef]:
+    def _instances(self, level: str, identifier: Dataset) -> list[InstanceRef]:
         """The instances of the unique key at `level` (one value, or a list of UIDs: PS3.4
         C.4.2.2.1; PatientID with its IssuerOfPatientID when given), each once. ValueError when
         the identifier lacks that key."""
@@ -305,13 +302,13 @@ class RetrieveService:
             raise ValueError(f"a {level.lower()}-level retrieve needs {keyword}")
         found: dict[str, InstanceRef] = {}
         if level == "IMAGE":
-            batches = [await self.catalog.instances(sops=values)]
+            batches = [self.catalog.instances(sops=values)]
         elif level == "PATIENT":  # the patient key is PatientID in the namespace of its issuer
             issuer = next(iter(_values(identifier, "IssuerOfPatientID")), None)
-            batches = [await self.catalog.instances(patient_id=value, issuer=issuer) for value in values]
+            batches = [self.catalog.instances(patient_id=value, issuer=issuer) for value in values]
         else:
             criterion = {"STUDY": "study", "SERIES": "series"}[level]
-            batches = [await self.catalog.instances(**{criterion: value}) for value in values]
+            batches = [self.catalog.instances(**{criterion: value}) for value in values]
         for ref in (ref for batch in batches for ref in batch):
             found.setdefault(ref.sop, ref)
         return list(found.values())
@@ -326,16 +323,15 @@ def _values(identifier: Dataset, keyword: str) -> list[str]:
 
 
 def query_retrieve(
-    ae: AE, catalog: Catalog, loop: asyncio.AbstractEventLoop, destinations: str,
-    client_tls: ssl.SSLContext | None = None,
+    ae: AE, catalog: Catalog, destinations: str, client_tls: ssl.SSLContext | None = None,
 ) -> list[tuple[Any, Callable[..., Any]]]:
     """Make `ae` a Query/Retrieve SCP (FIND, MOVE and GET of both roots) over `catalog`: its
     presentation contexts, and the handlers to bind (`client_tls` for the C-MOVE destinations
     marked tls://). C-GET's sub-operations run on the SCU's own association with the roles
     reversed: the storage classes accept its role selection. ValueError for malformed
     destinations (the node does not start)."""
-    find = FindService(catalog, loop)
-    retrieve = RetrieveService(catalog, loop, parse_destinations(destinations), client_tls)
+    find = FindService(catalog)
+    retrieve = RetrieveService(catalog, parse_destinations(destinations), client_tls)
     open_sub_associations(ae)
     for sop_class in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS):
         ae.add_supported_context(sop_class, QR_TRANSFER_SYNTAXES)

@@ -188,10 +188,10 @@ async def _run_dicom(settings: Settings, action: str) -> None:
                                  max_count=settings.max_page_size, max_results=settings.max_search_results,
                                  max_included=settings.max_included)
         if action == "reindex":
-            indexed = await indexer_for(settings, repository, searches).reconcile(everything=True)
+            indexed = await indexer_for(settings, repository, searches, database.reader).reconcile(everything=True)
             print(f"{indexed} instances indexed")
             return
-        node = await start_node(settings, indexer_for(settings, repository, searches))
+        node = await start_node(settings, indexer_for(settings, repository, searches, database.reader))
         gc.collect()
         gc.freeze()  # as `serve` does once started
         stop = asyncio.Event()

@@ -103,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         # The DICOM store and its indexer serve DICOMweb (app.state.dicom) whether or not the
         # node listens for DIMSE; what a crash left (STOW-RS's too) is recovered either way.
-        app.state.dicom = indexer_for(settings, repository, app.state.search)
+        app.state.dicom = indexer_for(settings, repository, app.state.search, database.reader)
         node = None
         if settings.dicom_port:
             node = await start_node(settings, app.state.dicom)

@@ -17,8 +17,9 @@ from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, MongoClient
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.collection import Collection
 from pymongo.errors import OperationFailure
 from pynetdicom import service_class
 from pynetdicom.dsutils import encode as pynetdicom_encode
@@ -55,10 +56,13 @@ def run(database: EmbeddedDatabase, scenario: Callable[[Catalog], Coroutine[Any,
 
     async def main() -> None:
         client: AsyncMongoClient = AsyncMongoClient(database.uri)
+        reader: MongoClient = MongoClient(database.uri)
+        name = f"fhir_catalog_{unique()}"
         try:
-            await scenario(Catalog(client.get_database(f"fhir_catalog_{unique()}", codec_options=CODEC_OPTIONS)))
+            await scenario(Catalog(client.get_database(name, codec_options=CODEC_OPTIONS), reader[name]))
         finally:
             await client.close()
+            reader.close()
 
     asyncio.run(main())
 
@@ -109,15 +113,15 @@ def test_counts_are_right_after_a_write_failed_halfway(
 
 
 def record_finds(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
-    """Every (collection, filter) the catalog asks MongoDB for from now on."""
+    """Every (collection, filter) the catalog's queries ask MongoDB for from now on."""
     asked: list[tuple[str, dict[str, Any]]] = []
-    original = AsyncCollection.find
+    original = Collection.find
 
-    def find(self: AsyncCollection, *args: Any, **kwargs: Any) -> Any:
+    def find(self: Collection, *args: Any, **kwargs: Any) -> Any:
         asked.append((self.name, dict(args[0] if args else kwargs.get("filter") or {})))
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(AsyncCollection, "find", find)
+    monkeypatch.setattr(Collection, "find", find)
     return asked
 
 
@@ -152,12 +156,12 @@ def test_relational_queries_send_no_large_in_and_scoped_ones_read_their_study(
             monkeypatch.setattr(catalog_module, "MAX_IN", cap, raising=False)
             for level, query in queries.items():
                 asked.clear()
-                found = [ds async for ds in catalog.find(level, query)]
+                found = list(catalog.find(level, query))
                 assert {ds.StudyInstanceUID for ds in found} == set(studies), (cap, level)
                 assert longest_in(asked) <= longest, (cap, level)
         asked.clear()
         scoped = identifier(StudyInstanceUID=studies[0], StudyDescription=f"*{tag}*", SeriesInstanceUID="")
-        assert [ds.StudyInstanceUID async for ds in catalog.find("SERIES", scoped)] == [studies[0]]
+        assert [ds.StudyInstanceUID for ds in catalog.find("SERIES", scoped)] == [studies[0]]
         read = [f for name, f in asked if name == "dicom_studies"]
         assert read and all(f.get("_id") in ({"$in": [studies[0]]}, studies[0]) for f in read), read
 
@@ -186,7 +190,7 @@ def test_wildcards_are_narrowed_in_the_database_with_the_same_matches(
         ]
         for keys, expected, field in cases:
             asked.clear()
-            found = [ds async for ds in catalog.find("STUDY", identifier(StudyInstanceUID="", **keys))]
+            found = list(catalog.find("STUDY", identifier(StudyInstanceUID="", **keys)))
             assert {ds.StudyInstanceUID for ds in found} == {uids[n] for n in expected}, keys
             [(collection, sent)] = asked
             assert collection == "dicom_studies" and ({"$regex", "$gte"} & set(sent[field])), (keys, sent)
@@ -197,38 +201,48 @@ def test_wildcards_are_narrowed_in_the_database_with_the_same_matches(
 class BrokenCatalog:
     """A catalog whose every query is larger than a database document."""
 
-    async def find(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+    def find(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
         raise BSONError("document too large")
-        yield  # an async generator, as the catalog's
+        yield  # a generator, as the catalog's
 
     find_json = find
 
-    async def instances(self, **criteria: Any) -> list[Any]:
+    def instances(self, **criteria: Any) -> list[Any]:
         raise BSONError("document too large")
 
 
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The server's event loop, running in its own thread as the node's handlers expect."""
-    running = asyncio.new_event_loop()
-    thread = threading.Thread(target=running.run_forever, daemon=True)
-    thread.start()
-    yield running
-    running.call_soon_threadsafe(running.stop)
-    thread.join(5)
-    running.close()
+def test_c_find_reads_the_catalog_without_the_event_loop(database: EmbeddedDatabase) -> None:
+    """The C-FIND handler reads the catalog in the association's thread: it answers while the
+    event loop that writes the catalog is blocked (through the loop, it would wait forever)."""
+    tag, studies = unique(), [generate_uid() for _ in range(3)]
+
+    async def scenario(catalog: Catalog) -> None:
+        for study in studies:
+            await catalog.record([facts_of(study, generate_uid(), StudyDescription=f"thread {tag}")])
+        query = identifier(QueryRetrieveLevel="STUDY", StudyDescription=f"thread {tag}", StudyInstanceUID="")
+        event = SimpleNamespace(identifier=query, request=SimpleNamespace(AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind),
+                                context=SimpleNamespace(transfer_syntax=encoding.IMPLICIT_LE), is_cancelled=False)
+        answers: list[Any] = []
+        association = threading.Thread(target=lambda: answers.extend(FindService(catalog).handle(event)))
+        association.start()
+        association.join(20)  # the loop is blocked meanwhile: this coroutine does not yield
+        assert not association.is_alive()
+        assert [status for status, _ in answers] == [0xFF00] * 3
+        assert {match.json["0020000D"]["Value"][0] for _, match in answers} == set(studies)
+
+    run(database, scenario)
 
 
-def test_a_query_too_large_for_the_database_is_a_failure_status(loop: asyncio.AbstractEventLoop) -> None:
+def test_a_query_too_large_for_the_database_is_a_failure_status() -> None:
     """bson.errors.BSONError (not a PyMongoError) is answered as a database error is: C-FIND
     and C-GET 0xA700, QIDO-RS a 400 too-costly OperationOutcome; never an exception."""
     event = SimpleNamespace(identifier=identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=generate_uid()),
                             request=SimpleNamespace(AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind),
                             context=SimpleNamespace(transfer_syntax="1.2.840.10008.1.2"), is_cancelled=False)
     catalog: Any = BrokenCatalog()
-    assert list(FindService(catalog, loop).handle(event)) == [(0xA700, None)]
+    assert list(FindService(catalog).handle(event)) == [(0xA700, None)]
     event.request.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelGet
-    assert list(RetrieveService(catalog, loop, {}).handle_get(event)) == [1, (0xA700, None)]
+    assert list(RetrieveService(catalog, {}).handle_get(event)) == [1, (0xA700, None)]
 
     app = FastAPI()
     install_error_handlers(app)
@@ -249,12 +263,14 @@ def test_qido_answers_from_the_catalogs_json(database: EmbeddedDatabase, monkeyp
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client: AsyncMongoClient = AsyncMongoClient(database.uri)
-        catalog = Catalog(client.get_database(f"fhir_catalog_{tag}", codec_options=CODEC_OPTIONS))
+        reader: MongoClient = MongoClient(database.uri)
+        catalog = Catalog(client.get_database(f"fhir_catalog_{tag}", codec_options=CODEC_OPTIONS), reader[f"fhir_catalog_{tag}"])
         for study in studies:
             await catalog.record([facts_of(study, generate_uid(), StudyDescription=f"json {tag}")])
         app.state.dicom = SimpleNamespace(catalog=catalog)
         yield
         await client.close()
+        reader.close()
 
     app = FastAPI(lifespan=lifespan)
     install_error_handlers(app)

@@ -7,8 +7,9 @@ from decimal import Decimal
 
 from bson.codec_options import CodecOptions, TypeCodec, TypeRegistry
 from bson.decimal128 import Decimal128
-from pymongo import AsyncMongoClient, WriteConcern
+from pymongo import AsyncMongoClient, MongoClient, WriteConcern
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.database import Database as SyncDatabase
 
 from fhir_server.config import Settings
 from fhir_server.storage.embedded import EmbeddedDatabase
@@ -41,6 +42,9 @@ def write_concern(settings: Settings) -> WriteConcern:
 class Database:
     client: AsyncMongoClient
     db: AsyncDatabase
+    # The same database through the synchronous driver, for readers in threads of their own:
+    # the DICOM node's associations read the catalog without a trip to the event loop.
+    reader: SyncDatabase
     embedded: EmbeddedDatabase | None = None
 
     async def ping(self, timeout_s: float = 2.0) -> bool:
@@ -52,6 +56,7 @@ class Database:
 
     async def close(self) -> None:
         await self.client.close()
+        await asyncio.to_thread(self.reader.client.close)
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 
@@ -68,4 +73,7 @@ async def open_database(settings: Settings) -> Database:
     db = client.get_database(
         settings.mongodb_db, codec_options=CODEC_OPTIONS, write_concern=write_concern(settings)
     )
-    return Database(client, db, embedded)
+    # Its reads wait at most 5 minutes for an answer (a query of the DICOM node never hangs its association).
+    reader: MongoClient = MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=10_000, socketTimeoutMS=300_000,
+                                      connect=False)
+    return Database(client, db, reader.get_database(settings.mongodb_db, codec_options=CODEC_OPTIONS), embedded)

@@ -10,6 +10,7 @@ level (those of the levels above too when the search is not scoped to a study or
 RetrieveURL.
 """
 
+import asyncio
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -205,10 +206,9 @@ async def _search(request: Request, search: Search) -> Response:
     query = build_query(request, search)
     catalog = request.app.state.dicom.catalog
     wanted = min(limit or MAX_RESULTS, MAX_RESULTS)
-    found: list[dict[str, Any]] = []
     try:  # DICOM JSON as the catalog holds it: no Dataset made and converted back per match
-        async for item in catalog.find_json(search.level, query, limit=wanted + 1, offset=offset, fuzzy=fuzzy):
-            found.append(item)
+        found = await asyncio.to_thread(  # the catalog's synchronous reader, off the event loop
+            lambda: list(catalog.find_json(search.level, query, limit=wanted + 1, offset=offset, fuzzy=fuzzy)))
     except ValueError as exc:
         raise BadRequest(f"Invalid search: {exc}") from exc
     except BSONError as exc:  # a query larger than a database document
