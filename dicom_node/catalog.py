@@ -93,6 +93,7 @@ COMPUTED = {tag_hex(tag) for tag in PATIENT_COUNTS} | {tag_hex(int(tag_for_keywo
 # every study matching `PatientName=*` is held in memory).
 MAX_IN = 1000
 MAX_CACHED = 10_000  # parents a query keeps read (their views, or whether they match)
+PLAIN = CodecOptions(tz_aware=True)  # the catalog's documents: no FHIR decimals
 
 
 @functools.cache
@@ -168,8 +169,8 @@ class Catalog:
                  ae_title: str | None = None) -> None:
         # Without the FHIR decimals' codec: the catalog holds none, and with a type registry
         # the driver decodes every answer through Python (a fifth of a C-FIND's database time).
-        self.db = db.with_options(codec_options=CodecOptions(tz_aware=True))
-        self.reader = reader.with_options(codec_options=CodecOptions(tz_aware=True))
+        self.db = db.with_options(codec_options=PLAIN)
+        self.reader = reader.with_options(codec_options=PLAIN)
         self.files = files
         self.ae_title = ae_title  # RetrieveAETitle of every match
         self.patients: AsyncCollection = self.db[PATIENTS]

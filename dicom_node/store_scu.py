@@ -88,16 +88,19 @@ class StoreAssociation:
             LOGGER.warning("instance %s (%s) not sent to %s: it accepted no presentation context for it",
                            ref.sop, ref.transfer_syntax or "no transfer syntax", self.peer)
             raise ValueError(f"{self.peer} accepted no presentation context for {ref.sop_class} in {ref.transfer_syntax}")
-        try:
-            file = ref.path.open("rb")
-            start = dataset_offset(file.read(144))
-        except (OSError, ValueError) as exc:
-            LOGGER.warning("instance %s not sent to %s: %s", ref.sop, self.peer, exc)
-            raise
-        command = encoding.store_request(msg_id, ref.sop_class, ref.sop, originator_aet, originator_id)
-        with file:
+        with contextlib.ExitStack() as closing:
+            try:  # checked before anything is sent: the association goes on without this instance
+                file = closing.enter_context(ref.path.open("rb"))
+                start = dataset_offset(file.read(144))
+                size = os.fstat(file.fileno()).st_size - start
+                if size <= 0:
+                    raise ValueError("the file holds no data set")
+            except (OSError, ValueError) as exc:
+                LOGGER.warning("instance %s not sent to %s: %s", ref.sop, self.peer, exc)
+                raise
+            command = encoding.store_request(msg_id, ref.sop_class, ref.sop, originator_aet, originator_id)
             try:
-                self._send(context_id, command, file, start)
+                self._send(context_id, command, file, start, size)
                 return self._response(msg_id)
             except (OSError, SubAssociationError, ValueError) as exc:
                 self.abort()  # a message cut short cannot be resumed
@@ -134,12 +137,11 @@ class StoreAssociation:
                 self.sock.close()
             self.sock = None
 
-    def _send(self, context_id: int, command: bytes, file: BinaryIO, start: int) -> None:
-        """The command, then the file's data set from `start` on, in P-DATA-TF PDUs of one
-        fragment each, written some hundreds of kilobytes at a time."""
+    def _send(self, context_id: int, command: bytes, file: BinaryIO, start: int, remaining: int) -> None:
+        """The command, then the file's data set (`remaining` bytes from `start` on), in P-DATA-TF
+        PDUs of one fragment each, written some hundreds of kilobytes at a time."""
         assert self.sock is not None
         self.sock.settimeout(self.dimse_timeout_s)
-        remaining = os.fstat(file.fileno()).st_size - start
         file.seek(start)
         pending = self._framed(context_id, command, COMMAND, last=True)
         while remaining > 0:

@@ -463,6 +463,34 @@ def test_the_c_move_client_reads_responses_and_refuses_garbled_ones() -> None:
             read(wrong)
 
 
+def test_the_c_move_client_sends_nothing_of_a_file_without_a_data_set(tmp_path: Any) -> None:
+    """A stored file cut after its File Meta group fails its own sub-operation (ValueError)
+    before any byte goes out: the association with the destination stays up for the others."""
+    import socket
+
+    from dicom_node.catalog import InstanceRef
+    from dicom_node.files import dataset_offset
+    from dicom_node.retrieve import StoredInstance
+    from dicom_node.store_scu import StoreAssociation
+
+    data = open(get_testdata_file("CT_small.dcm"), "rb").read()  # noqa: SIM115
+    path = tmp_path / "meta-only.dcm"
+    path.write_bytes(data[:dataset_offset(data)])
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    ref = InstanceRef(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID,
+                      ds.file_meta.TransferSyntaxUID, path, path.stat().st_size)
+    mine, theirs = socket.socketpair()
+    with theirs:
+        client = StoreAssociation(mine, {(ref.sop_class, ref.transfer_syntax): 1}, 16384, 5, 5, "TEST")
+        with pytest.raises(ValueError, match="no data set"):
+            client.send_c_store(StoredInstance(ref))
+        assert client.is_established
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(1)  # nothing was sent
+        client.close()
+
+
 def test_the_file_meta_transfer_syntax_is_read_as_pydicom_reads_it() -> None:
     """WADO-RS names each part's transfer syntax from the file's File Meta group, read without
     pydicom (dicom_node/files.py): the same UID as pydicom's for every bundled test file it

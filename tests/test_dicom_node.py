@@ -19,7 +19,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
 from fhir_server.storage.embedded import EmbeddedDatabase
 
@@ -117,6 +117,20 @@ def echo(port: int, calling: str = "TESTSCU") -> bool:
     status = assoc.send_c_echo()
     assoc.release()
     return int(status.Status) == 0
+
+
+def find_studies(port: int, study_uid: str) -> list[int]:
+    """The statuses of a study-level C-FIND for `study_uid`."""
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title=AET)
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", study_uid
+    try:
+        return [int(status.Status) for status, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
+    finally:
+        assoc.release()
 
 
 def study(fhir: httpx.Client, uid: str) -> dict:
@@ -387,6 +401,7 @@ def test_database_down_refuses_instances_and_nothing_is_lost(tmp_path: Path) -> 
         refused = fresh("MR_small.dcm")
         assert scu_store(proc.dicom_port, [refused]) == [0xA700]
         assert echo(proc.dicom_port)  # still serving
+        assert find_studies(proc.dicom_port, first.StudyInstanceUID) == [0xA700]  # the catalog's reader too
         database.start()
         with httpx.Client(base_url=f"{proc.url}/fhir", timeout=60) as client:
             for _ in range(100):  # the node pings every 2 s, then indexes what was left
@@ -396,6 +411,7 @@ def test_database_down_refuses_instances_and_nothing_is_lost(tmp_path: Path) -> 
             assert study(client, first.StudyInstanceUID)["numberOfInstances"] == 1
             assert scu_store(proc.dicom_port, [refused]) == [0]
             assert study(client, refused.StudyInstanceUID)["numberOfInstances"] == 1
+        assert find_studies(proc.dicom_port, refused.StudyInstanceUID) == [0xFF00, 0x0000]  # it reconnected
     finally:
         proc.stop()
         database.stop()

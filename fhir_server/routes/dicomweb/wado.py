@@ -116,18 +116,18 @@ def _part_header(boundary: str, stored: _Stored) -> bytes:
     return multipart_header(boundary, [("Content-Type", content_type), ("Content-Length", str(len(stored.content)))])
 
 
-async def _instances(files: list[_Stored], boundary: str) -> AsyncIterator[bytes | memoryview]:
-    """Each file in a part of its own, handed to the server whole (it sends as the client
-    reads), the next one read ahead meanwhile."""
-    if files:
-        _read_ahead(files[0])
-    for i, stored in enumerate(files):
-        if i + 1 < len(files):
-            _read_ahead(files[i + 1])
-        yield _part_header(boundary, stored)
+async def _instances(parts: list[tuple[bytes, _Stored]], closing: bytes) -> AsyncIterator[bytes | memoryview]:
+    """Each file in a part of its own (after its header), handed to the server whole (it sends
+    as the client reads), the next one read ahead meanwhile."""
+    if parts:
+        _read_ahead(parts[0][1])
+    for i, (header, stored) in enumerate(parts):
+        if i + 1 < len(parts):
+            _read_ahead(parts[i + 1][1])
+        yield header
         yield memoryview(stored.content)
         yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode()
+    yield closing
 
 
 async def _retrieve(request: Request, study: str, series: str | None = None, instance: str | None = None) -> Response:
@@ -141,8 +141,9 @@ async def _retrieve(request: Request, study: str, series: str | None = None, ins
         raise NotAcceptable(f"Instances are sent as stored (never transcoded), here in {', '.join(sorted(stored))}: "
                             "not a transfer syntax the request accepts (transfer-syntax=* takes any)") from None
     boundary = uuid.uuid4().hex
-    length = sum(len(_part_header(boundary, f)) + len(f.content) + 2 for f in files) + len(f"--{boundary}--\r\n")
-    response = _multipart(_instances(files, boundary), DICOM, boundary)
+    parts, closing = [(_part_header(boundary, f), f) for f in files], f"--{boundary}--\r\n".encode()
+    length = sum(len(header) + len(f.content) + 2 for header, f in parts) + len(closing)
+    response = _multipart(_instances(parts, closing), DICOM, boundary)
     response.headers["Content-Length"] = str(length)
     return response
 
