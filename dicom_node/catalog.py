@@ -94,6 +94,10 @@ COMPUTED = {tag_hex(tag) for tag in PATIENT_COUNTS} | {tag_hex(int(tag_for_keywo
 MAX_IN = 1000
 MAX_CACHED = 10_000  # parents a query keeps read (their views, or whether they match)
 PLAIN = CodecOptions(tz_aware=True)  # the catalog's documents: no FHIR decimals
+# What `instances` reads of each instance: named fields, not "all but its DICOM JSON" (the embedded
+# database answers an exclusion 0.1 ms slower a query than the whole documents, an inclusion not).
+REF_FIELDS = dict.fromkeys(("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "TransferSyntaxUID",
+                            "InstanceNumber", "path", "size"), 1)
 
 
 @functools.cache
@@ -520,7 +524,7 @@ class Catalog:
             raise ValueError("which instances: a patient, study, series or SOP Instance UIDs")
         first = next(iter(criteria))  # one index: the most selective criterion; the rest checked here
         refs = []
-        for doc in self.reader[INSTANCES].find({first: criteria[first]}, {"json": 0}):  # not its DICOM JSON
+        for doc in self.reader[INSTANCES].find({first: criteria[first]}, REF_FIELDS):
             if all(_satisfies(doc.get(field), wanted) for field, wanted in criteria.items()):
                 refs.append(doc)
         refs.sort(key=lambda d: (d["StudyInstanceUID"], d["SeriesInstanceUID"],
