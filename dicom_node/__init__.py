@@ -80,6 +80,7 @@ async def start_node(settings: Settings, indexer: DicomIndexer) -> DicomNode:
         allowed=settings.dicom_allowed, max_associations=settings.dicom_max_associations,
         max_pdu_bytes=settings.dicom_max_pdu_bytes, fsync=settings.dicom_fsync,
         destinations=settings.dicom_destinations, connection_timeout_s=settings.dicom_connection_timeout_s,
+        dimse_timeout_s=settings.dicom_dimse_timeout_s,
         tls=tls, plain_port=settings.dicom_plain_port, client_tls=client_tls,
     )
     await asyncio.to_thread(node.start)

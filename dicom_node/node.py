@@ -207,6 +207,7 @@ class DicomNode:
         fsync: bool = True,
         destinations: str = "",
         connection_timeout_s: float = 10.0,
+        dimse_timeout_s: float = 60.0,
         tls: ssl.SSLContext | None = None,
         plain_port: int = 0,
         client_tls: ssl.SSLContext | None = None,
@@ -229,7 +230,7 @@ class DicomNode:
         self.ae.maximum_associations = max_associations
         self.ae.network_timeout = 60
         self.ae.acse_timeout = 30
-        self.ae.dimse_timeout = 60
+        self.ae.dimse_timeout = dimse_timeout_s
         # The associations the node requests (C-MOVE's to its destinations): a host that drops
         # packets would otherwise hold the retrieve for the system's SYN retries (minutes).
         self.ae.connection_timeout = connection_timeout_s

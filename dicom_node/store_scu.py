@@ -19,7 +19,6 @@ import logging
 import os
 import socket
 import ssl
-import struct
 from io import BytesIO
 from typing import Any, BinaryIO
 
@@ -213,7 +212,7 @@ def associate(
         if kind != ASSOCIATE_AC:
             raise SubAssociationError("rejected the association" if kind == ASSOCIATE_RJ else f"answered PDU type {kind:#04x}")
         results, peer_max = _accepted(pdu)
-    except (OSError, SubAssociationError, ValueError, struct.error, IndexError, KeyError) as exc:  # a garbled answer too
+    except (OSError, SubAssociationError, ValueError) as exc:  # a garbled answer too (`_accepted`)
         LOGGER.warning("C-MOVE destination %s: no association: %s", peer, exc)
         sock.close()
         return StoreAssociation(None, {}, 0, dimse_timeout_s, acse_timeout_s, peer)
@@ -254,15 +253,19 @@ def _request(calling_aet: str, called_aet: str, pairs: tuple[tuple[str, str], ..
 @functools.lru_cache(maxsize=256)
 def _accepted(pdu: bytes) -> tuple[tuple[tuple[int, str], ...], int]:
     """An A-ASSOCIATE-AC PDU's accepted contexts (id, transfer syntax) and the peer's largest
-    PDU (0: no limit). ValueError (or struct.error) for one that does not decode."""
-    answer = A_ASSOCIATE_AC()
-    answer.decode(pdu)
-    primitive = answer.to_primitive()
-    results = tuple((int(r.context_id), str(r.transfer_syntax[0])) for r in primitive.presentation_context_definition_results_list
-                    if r.result == 0 and r.transfer_syntax and r.context_id is not None)
-    peer_max = next((item.maximum_length_received for item in primitive.user_information
-                     if isinstance(item, MaximumLengthNotification)), 0) or 0
-    return results, int(peer_max)
+    PDU (0: no limit). ValueError for one that does not decode."""
+    try:
+        answer = A_ASSOCIATE_AC()
+        answer.decode(pdu)
+        primitive = answer.to_primitive()
+        results = tuple((int(r.context_id), str(r.transfer_syntax[0]))
+                        for r in primitive.presentation_context_definition_results_list
+                        if r.result == 0 and r.transfer_syntax and r.context_id is not None)
+        peer_max = next((item.maximum_length_received for item in primitive.user_information
+                         if isinstance(item, MaximumLengthNotification)), 0) or 0
+        return results, int(peer_max)
+    except Exception as exc:  # noqa: BLE001 - pynetdicom's decoding asserts, and fails on items in the wrong place
+        raise ValueError(f"an A-ASSOCIATE-AC that does not decode: {exc!r}") from exc
 
 
 def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:

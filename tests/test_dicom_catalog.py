@@ -463,22 +463,28 @@ def test_the_c_move_client_reads_responses_and_refuses_garbled_ones() -> None:
             read(wrong)
 
 
+def _stored_ref(path: Any, data_set: bytes | None = None) -> Any:
+    """CT_small's InstanceRef at `path`, the file written there: as stored, or with `data_set`
+    after its File Meta group."""
+    from dicom_node.catalog import InstanceRef
+    from dicom_node.files import dataset_offset
+
+    data = open(get_testdata_file("CT_small.dcm"), "rb").read()  # noqa: SIM115
+    path.write_bytes(data if data_set is None else data[:dataset_offset(data)] + data_set)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    return InstanceRef(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID,
+                       ds.file_meta.TransferSyntaxUID, path, path.stat().st_size)
+
+
 def test_the_c_move_client_sends_nothing_of_a_file_without_a_data_set(tmp_path: Any) -> None:
     """A stored file cut after its File Meta group fails its own sub-operation (ValueError)
     before any byte goes out: the association with the destination stays up for the others."""
     import socket
 
-    from dicom_node.catalog import InstanceRef
-    from dicom_node.files import dataset_offset
     from dicom_node.retrieve import StoredInstance
     from dicom_node.store_scu import StoreAssociation
 
-    data = open(get_testdata_file("CT_small.dcm"), "rb").read()  # noqa: SIM115
-    path = tmp_path / "meta-only.dcm"
-    path.write_bytes(data[:dataset_offset(data)])
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
-    ref = InstanceRef(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID,
-                      ds.file_meta.TransferSyntaxUID, path, path.stat().st_size)
+    ref = _stored_ref(tmp_path / "meta-only.dcm", b"")
     mine, theirs = socket.socketpair()
     with theirs:
         client = StoreAssociation(mine, {(ref.sop_class, ref.transfer_syntax): 1}, 16384, 5, 5, "TEST")
@@ -489,6 +495,72 @@ def test_the_c_move_client_sends_nothing_of_a_file_without_a_data_set(tmp_path: 
         with pytest.raises(BlockingIOError):
             theirs.recv(1)  # nothing was sent
         client.close()
+
+
+@pytest.mark.parametrize("stall", ["answering", "reading"])
+def test_the_c_move_client_gives_up_on_a_destination_that_stalls(tmp_path: Any, stall: str) -> None:
+    """A destination that stops reading mid data set, or never answers the C-STORE: after the
+    DIMSE timeout the sub-operation fails (SubAssociationError) and the association is aborted."""
+    import socket
+    import time
+
+    from dicom_node.files import dataset_offset
+    from dicom_node.retrieve import StoredInstance
+    from dicom_node.store_scu import ABORT_REQUEST, StoreAssociation, SubAssociationError
+
+    # 16 MB do not fit the socket pair's buffers: the send itself stalls
+    ref = _stored_ref(tmp_path / "stored.dcm", bytes(16 << 20) if stall == "reading" else None)
+    mine, theirs = socket.socketpair()
+    with theirs:
+        client = StoreAssociation(mine, {(ref.sop_class, ref.transfer_syntax): 1}, 16384, 0.5, 5, "TEST")
+        started = time.monotonic()
+        with pytest.raises(SubAssociationError):
+            client.send_c_store(StoredInstance(ref))
+        assert 0.4 < time.monotonic() - started < 5
+        assert not client.is_established
+        received = bytearray()
+        theirs.settimeout(5)
+        while chunk := theirs.recv(1 << 20):  # what was sent, then the connection closed
+            received += chunk
+        if stall == "answering":  # the whole message went out: the abort follows it
+            assert received.endswith(ABORT_REQUEST)
+            assert len(received) > ref.size - dataset_offset(ref.path.read_bytes())  # the whole data set, framed
+        with pytest.raises(SubAssociationError):
+            client.send_c_store(StoredInstance(ref))  # the sub-operations left fail at once
+
+
+def test_the_c_move_client_takes_a_garbled_association_answer_for_no_association() -> None:
+    """An A-ASSOCIATE-AC that pynetdicom's PDU class cannot decode (here it asserted), cut short,
+    or a PDU of no association type: no association (the C-MOVE answers 0xA801), nothing raised."""
+    import socket
+
+    from dicom_node.store_scu import associate
+
+    items = bytes(72)  # the fixed part: protocol version, reserved, AE titles, reserved
+    items = b"\x00\x01" + items[2:68] + b"\x10\x00\x00\x15"  # then an item header, and its value missing
+    answers = [bytes([0x02, 0, 0, 0, 0, len(items)]) + items,  # decoding it asserted
+               bytes([0x02, 0, 0, 0, 0, 200]) + bytes(10),  # cut short: the connection closes
+               bytes([0x09, 0, 0, 0, 0, 4, 0, 0, 0, 0])]  # no PDU type
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(len(answers))
+
+        def answer() -> None:
+            for reply in answers:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(reply)
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        for reply in answers:
+            assoc = associate("127.0.0.1", listener.getsockname()[1], calling_aet="ME", called_aet="DEST",
+                              contexts=(("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"),), max_pdu=16384,
+                              implementation=("1.2.3", None), connect_timeout_s=5, acse_timeout_s=5,
+                              dimse_timeout_s=5)
+            assert not assoc.is_established, reply.hex()
+        thread.join(5)
 
 
 def test_the_file_meta_transfer_syntax_is_read_as_pydicom_reads_it() -> None:

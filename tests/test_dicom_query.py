@@ -2,11 +2,13 @@
 DCMTK storescp destinations started here) and getscu, and pynetdicom for C-CANCEL, the counts of
 the final responses and identifiers no SCP should choke on."""
 
+import contextlib
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -37,6 +39,7 @@ AET = "FHIRSERVER"
 TAG = unique()[:6]
 TOOLS_ENV = {**os.environ, "TCP_NODELAY": "1"}
 J2K = "1.2.840.10008.1.2.4.91"
+DIMSE_TIMEOUT_S = 3  # the node's, for the STALLS destination
 
 
 class Studies:
@@ -106,7 +109,9 @@ def start_storescp(title: str, folder: Path, *options: str) -> tuple[subprocess.
 def destinations(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, int]]]:
     """DEST accepts every transfer syntax; PLAIN (storescp's default) only uncompressed ones;
     SMALL every syntax in PDUs of at most 4 KB (DCMTK's least); REFUSE no association; ABORTS
-    (pynetdicom) aborts the association at its first C-STORE."""
+    (pynetdicom) aborts the association at its first C-STORE; STALLS (pynetdicom) answers a
+    C-STORE after the node's DIMSE timeout; GARBLED answers an A-ASSOCIATE-RQ with an
+    A-ASSOCIATE-AC that does not decode."""
     root = tmp_path_factory.mktemp("destinations")
     everything, port = start_storescp("DEST", root / "dest", "+xa")
     plain, plain_port = start_storescp("PLAIN", root / "plain")
@@ -120,8 +125,31 @@ def destinations(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
         return 0xC000
 
     server = aborting.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, abort)])
+    stalling = AE(ae_title="STALLS")
+    stalling.supported_contexts = AllStoragePresentationContexts
+
+    def stall(event: evt.Event) -> int:
+        time.sleep(DIMSE_TIMEOUT_S + 2)
+        return 0x0000
+
+    stalls = stalling.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, stall)])
+    garbled = socket.create_server(("127.0.0.1", 0))
+    items = b"\x00\x01" + bytes(66) + b"\x10\x00\x00\x15"  # the fixed part, then an item cut short
+
+    def answer_garbled() -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                conn, _ = garbled.accept()
+                with conn, contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(bytes([0x02, 0, 0, 0, 0, len(items)]) + items)
+
+    threading.Thread(target=answer_garbled, daemon=True).start()
     yield {"DEST": (root / "dest", port), "PLAIN": (root / "plain", plain_port), "SMALL": (root / "small", small_port),
-           "REFUSE": (root / "refuse", refusing_port), "ABORTS": (root / "aborts", server.server_address[1])}
+           "REFUSE": (root / "refuse", refusing_port), "ABORTS": (root / "aborts", server.server_address[1]),
+           "STALLS": (root / "stalls", stalls.server_address[1]), "GARBLED": (root / "garbled", garbled.getsockname()[1])}
+    garbled.close()
+    stalls.shutdown()
     server.shutdown()
     for process in (everything, plain, small, refusing):
         process.terminate()
@@ -147,7 +175,7 @@ def node(
     known = ",".join(f"{title}=127.0.0.1:{port}" for title, (_, port) in destinations.items())
     env = {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "fhir_dicom_qr", "FHIR_DICOM_AET": AET,
            "FHIR_DICOM_DESTINATIONS": f"{known},DOWN=127.0.0.1:{free_port()},HOLE=127.0.0.1:{black_hole}",
-           "FHIR_DICOM_CONNECTION_TIMEOUT_S": "2"}
+           "FHIR_DICOM_CONNECTION_TIMEOUT_S": "2", "FHIR_DICOM_DIMSE_TIMEOUT_S": str(DIMSE_TIMEOUT_S)}
     proc = ServerProcess(tmp_path_factory.mktemp("dicom_qr"), env).start()
     yield proc
     proc.stop()
@@ -479,6 +507,26 @@ def test_move_fragments_and_survives_destinations_that_refuse_or_abort(
         assert (int(final.Status), counts(final)[1:]) == (0xA702, (0, 3, 0))
         sent = {ds.SOPInstanceUID for ds in studies.of(StudyInstanceUID=studies.a1)}
         assert set(identifier.FailedSOPInstanceUIDList) == sent
+        again = list(assoc.send_c_move(query("SERIES", StudyInstanceUID=studies.b1, SeriesInstanceUID=studies.b1_mr),
+                                       "DEST", model))
+        assert (int(again[-1][0].Status), counts(again[-1][0])[1:]) == (0x0000, (1, 0, 0))
+    finally:
+        assoc.release()
+
+
+def test_move_gives_up_on_a_destination_that_stalls_or_garbles(node: ServerProcess, studies: Studies) -> None:
+    """A destination that does not answer a C-STORE within the DIMSE timeout: that sub-operation
+    and the ones left fail (0xA702), once the timeout has passed, not later. One whose
+    A-ASSOCIATE-AC does not decode: 0xA801. The requestor's association goes on after both."""
+    model = StudyRootQueryRetrieveInformationModelMove
+    assoc = association(node.dicom_port, model)
+    try:
+        started = time.monotonic()
+        stalled = list(assoc.send_c_move(query("STUDY", StudyInstanceUID=studies.a1), "STALLS", model))
+        assert (int(stalled[-1][0].Status), counts(stalled[-1][0])[1:]) == (0xA702, (0, 3, 0))
+        assert DIMSE_TIMEOUT_S - 0.5 < time.monotonic() - started < DIMSE_TIMEOUT_S + 10
+        [(garbled, _)] = list(assoc.send_c_move(query("STUDY", StudyInstanceUID=studies.a1), "GARBLED", model))
+        assert int(garbled.Status) == 0xA801
         again = list(assoc.send_c_move(query("SERIES", StudyInstanceUID=studies.b1, SeriesInstanceUID=studies.b1_mr),
                                        "DEST", model))
         assert (int(again[-1][0].Status), counts(again[-1][0])[1:]) == (0x0000, (1, 0, 0))
