@@ -50,7 +50,6 @@ from dicom_node.statuses import (
 )
 
 LOGGER = logging.getLogger(__name__)
-MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2: odd ids 1-255)
 MOVE_MODELS = {
     str(PatientRootQueryRetrieveInformationModelMove): "PATIENT",
     str(StudyRootQueryRetrieveInformationModelMove): "STUDY",
@@ -191,10 +190,10 @@ def storage_contexts(refs: list[InstanceRef]) -> tuple[tuple[str, str], ...]:
     in each transfer syntax it is stored in, one context each, so that the destination accepts
     or refuses every pair alone."""
     pairs = sorted({(ref.sop_class, ref.transfer_syntax) for ref in refs if ref.transfer_syntax})
-    if len(pairs) > MAX_CONTEXTS:
+    if len(pairs) > store_scu.MAX_CONTEXTS:
         LOGGER.warning("C-MOVE: %d SOP class and transfer syntax pairs, %d proposed (the others fail)",
-                       len(pairs), MAX_CONTEXTS)
-    return tuple(pairs[:MAX_CONTEXTS]) or ((str(Verification), str(ImplicitVRLittleEndian)),)
+                       len(pairs), store_scu.MAX_CONTEXTS)
+    return tuple(pairs[:store_scu.MAX_CONTEXTS]) or ((str(Verification), str(ImplicitVRLittleEndian)),)
 
 
 def prefer_requestor_syntaxes(event: evt.Event) -> None:

@@ -19,9 +19,9 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, Association, build_context, evt
 
 from dicom_node import reactors
+from dicom_node.store_scu import MAX_CONTEXTS
 
 LOGGER = logging.getLogger(__name__)
-MAX_CONTEXTS = 128  # PS3.8: presentation context ids are odd numbers 1 to 255
 
 
 class StoreError(Exception):

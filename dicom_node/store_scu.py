@@ -47,6 +47,7 @@ NO_DATA_SET = 0x0101
 FRAGMENT_UNLIMITED = 1 << 20  # the fragment size when the destination sets no maximum
 SEND_BATCH = 1 << 18  # bytes of file read and written at once
 MAX_PDU_READ = 1 << 24  # a response PDU longer than this is no C-STORE response
+MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2: odd ids 1 to 255)
 
 
 class SubAssociationError(Exception):
