@@ -22,23 +22,23 @@ class TlsConfigError(ValueError):
     """A certificate, key or CA file that is missing or unusable (the node does not start)."""
 
 
-def _readable(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise TlsConfigError(f"{what} {path}: no such file")
-    return path
-
-
-def server_context(certfile: Path, keyfile: Path, ca_file: Path | None = None) -> ssl.SSLContext:
-    """The node's TLS: its certificate; with `ca_file`, peers must present one signed by it."""
+def server_context(certfile: Path, keyfile: Path | None, ca_file: Path | None = None, *,
+                   setting: str = "FHIR_DICOM_TLS", what: str = "DICOM TLS") -> ssl.SSLContext:
+    """A server's TLS (the node's; HTTPS's is checked with it): its certificate; with `ca_file`,
+    peers must present one signed by it. TlsConfigError names the setting (`{setting}_CERTFILE`...)
+    of a file that is missing, or says the files cannot be used."""
+    for suffix, path in (("CERTFILE", certfile), ("KEYFILE", keyfile), ("CA_FILE", ca_file)):
+        if path is not None and not path.is_file():
+            raise TlsConfigError(f"{setting}_{suffix} {path}: no such file")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(_readable(certfile, "FHIR_DICOM_TLS_CERTFILE"), _readable(keyfile, "FHIR_DICOM_TLS_KEYFILE"))
+        context.load_cert_chain(certfile, keyfile)
         if ca_file is not None:
-            context.load_verify_locations(_readable(ca_file, "FHIR_DICOM_TLS_CA_FILE"))
+            context.load_verify_locations(ca_file)
             context.verify_mode = ssl.CERT_REQUIRED
     except ssl.SSLError as exc:
-        raise TlsConfigError(f"DICOM TLS: the certificate, key or CA file cannot be used: {exc}") from exc
+        raise TlsConfigError(f"{what}: the certificate, key or CA file cannot be used: {exc}") from exc
     return context
 
 

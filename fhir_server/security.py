@@ -53,28 +53,19 @@ def check_transport(settings: Settings) -> dict[str, Any]:
     """uvicorn's HTTPS options, after checking that the files exist and make a context (a clear
     error at start, not a stack trace); the DICOM node's TLS files are checked too."""
     from dicom_node import tls_contexts
-    from dicom_node.tls import TlsConfigError
+    from dicom_node.tls import TlsConfigError, server_context
 
+    certfile, keyfile, ca_file = settings.tls_certfile, settings.tls_keyfile, settings.tls_ca_file
     try:
         if settings.dicom_port:
             tls_contexts(settings)
+        if certfile is None:
+            if keyfile is not None or ca_file is not None:
+                raise SystemExit("HTTPS needs FHIR_TLS_CERTFILE (and FHIR_TLS_KEYFILE unless the key is in it)")
+            return {}
+        server_context(certfile, keyfile, ca_file, setting="FHIR_TLS", what="HTTPS")  # what uvicorn will load
     except TlsConfigError as exc:
         raise SystemExit(str(exc)) from exc
-    certfile, keyfile, ca_file = settings.tls_certfile, settings.tls_keyfile, settings.tls_ca_file
-    if certfile is None:
-        if keyfile is not None or ca_file is not None:
-            raise SystemExit("HTTPS needs FHIR_TLS_CERTFILE (and FHIR_TLS_KEYFILE unless the key is in it)")
-        return {}
-    for name, path in (("FHIR_TLS_CERTFILE", certfile), ("FHIR_TLS_KEYFILE", keyfile), ("FHIR_TLS_CA_FILE", ca_file)):
-        if path is not None and not path.is_file():
-            raise SystemExit(f"{name} {path}: no such file")
-    try:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(certfile, keyfile)
-        if ca_file is not None:
-            context.load_verify_locations(ca_file)
-    except ssl.SSLError as exc:
-        raise SystemExit(f"HTTPS: the certificate, key or CA file cannot be used: {exc}") from exc
     options: dict[str, Any] = {"ssl_certfile": certfile, "ssl_keyfile": keyfile}
     if ca_file is not None:  # clients must present a certificate the CA signed
         options |= {"ssl_ca_certs": str(ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
