@@ -127,6 +127,10 @@ def test_a_request_without_a_valid_token_is_401(secured: Secured, world: dict[st
     assert httpx.get(f"{secured.base}/metadata").status_code == 200
     smart = httpx.get(f"{secured.base}/.well-known/smart-configuration").json()
     assert smart["token_endpoint"] == f"{secured.issuer}/token"
+    openid = httpx.get(f"{secured.issuer}/.well-known/openid-configuration").json()
+    for name in ("issuer", "jwks_uri", "authorization_endpoint", "token_endpoint"):
+        assert openid[name] == smart[name], name
+    assert openid["issuer"] == secured.issuer and openid["jwks_uri"] == f"{secured.issuer}/jwks"
 
 
 def test_the_capability_statement_describes_the_security(secured: Secured) -> None:

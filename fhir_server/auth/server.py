@@ -67,10 +67,7 @@ class AuthServer:
     def smart_configuration(self, issuer: str) -> dict[str, Any]:
         """`/.well-known/smart-configuration` (SMART App Launch 2.0, 2.1)."""
         return {
-            "issuer": issuer,
-            "jwks_uri": f"{issuer}/jwks",
-            "authorization_endpoint": f"{issuer}/authorize",
-            "token_endpoint": f"{issuer}/token",
+            **_endpoints(issuer),
             "introspection_endpoint": f"{issuer}/introspect",
             "revocation_endpoint": f"{issuer}/revoke",
             "grant_types_supported": GRANT_TYPES,
@@ -90,10 +87,7 @@ class AuthServer:
     def openid_configuration(self, issuer: str) -> dict[str, Any]:
         """OpenID Connect discovery, for the id_token this server issues (sso-openid-connect)."""
         return {
-            "issuer": issuer,
-            "jwks_uri": f"{issuer}/jwks",
-            "authorization_endpoint": f"{issuer}/authorize",
-            "token_endpoint": f"{issuer}/token",
+            **_endpoints(issuer),
             "response_types_supported": ["code"],
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["ES256"],
@@ -240,3 +234,8 @@ class AuthServer:
         if claims.issuer == issuer and claims.token_id and claims.client_id == client.client_id:
             await revoke(self.db, claims.token_id, claims.expires)
 
+
+def _endpoints(issuer: str) -> dict[str, str]:
+    """What the SMART and the OpenID Connect discovery documents both name."""
+    return {"issuer": issuer, "jwks_uri": f"{issuer}/jwks", "authorization_endpoint": f"{issuer}/authorize",
+            "token_endpoint": f"{issuer}/token"}
