@@ -86,9 +86,9 @@ class Settings(BaseSettings):
     # How long the node waits for a C-MOVE destination's TCP connection (then 0xA801): without
     # it, a host that drops packets holds the retrieve for the system's minutes-long SYN retries.
     dicom_connection_timeout_s: float = Field(default=10.0, gt=0)
-    # How long the node waits for a peer's DIMSE message it expects: a C-MOVE destination's or a
-    # C-GET requestor's C-STORE response (then the association is aborted, and that sub-operation
-    # and the ones not yet sent fail).
+    # How long the node waits for a C-STORE response: a C-MOVE destination's (then that association
+    # is aborted, and that sub-operation and the ones left fail: 0xA702), a C-GET requestor's (then
+    # the requestor's association is aborted, as pynetdicom does).
     dicom_dimse_timeout_s: float = Field(default=60.0, gt=0)
     # At start-up, files in the DICOM store's `incoming` folder older than this are removed (what
     # a crash left half-received); younger ones may be another process's receiving, on a shared

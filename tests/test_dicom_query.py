@@ -682,6 +682,40 @@ def test_pynetdicom_get_with_role_selection(node: ServerProcess, studies: Studie
     assert got == {mr.SOPInstanceUID: dataset_bytes(stored(node, mr))}
 
 
+def test_a_get_requestor_that_does_not_answer_its_c_store_is_aborted(node: ServerProcess, studies: Studies) -> None:
+    """A C-GET requestor that does not answer a C-STORE within the node's DIMSE timeout has its
+    association aborted (pynetdicom's way): once the timeout has passed; the node goes on."""
+    [mr] = studies.of(SeriesInstanceUID=studies.a1_mr)
+
+    def on_store(event: evt.Event) -> int:
+        time.sleep(DIMSE_TIMEOUT_S + 2)
+        return 0
+
+    ae = AE(ae_title="PYGETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(mr.SOPClassUID, ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title=AET, ext_neg=[build_role(mr.SOPClassUID, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    started = time.monotonic()
+    try:
+        list(assoc.send_c_get(query("SERIES", StudyInstanceUID=studies.a1, SeriesInstanceUID=studies.a1_mr),
+                              StudyRootQueryRetrieveInformationModelGet))
+        deadline = time.monotonic() + 30
+        while assoc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert assoc.is_aborted
+        assert DIMSE_TIMEOUT_S - 0.5 < time.monotonic() - started < DIMSE_TIMEOUT_S + 10
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+    echo = association(node.dicom_port, Verification)
+    try:
+        assert int(echo.send_c_echo().Status) == 0  # type: ignore[attr-defined]
+    finally:
+        echo.release()  # type: ignore[attr-defined]
+
+
 def test_a_get_associations_syntax_order_is_its_own(node: ServerProcess, studies: Studies) -> None:
     """A C-GET SCU's preferred syntax is accepted on its association only: a later association
     proposing the same syntaxes gets the node's own first choice (implicit VR)."""
