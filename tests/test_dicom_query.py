@@ -10,9 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -657,6 +658,18 @@ def test_patient_level_retrieve_honours_the_issuer(node: ServerProcess, tmp_path
     assert set(got) == {ds.SOPInstanceUID for ds in sent.values()}, output
 
 
+def get_association(node: ServerProcess, instance: Dataset, on_store: Callable[[evt.Event], int]) -> Any:
+    """A pynetdicom C-GET association that takes `instance`'s class in implicit VR only, its
+    C-STOREs answered by `on_store`."""
+    ae = AE(ae_title="PYGETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(instance.SOPClassUID, ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title=AET,
+                         ext_neg=[build_role(instance.SOPClassUID, scp_role=True)], evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    return assoc
+
+
 def test_pynetdicom_get_with_role_selection(node: ServerProcess, studies: Studies) -> None:
     """An SCU proposing the implicit VR syntax alone gets the implicit VR instance as stored."""
     [mr] = studies.of(SeriesInstanceUID=studies.a1_mr)
@@ -666,12 +679,7 @@ def test_pynetdicom_get_with_role_selection(node: ServerProcess, studies: Studie
         got[str(event.request.AffectedSOPInstanceUID)] = event.request.DataSet.getvalue()
         return 0
 
-    ae = AE(ae_title="PYGETSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(mr.SOPClassUID, ImplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title=AET, ext_neg=[build_role(mr.SOPClassUID, scp_role=True)],
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
+    assoc = get_association(node, mr, on_store)
     try:
         responses = list(assoc.send_c_get(query("SERIES", StudyInstanceUID=studies.a1, SeriesInstanceUID=studies.a1_mr),
                                           StudyRootQueryRetrieveInformationModelGet))
@@ -691,12 +699,7 @@ def test_a_get_requestor_that_does_not_answer_its_c_store_is_aborted(node: Serve
         time.sleep(DIMSE_TIMEOUT_S + 2)
         return 0
 
-    ae = AE(ae_title="PYGETSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(mr.SOPClassUID, ImplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title=AET, ext_neg=[build_role(mr.SOPClassUID, scp_role=True)],
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
+    assoc = get_association(node, mr, on_store)
     started = time.monotonic()
     try:
         list(assoc.send_c_get(query("SERIES", StudyInstanceUID=studies.a1, SeriesInstanceUID=studies.a1_mr),
