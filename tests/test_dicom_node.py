@@ -287,6 +287,11 @@ def test_garbage_abort_and_oversized_requests_cost_only_their_connection(node: S
     with socket.create_connection(("127.0.0.1", node.dicom_port), timeout=10) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 10)
     with socket.create_connection(("127.0.0.1", node.dicom_port), timeout=10) as sock:
+        # An A-ASSOCIATE-RQ whose first item is cut short (pynetdicom's decoder asserts): A-ABORT at once.
+        items = b"\x00\x01" + bytes(66) + b"\x10\x00\x00\x15"
+        sock.sendall(struct.pack(">BBL", 0x01, 0x00, len(items)) + items)
+        assert sock.recv(1) == b"\x07"
+    with socket.create_connection(("127.0.0.1", node.dicom_port), timeout=10) as sock:
         # An A-ASSOCIATE-RQ declaring 4 GiB, then a stream of bytes: dropped, not buffered.
         sock.sendall(struct.pack(">BBL", 0x01, 0x00, 0xFFFFFFF0))
         try:
