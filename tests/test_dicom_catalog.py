@@ -536,8 +536,8 @@ def test_the_c_move_client_takes_a_garbled_association_answer_for_no_association
 
     from dicom_node.store_scu import associate
 
-    items = bytes(72)  # the fixed part: protocol version, reserved, AE titles, reserved
-    items = b"\x00\x01" + items[2:68] + b"\x10\x00\x00\x15"  # then an item header, and its value missing
+    # The fixed part (protocol version, reserved, AE titles, reserved), then an item cut short.
+    items = b"\x00\x01" + bytes(66) + b"\x10\x00\x00\x15"
     answers = [bytes([0x02, 0, 0, 0, 0, len(items)]) + items,  # decoding it asserted
                bytes([0x02, 0, 0, 0, 0, 200]) + bytes(10),  # cut short: the connection closes
                bytes([0x09, 0, 0, 0, 0, 4, 0, 0, 0, 0])]  # no PDU type
