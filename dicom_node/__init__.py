@@ -47,7 +47,9 @@ async def recover(settings: Settings, indexer: DicomIndexer) -> None:
     """What a crash left: files half-received (older than `dicom_incoming_stale_s`: a younger
     one may be another process's, on a shared data folder), and instances placed, by C-STORE or
     STOW-RS, but not yet indexed (their markers). Run at every start, whether or not the node
-    listens for DIMSE."""
+    listens for DIMSE; the catalog's indexes are made first (its synchronous reads do not make
+    them, and a catalog only ever read would be searched without them)."""
+    await indexer.catalog.prepare()
     removed = await asyncio.to_thread(indexer.files.sweep_incoming, settings.dicom_incoming_stale_s)
     if removed:
         LOGGER.info("removed %d files left half-received in %s", removed, indexer.files.incoming)

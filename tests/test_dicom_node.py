@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pydicom
+import pymongo
 import pytest
 from conftest import ServerProcess, free_port, unique
 from pydicom.data import get_testdata_file
@@ -314,6 +315,19 @@ def test_a_connection_that_sends_nothing_holds_up_no_other(node: ServerProcess) 
         started = time.monotonic()
         assert echo(node.dicom_port)
         assert time.monotonic() - started < 5
+
+
+def test_the_catalog_is_indexed_at_start_before_anything_is_stored(database: EmbeddedDatabase, tmp_path: Path) -> None:
+    """C-FIND and QIDO-RS read the catalog without making its indexes: the start makes them."""
+    proc = ServerProcess(tmp_path, {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "fhir_dicom_fresh_catalog"})
+    proc.dicom_port = 0  # DICOMweb only: recovered and prepared all the same
+    proc.start()
+    try:
+        with pymongo.MongoClient(database.uri) as client:
+            indexes = client["fhir_dicom_fresh_catalog"]["dicom_studies"].index_information()
+        assert {"PatientID_1", "AccessionNumber_1", "StudyDate_1"} <= set(indexes)
+    finally:
+        proc.stop()
 
 
 def test_allow_list_rejects_unknown_callers(database: EmbeddedDatabase, tmp_path: Path) -> None:
