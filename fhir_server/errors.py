@@ -134,6 +134,12 @@ class Unprocessable(FhirError):
     status, code = 422, "processing"
 
 
+class Unavailable(FhirError):
+    """The server is short of a resource for now (memory mappings, file descriptors): try again."""
+
+    status, code = 503, "transient"
+
+
 _HTTP_CODES = {404: "not-found", 405: "not-supported", 413: "too-costly", 415: "not-supported"}
 
 

@@ -4,6 +4,7 @@ and plain HTTP, the FHIR ImagingStudy they keep up to date, and the error paths.
 import asyncio
 import errno
 import io
+import resource
 import shutil
 import socket
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from conftest import ServerProcess, unique
+from conftest import ServerProcess, assert_outcome, unique
 from dicomweb_client import DICOMwebClient
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -310,6 +311,27 @@ def test_wado_sends_the_files_as_they_were_when_asked(http: httpx.Client, server
     assert len(body) == int(response.headers["content-length"])
     response._content = bytes(body)
     assert sorted(part for _, part in split(response)) == sorted(sent)
+
+
+def test_wado_when_the_server_can_map_no_more_files_is_503_then_200(http: httpx.Client, server: ServerProcess) -> None:
+    """A retrieval maps each of its files; when the process may map no more (here: its address
+    space capped just above what it uses, as the kernel's map count would), the answer is 503
+    with Retry-After, and once it may, the same request gets the files."""
+    assert server.process is not None
+    ds = fresh("CT_small.dcm")
+    ds.add_new(0x00091010, "OB", np.random.default_rng(7).bytes(64 << 20))
+    sent = encode(ds)
+    assert stow(http, [sent]).status_code == 200
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    in_use = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmSize:")) * 1024
+    before = resource.prlimit(server.process.pid, resource.RLIMIT_AS, (in_use + (32 << 20), resource.RLIM_INFINITY))
+    try:
+        refused = http.get(f"/studies/{ds.StudyInstanceUID}", headers={"Accept": MULTIPART_DICOM})
+    finally:
+        resource.prlimit(server.process.pid, resource.RLIMIT_AS, before)
+    assert_outcome(refused, 503, "try again")
+    assert refused.headers["retry-after"] == "5"
+    assert [body for _, body in split(http.get(f"/studies/{ds.StudyInstanceUID}", headers={"Accept": MULTIPART_DICOM}))] == [sent]
 
 
 def test_wado_with_dicomweb_client(study: dict, dicomweb: DICOMwebClient) -> None:

@@ -10,6 +10,7 @@ Content-Type; a request for one named syntax that some file is not in gets 406.
 """
 
 import asyncio
+import errno
 import logging
 import mmap
 import os
@@ -31,7 +32,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from starlette.responses import Response, StreamingResponse
 
 from dicom_node.files import PIXEL_TAGS, meta_transfer_syntax
-from fhir_server.errors import BadRequest, NotAcceptable, NotFound
+from fhir_server.errors import BadRequest, NotAcceptable, NotFound, Unavailable
 from fhir_server.routes.dicomweb import pixels
 from fhir_server.routes.dicomweb.common import (
     DICOM_JSON,
@@ -56,6 +57,7 @@ BULK_THRESHOLD = 1024  # binary values longer than this go by BulkDataURI, short
 DEFER_SIZE = BULK_THRESHOLD  # values longer than this stay in the file when it is parsed
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW", "US or SS or OW"})
 MAX_FRAMES = 10_000
+RETRY_AFTER_S = 5
 
 
 def _multipart(parts: AsyncIterator[bytes | memoryview], part_type: str, boundary: str) -> StreamingResponse:
@@ -74,7 +76,9 @@ class _Stored:
 
 
 def _stored(path: Path) -> _Stored | None:
-    """The file's transfer syntax and content; None when it is gone."""
+    """The file's transfer syntax and content; None when it is gone. Unavailable (503) when the
+    process can map or open no more files for now: each retrieval in progress holds a mapping
+    per file, and the kernel allows some 65,000 a process (`vm.max_map_count`)."""
     try:
         with open(path, "rb") as handle:
             if not os.fstat(handle.fileno()).st_size:
@@ -83,6 +87,12 @@ def _stored(path: Path) -> _Stored | None:
             return _Stored(_syntax(handle, content), content)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOMEM, errno.EMFILE, errno.ENFILE):
+            raise
+        LOGGER.warning("WADO-RS: %s not mapped (%s); the request is answered 503", path.name, exc.strerror)
+        raise Unavailable("The server cannot open more files for now; try again shortly",
+                          headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
 
 
 def _syntax(handle: BinaryIO, content: mmap.mmap | bytes) -> str:
