@@ -410,7 +410,8 @@ def test_dicomweb_only_start_recovers_what_a_crash_left(database: EmbeddedDataba
 
 def test_database_down_refuses_instances_and_nothing_is_lost(tmp_path: Path) -> None:
     database = EmbeddedDatabase(tmp_path / "db", port=free_port()).start()
-    proc = ServerProcess(tmp_path / "server", {"MONGODB_URI": database.uri}).start()
+    # The URI's own server selection timeout (2 s), not the server's default (10 s), bounds each wait below.
+    proc = ServerProcess(tmp_path / "server", {"MONGODB_URI": f"{database.uri}&serverSelectionTimeoutMS=2000"}).start()
     try:
         assert scu_store(proc.dicom_port, [fresh("CT_small.dcm")]) == [0]
         database.kill()

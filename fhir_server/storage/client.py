@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import urllib.parse
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -69,11 +70,18 @@ async def open_database(settings: Settings) -> Database:
         embedded = EmbeddedDatabase(settings.data_dir / "db", settings.embedded_cache_size)
         await asyncio.to_thread(embedded.start)
         uri = embedded.uri
-    client: AsyncMongoClient = AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=10_000)
+    client: AsyncMongoClient = AsyncMongoClient(uri, tz_aware=True, **_unless_given(uri, serverSelectionTimeoutMS=10_000))
     db = client.get_database(
         settings.mongodb_db, codec_options=CODEC_OPTIONS, write_concern=write_concern(settings)
     )
     # Its reads wait at most 5 minutes for an answer (a query of the DICOM node never hangs its association).
-    reader: MongoClient = MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=10_000, socketTimeoutMS=300_000,
-                                      connect=False)
+    reader: MongoClient = MongoClient(uri, tz_aware=True, connect=False,
+                                      **_unless_given(uri, serverSelectionTimeoutMS=10_000, socketTimeoutMS=300_000))
     return Database(client, db, reader.get_database(settings.mongodb_db, codec_options=CODEC_OPTIONS), embedded)
+
+
+def _unless_given(uri: str, **defaults: int) -> dict[str, int]:
+    """The client options `defaults`, but for those the URI sets itself (option names are
+    case-insensitive): the operator's `?serverSelectionTimeoutMS=` wins over the server's."""
+    given = {name.lower() for name, _ in urllib.parse.parse_qsl(uri.partition("?")[2])}
+    return {name: value for name, value in defaults.items() if name.lower() not in given}
