@@ -5,8 +5,9 @@ and the interpreter lock: a C-FIND's pending responses left one by one, some hun
 microseconds apart, while a reading peer idled between them. In an established association
 (Sta6) a P-DATA changes no state (PS3.8 DT-1): the thread that has one sends it at once, in
 order, under a lock the socket's other sends take too. A C-FIND, C-MOVE or C-GET response,
-pending or final, goes further: its PDUs are framed in one pass (`encoding.response`) and
-written at once, without pynetdicom's message objects (half a millisecond a response), and
+pending or final, goes further: it is framed in one pass (`encoding.response`: its command and
+data set in one PDU when they fit, half the PDUs a peer reads) and written at once, without
+pynetdicom's message objects (half a millisecond a response), and
 without the EVT_DIMSE_SENT event (pynetdicom's debug log at every one: with it on, they take
 pynetdicom's way). What the event told of a final response goes to the observers of
 `on_final_response` instead, whichever way it was sent (the node's audit trail).

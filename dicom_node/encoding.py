@@ -151,7 +151,14 @@ def _uid(uid: str) -> bytes:
 
 def pdata(context_id: int, header: int, fragment: bytes) -> bytes:
     """A P-DATA-TF PDU of one PDV: `header` 0x03 a command's last fragment, 0x02 a data set's."""
-    return struct.pack(">BBIIBB", 0x04, 0, len(fragment) + 6, len(fragment) + 2, context_id, header) + fragment
+    return packed(context_id, [(header, fragment)])
+
+
+def packed(context_id: int, pdvs: list[tuple[int, bytes]]) -> bytes:
+    """One P-DATA-TF PDU of these PDVs, (header, fragment) each: a PDU holds one or more
+    (PS3.8 9.3.5), as a whole response's command and data set."""
+    items = b"".join(struct.pack(">IBB", len(fragment) + 2, context_id, header) + fragment for header, fragment in pdvs)
+    return struct.pack(">BBI", 0x04, 0, len(items)) + items
 
 
 # The response's CommandField per query/retrieve primitive (PS3.7 E.1).
@@ -165,9 +172,10 @@ PENDING_STATUSES = frozenset({0xFF00, 0xFF01})
 
 def response(primitive: Any, context_id: int, max_pdu_length: int) -> bytes | None:
     """A C-FIND (a pending one with its match), C-MOVE or C-GET response (with its
-    sub-operation counts), pending or final, as pynetdicom would send it; None for any other,
-    one with an error comment or offending element, or one that must be fragmented (a fragment
-    is at most `max_pdu_length` - 6 bytes)."""
+    sub-operation counts), pending or final, as pynetdicom would send it but in one PDU when
+    the peer's maximum length allows (pynetdicom sends the command and the data set in one
+    each); None for any other, one with an error comment or offending element, or one that
+    must be fragmented (a fragment is at most `max_pdu_length` - 6 bytes)."""
     field = RESPONSE_FIELDS.get(type(primitive).__name__)
     status, identifier = primitive.Status, primitive.Identifier
     if field is None or status is None or primitive.MessageIDBeingRespondedTo is None:
@@ -191,7 +199,10 @@ def response(primitive: Any, context_id: int, max_pdu_length: int) -> bytes | No
     command = _command_element(0x0000, struct.pack("<I", len(body))) + bytes(body)  # CommandGroupLength
     if max_pdu_length and max(len(command), len(data or b"")) > max_pdu_length - 6:
         return None
-    return pdata(context_id, 0x03, command) + (pdata(context_id, 0x02, data) if data else b"")
+    pdvs = [(0x03, command), *([(0x02, data)] if data else [])]
+    if not max_pdu_length or sum(len(fragment) + 6 for _, fragment in pdvs) <= max_pdu_length:
+        return packed(context_id, pdvs)  # the peer reads one PDU a response, not two
+    return b"".join(pdata(context_id, header, fragment) for header, fragment in pdvs)
 
 
 _service_class_encode = service_class.encode

@@ -374,8 +374,9 @@ def test_command_sets_are_encoded_as_pydicom_encodes_them() -> None:
 
 def test_query_retrieve_responses_are_framed_as_pynetdicom_frames_them() -> None:
     """A C-FIND, C-MOVE or C-GET response written at once (dicom_node/direct.py), pending or
-    final, is the PDUs pynetdicom sends for it; what would need fragmenting, or carries an error
-    comment, or is no response, is left to pynetdicom."""
+    final, holds the PDVs pynetdicom sends for it, in one PDU when the peer's maximum length
+    allows (pynetdicom sends a command and a data set in one PDU each); what would need
+    fragmenting, or carries an error comment, or is no response, is left to pynetdicom."""
     from io import BytesIO
 
     from pynetdicom import dimse_primitives as dp
@@ -397,6 +398,17 @@ def test_query_retrieve_responses_are_framed_as_pynetdicom_frames_them() -> None
         message.primitive_to_message(made)
         return b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(context_id, max_pdu))
 
+    def pdvs(data: bytes) -> tuple[int, list[tuple[int, bytes]]]:
+        """The number of P-DATA-TF PDUs in `data`, and their PDVs in order (context, value)."""
+        count, items = 0, []
+        while data:
+            end = 6 + int.from_bytes(data[2:6], "big")
+            pdu = P_DATA_TF()
+            pdu.decode(data[:end])
+            items += [(item.presentation_context_id, item.presentation_data_value) for item in pdu.presentation_data_value_items]
+            count, data = count + 1, data[end:]
+        return count, items
+
     match = encoding.encode({"00080052": {"vr": "CS", "Value": ["STUDY"]}, "0020000D": {"vr": "UI", "Value": ["1.2.3"]}},
                             encoding.IMPLICIT_LE)
     assert match is not None
@@ -416,7 +428,12 @@ def test_query_retrieve_responses_are_framed_as_pynetdicom_frames_them() -> None
     cases.append(response(dp.C_FIND, sop, 0x0000, match))
     for made in cases:
         for max_pdu in (0, 16384):
-            assert encoding.response(made, 5, max_pdu) == pynetdicom_pdus(made, 5, max_pdu), made
+            framed = encoding.response(made, 5, max_pdu)
+            assert framed is not None
+            assert pdvs(framed) == (1, pdvs(pynetdicom_pdus(made, 5, max_pdu))[1]), made
+    command_only = len(encoding.response(response(dp.C_FIND, sop, 0x0000, None), 5, 0) or b"") - 12
+    both = encoding.response(response(dp.C_FIND, sop, 0xFF00, match), 5, command_only + len(match) + 11)
+    assert both is not None and pdvs(both)[0] == 2  # a byte short of both in one PDU: one PDU each
     assert encoding.response(response(dp.C_FIND, sop, 0xFF00, match), 5, len(match) + 5) is None  # two fragments
     assert encoding.response(response(dp.C_FIND, sop, 0xFF00, None), 5, 0) is None
     assert encoding.response(response(dp.C_FIND, sop, None, None), 5, 0) is None  # a request
