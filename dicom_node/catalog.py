@@ -108,6 +108,12 @@ def _tag(keyword: str) -> int:
     return int(tag)
 
 
+@functools.cache
+def _hex(keyword: str) -> str:
+    """The keyword's tag as DICOM JSON names it."""
+    return tag_hex(_tag(keyword))
+
+
 @dataclass(frozen=True)
 class InstanceRef:
     """A stored instance, as retrieval needs it."""
@@ -123,7 +129,7 @@ class InstanceRef:
 
 def _value(attributes: dict[str, Any], keyword: str) -> Any:
     """The first value of `keyword` in DICOM JSON (a PN as `a=i=p` text); None when empty."""
-    element = attributes.get(tag_hex(_tag(keyword))) or {}
+    element = attributes.get(_hex(keyword)) or {}
     values = [v for v in element.get("Value") or [] if v not in (None, "")]
     if not values:
         return None
@@ -463,7 +469,7 @@ class Catalog:
         if self.ae_title:
             computed["RetrieveAETitle"] = [self.ae_title]
         for keyword, values in computed.items():
-            view[tag_hex(_tag(keyword))] = element_json(keyword, values)
+            view[_hex(keyword)] = element_json(keyword, values)
         if level in ("SERIES", "IMAGE"):
             view.setdefault(STUDY_UID, _uid_element(doc["StudyInstanceUID"]))
         if level == "IMAGE":
@@ -495,7 +501,7 @@ class Catalog:
             instances += study.get("NumberOfStudyRelatedInstances", 0)
         counts = {"NumberOfPatientRelatedStudies": studies, "NumberOfPatientRelatedSeries": series,
                   "NumberOfPatientRelatedInstances": instances}
-        return {tag_hex(_tag(k)): element_json(k, [v]) for k, v in counts.items()}
+        return {_hex(k): element_json(k, [v]) for k, v in counts.items()}
 
     # -- retrieval ------------------------------------------------------------------------------------
 

@@ -290,8 +290,9 @@ class Key:
     items: tuple["Key", ...] | None = None  # a sequence's item keys; None: the whole sequence
     keyword: str = field(default="", compare=False)
 
-    @property
+    @functools.cached_property
     def hex(self) -> str:
+        """The tag as DICOM JSON names it (read some 20 times a match: made once)."""
         return tag_hex(self.tag)
 
     @property
