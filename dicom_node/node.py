@@ -30,15 +30,18 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import config as pydicom_config
-from pynetdicom import AE, _config, association, dimse_messages, evt
+from pynetdicom import _config, association, dimse_messages, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.transport import (
+    AssociationSocket,
+    ThreadedAssociationServer,
+)
 from pynetdicom.utils import make_target
 
-from dicom_node import direct, reactors
+from dicom_node import acceptor, direct, reactors
 from dicom_node.files import FileStore
 from dicom_node.indexing import DicomIndexer
 from dicom_node.ingest import accept
@@ -169,28 +172,6 @@ def _keep_early_cancels() -> None:
     DIMSEServiceProvider.cancel_req = property(get, put)  # type: ignore[assignment]
 
 
-class _InlineAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, each association made in the accepting thread (it then
-    runs in its own threads): pynetdicom started a thread per connection only to make it, one
-    thread start more (0.2 to 0.4 ms) before every A-ASSOCIATE-AC. A TLS connection keeps that
-    thread, for its handshake (`TlsAssociationServer`)."""
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self.process_request_thread(request, client_address)
-
-
-class _Contexts(list):  # type: ignore[type-arg]
-    """The contexts the node supports, as its server holds them: pynetdicom deep-copies them for
-    every association, in case its negotiation changed them (it does not: it makes new ones for
-    the answer), about 12 ms for every storage class times 13 transfer syntaxes, longer than a
-    C-ECHO. Each association gets its own list of the same contexts; the one handler that
-    reorders a context's transfer syntaxes (`retrieve.prefer_requestor_syntaxes`) puts a copy
-    in its place first."""
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
-        return list(self)
-
-
 class DicomNode:
     def __init__(
         self,
@@ -223,7 +204,7 @@ class DicomNode:
         self.fsync = fsync
         self._waiting: dict[int, list[concurrent.futures.Future[None]]] = {}
         self._lock = threading.Lock()
-        self.ae = AE(ae_title=ae_title)
+        self.ae = acceptor.NodeAE(ae_title=ae_title)
         # Large PDUs (a 5 MB instance in one is 55 % faster than in 16 KiB ones), but bounded: a
         # peer offered 0 (unlimited) may send a whole instance of any size in one PDU.
         self.ae.maximum_pdu_size = max_pdu_bytes
@@ -275,6 +256,7 @@ class DicomNode:
             (evt.EVT_RELEASED, self._forget),
             (evt.EVT_ABORTED, self._forget),
             (evt.EVT_CONN_CLOSE, self._forget),
+            (evt.EVT_CONN_CLOSE, acceptor.refill),
             *self.query_retrieve,
         ]
         handlers = audit.observed(handlers)  # associations, C-FIND, C-MOVE, C-GET in the audit trail
@@ -288,11 +270,13 @@ class DicomNode:
         threads: `TlsAssociationServer`)."""
         # What `start_server(block=False)` does, with the node's server classes.
         server = self.ae.make_server(address, ssl_context=tls, evt_handlers=handlers,
-                                     server_class=TlsAssociationServer if tls else _InlineAssociationServer)
+                                     server_class=TlsAssociationServer if tls else acceptor.InlineAssociationServer)
         threading.Thread(target=make_target(server.serve_forever), name=f"DicomServer@{address[1]}", daemon=True).start()
         self.ae._servers.append(server)  # stopped with the others by `ae.shutdown()`
-        server.contexts = _Contexts(server.contexts)
+        server.contexts = acceptor.Contexts(server.contexts)
         server.service_actions = _no_forced_collection  # type: ignore[method-assign]
+        if isinstance(server, acceptor.InlineAssociationServer):
+            server.refill()
         LOGGER.info("DICOM node %s listening on %s:%d%s", self.ae.ae_title, *address, " (TLS)" if tls else "")
         return server
 

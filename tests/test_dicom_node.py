@@ -350,6 +350,42 @@ def test_allow_list_rejects_unknown_callers(database: EmbeddedDatabase, tmp_path
         proc.stop()
 
 
+def test_at_most_max_associations_at_once_and_the_node_stops_at_once(database: EmbeddedDatabase, tmp_path: Path) -> None:
+    """FHIR_DICOM_MAX_ASSOCIATIONS open associations at once, the next one refused (local limit
+    exceeded), and one more once one is released: the association the node keeps made ahead for
+    the next connection counts for none. Then the node stops within seconds, one association
+    open and the next one made ahead."""
+    env = {"MONGODB_URI": database.uri, "FHIR_MONGODB_DB": "fhir_dicom_limit", "FHIR_DICOM_AET": AET,
+           "FHIR_DICOM_MAX_ASSOCIATIONS": "2"}
+    proc = ServerProcess(tmp_path, env).start()
+    ae = AE(ae_title="LIMITSCU")
+    ae.add_requested_context(Verification)
+    try:
+        held = [ae.associate("127.0.0.1", proc.dicom_port, ae_title=AET) for _ in range(2)]
+        assert all(a.is_established for a in held)
+        refused = ae.associate("127.0.0.1", proc.dicom_port, ae_title=AET)
+        assert refused.is_rejected
+        assert (refused.acceptor.primitive.result, refused.acceptor.primitive.result_source,
+                refused.acceptor.primitive.diagnostic) == (0x02, 0x03, 0x02)  # transient, local limit exceeded
+        held[0].release()
+        deadline = time.monotonic() + 5
+        while True:  # the released association's threads end a moment after its A-RELEASE-RP
+            again = ae.associate("127.0.0.1", proc.dicom_port, ae_title=AET)
+            if again.is_established or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert again.is_established
+        assert int(again.send_c_echo().Status) == 0
+        again.release()  # its connection closed: the node makes its next association ahead, and holds it
+        time.sleep(0.5)
+        assert proc.process is not None
+        started = time.monotonic()
+        proc.stop()
+        assert proc.process.returncode is not None and time.monotonic() - started < 10
+    finally:
+        proc.stop()
+
+
 def test_an_instance_placed_but_not_indexed_is_indexed_at_start_and_by_reindex(
     database: EmbeddedDatabase, tmp_path: Path
 ) -> None:
