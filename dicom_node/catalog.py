@@ -169,7 +169,7 @@ def patient_key(patient_id: str | None, issuer: str | None) -> str:
 
 class Catalog:
     """Written on the event loop (`record`, `recount`: the indexer's), read synchronously through
-    `reader` (`find`, `find_json`, `instances`), in the DICOM node's association threads
+    `reader` (`find_json`, `instances`), in the DICOM node's association threads
     themselves (QIDO-RS and the indexer call them in a worker thread): a C-FIND or C-MOVE then
     makes no trip to the event loop and back, and does not wait on what the loop is doing (traced
     in the node, a C-FIND of 10 matches spent 0.5 to 0.8 ms less from its request to its first
@@ -334,26 +334,17 @@ class Catalog:
 
     # -- queries --------------------------------------------------------------------------------------
 
-    def find(
-        self, level: str, query: Dataset, *, limit: int | None = None, offset: int = 0, fuzzy: bool = False,
-        root: str = "STUDY",
-    ) -> Iterator[Dataset]:
-        """The matches of a C-FIND identifier at `level`, one response identifier each: the
-        requested keys (values, or empty), QueryRetrieveLevel, the unique keys of this level and
-        those above it (PatientID above studies in the Patient Root model, `root="PATIENT"`),
-        SpecificCharacterSet when a value is not ASCII. ValueError for an invalid query."""
-        with contextlib.closing(self.find_json(level, query, limit=limit, offset=offset, fuzzy=fuzzy,
-                                                      root=root)) as found:
-            for item in found:
-                yield Dataset.from_json(item)
-
     def find_json(
         self, level: str, query: Dataset, *, limit: int | None = None, offset: int = 0, fuzzy: bool = False,
         root: str = "STUDY",
     ) -> Iterator[dict[str, Any]]:
-        """`find`'s matches as DICOM JSON, as the catalog holds them: what QIDO-RS answers with,
-        without a pydicom Dataset made and converted back per match (most of a search's time).
-        The elements may be shared with other matches: read them, do not change them."""
+        """The matches of a C-FIND identifier at `level`, one response identifier each, as DICOM
+        JSON (what C-FIND encodes and QIDO-RS answers with, no pydicom Dataset made per match):
+        the requested keys (values, or empty), QueryRetrieveLevel, the unique keys of this level
+        and those above it (PatientID above studies in the Patient Root model,
+        `root="PATIENT"`), SpecificCharacterSet when a value is not ASCII. ValueError for an
+        invalid query. The elements may be shared with other matches: read them, do not change
+        them."""
         level = str(level).strip().upper()
         if level not in LEVELS:
             raise ValueError(f"QueryRetrieveLevel '{level}' is not PATIENT, STUDY, SERIES or IMAGE")
