@@ -41,6 +41,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pymongo import ASCENDING, ReplaceOne, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.collection import Collection
 from pymongo.database import Database
 
 from dicom_node.files import FileStore
@@ -181,6 +182,8 @@ class Catalog:
         # the driver decodes every answer through Python (a fifth of a C-FIND's database time).
         self.db = db.with_options(codec_options=PLAIN)
         self.reader = reader.with_options(codec_options=PLAIN)
+        # pymongo makes a Collection object per `database[name]` (0.05 ms a query): made once.
+        self.read: dict[str, Collection] = {name: self.reader[name] for name in INDEXES}
         self.files = files
         self.ae_title = ae_title  # RetrieveAETitle of every match
         self.patients: AsyncCollection = self.db[PATIENTS]
@@ -395,7 +398,7 @@ class Catalog:
         parents: dict[tuple[str, str], dict[str, Any] | None] = {}
         verdicts: dict[tuple[str, str], bool] = {}
         stored_keys = [k for k in own if k.hex not in COMPUTED]
-        with self.reader[COLLECTION[level]].find(_prefilter(level, own, restrict)) as cursor:  # closed if left early
+        with self.read[COLLECTION[level]].find(_prefilter(level, own, restrict)) as cursor:  # closed if left early
             for doc in cursor:
                 if any(doc.get(field) not in allowed for field, allowed in restrict.items()):
                     continue
@@ -435,7 +438,7 @@ class Catalog:
         for parent, keys in checks:
             uid = doc.get(UNIQUE_KEYS[parent], "")
             if (parent, uid) not in verdicts:
-                found = self.reader[COLLECTION[parent]].find_one({"_id": uid})
+                found = self.read[COLLECTION[parent]].find_one({"_id": uid})
                 view = self._full_view(parent, found, _wants_counts(parent, keys)) if found is not None else None
                 matched = view is not None and all(k.matches(view) for k in keys)
                 _remember(verdicts, (parent, uid), matched)
@@ -477,7 +480,7 @@ class Catalog:
                 continue
             uid = doc.get(field)
             if (parent, uid) not in cache:
-                found = self.reader[COLLECTION[parent]].find_one({"_id": uid})
+                found = self.read[COLLECTION[parent]].find_one({"_id": uid})
                 _remember(cache, (parent, uid), self._view(parent, found) if found is not None else None)
             for tag, element in (cache[(parent, uid)] or {}).items():
                 merged.setdefault(tag, element)
@@ -485,7 +488,7 @@ class Catalog:
 
     def _patient_counts(self, key: str) -> dict[str, Any]:
         studies = series = instances = 0
-        for study in self.reader[STUDIES].find({"patient": key}, {"NumberOfStudyRelatedSeries": 1,
+        for study in self.read[STUDIES].find({"patient": key}, {"NumberOfStudyRelatedSeries": 1,
                                                                   "NumberOfStudyRelatedInstances": 1}):
             studies += 1
             series += study.get("NumberOfStudyRelatedSeries", 0)
@@ -513,7 +516,7 @@ class Catalog:
             criteria["StudyInstanceUID"] = study
         if patient_id is not None:
             whose = {"patient": patient_key(patient_id, issuer)} if issuer else {"PatientID": patient_id}
-            studies = [d["_id"] for d in self.reader[STUDIES].find(whose, {"_id": 1})]
+            studies = [d["_id"] for d in self.read[STUDIES].find(whose, {"_id": 1})]
             criteria.setdefault("StudyInstanceUID", {"$in": studies})
             if study is not None and study not in studies:
                 return []
@@ -521,7 +524,7 @@ class Catalog:
             raise ValueError("which instances: a patient, study, series or SOP Instance UIDs")
         first = next(iter(criteria))  # one index: the most selective criterion; the rest checked here
         refs = []
-        for doc in self.reader[INSTANCES].find({first: criteria[first]}, REF_FIELDS):
+        for doc in self.read[INSTANCES].find({first: criteria[first]}, REF_FIELDS):
             if all(_satisfies(doc.get(field), wanted) for field, wanted in criteria.items()):
                 refs.append(doc)
         refs.sort(key=lambda d: (d["StudyInstanceUID"], d["SeriesInstanceUID"],
