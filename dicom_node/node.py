@@ -35,10 +35,7 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import (
-    AssociationSocket,
-    ThreadedAssociationServer,
-)
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from dicom_node import acceptor, direct, reactors
