@@ -84,6 +84,7 @@ class InlineAssociationServer(ThreadedAssociationServer):
         super().__init__(*args, request_handler=_SpareRequestHandler, **kwargs)
         self._spare: Association | None = None
         self._spare_lock = threading.Lock()
+        self._closed = False  # no spare made any more (a connection may close after the server)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         self.process_request_thread(request, client_address)
@@ -96,7 +97,7 @@ class InlineAssociationServer(ThreadedAssociationServer):
     def refill(self) -> None:
         """Make the spare association if there is none (pynetdicom's `_create_association`,
         but for the connection)."""
-        if self._spare is not None:
+        if self._spare is not None or self._closed:
             return
         assoc = Association(self.ae, MODE_ACCEPTOR)
         assoc._server = self
@@ -117,14 +118,17 @@ class InlineAssociationServer(ThreadedAssociationServer):
             thread.run = functools.partial(_when_open, gate, thread.run)  # type: ignore[method-assign]
         assoc.dul.daemon = True  # as the association's own thread: a spare never holds up the process's exit
         assoc._started_dul = True
-        with self._spare_lock:
-            if self._spare is not None:
-                return
-            self._spare = assoc
         assoc.dul.start()
         assoc.start()
+        with self._spare_lock:
+            if self._spare is None and not self._closed:
+                self._spare = assoc
+                return
+        gate.open(cancelled=True)  # another refill made one first, or the server has closed
 
     def server_close(self) -> None:
+        with self._spare_lock:
+            self._closed = True
         spare = self.take_spare()
         if spare is not None:
             spare.__dict__["_spare_gate"].open(cancelled=True)

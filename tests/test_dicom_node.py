@@ -19,7 +19,7 @@ from conftest import ServerProcess, free_port, unique
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
 from fhir_server.storage.embedded import EmbeddedDatabase
@@ -384,6 +384,43 @@ def test_at_most_max_associations_at_once_and_the_node_stops_at_once(database: E
         assert proc.process.returncode is not None and time.monotonic() - started < 10
     finally:
         proc.stop()
+
+
+def test_the_spare_association_waits_uncounted_and_ends_with_its_server() -> None:
+    """The association a port keeps made ahead: its two threads wait (not among the AE's active
+    associations), a connection takes it, and its server's close ends a waiting one; no spare
+    is made after the close (a connection may close later)."""
+    from dicom_node import acceptor
+
+    ae = acceptor.NodeAE(ae_title="SPARETEST")
+    ae.add_supported_context(Verification)
+    server = ae.make_server(("127.0.0.1", 0), evt_handlers=[(evt.EVT_CONN_CLOSE, acceptor.refill)],
+                            server_class=acceptor.InlineAssociationServer)
+    ae._servers.append(server)  # as the node does: `ae.shutdown()` stops it
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        server.refill()
+        spare = server._spare
+        assert spare is not None and spare.is_alive() and spare.dul.is_alive()
+        assert ae.active_associations == []
+        scu = AE(ae_title="SPARESCU")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="SPARETEST")
+        assert assoc.is_established and int(assoc.send_c_echo().Status) == 0
+        assert ae.active_associations == [spare]  # the connection took the spare
+        assoc.release()
+        deadline = time.monotonic() + 5
+        while server._spare is None and time.monotonic() < deadline:  # made again once the connection closed
+            time.sleep(0.01)
+        waiting = server._spare
+        assert waiting is not None and waiting is not spare
+    finally:
+        ae.shutdown()
+    waiting.join(2)
+    waiting.dul.join(2)
+    assert not waiting.is_alive() and not waiting.dul.is_alive()
+    server.refill()
+    assert server._spare is None
 
 
 def test_an_instance_placed_but_not_indexed_is_indexed_at_start_and_by_reindex(
