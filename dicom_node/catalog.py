@@ -169,8 +169,8 @@ def patient_key(patient_id: str | None, issuer: str | None) -> str:
 
 
 class Catalog:
-    """Written on the event loop (`record`, `recount`: the indexer's), read synchronously through
-    `reader` (`find_json`, `instances`), in the DICOM node's association threads
+    """Written on the event loop (`record`, `recount`: the indexer's), read (`find_json`,
+    `instances`) through `read`, the collections of the synchronous client `reader`, in the DICOM node's association threads
     themselves (QIDO-RS and the indexer call them in a worker thread): a C-FIND or C-MOVE then
     makes no trip to the event loop and back, and does not wait on what the loop is doing (traced
     in the node, a C-FIND of 10 matches spent 0.5 to 0.8 ms less from its request to its first
@@ -181,9 +181,9 @@ class Catalog:
         # Without the FHIR decimals' codec: the catalog holds none, and with a type registry
         # the driver decodes every answer through Python (a fifth of a C-FIND's database time).
         self.db = db.with_options(codec_options=PLAIN)
-        self.reader = reader.with_options(codec_options=PLAIN)
         # pymongo makes a Collection object per `database[name]` (0.05 ms a query): made once.
-        self.read: dict[str, Collection] = {name: self.reader[name] for name in INDEXES}
+        plain = reader.with_options(codec_options=PLAIN)
+        self.read: dict[str, Collection] = {name: plain[name] for name in INDEXES}
         self.files = files
         self.ae_title = ae_title  # RetrieveAETitle of every match
         self.patients: AsyncCollection = self.db[PATIENTS]
