@@ -35,9 +35,12 @@ class Gate(threading.Event):
         self.set()
 
 
+_GATE = "_spare_gate"  # an association's attribute: its Gate, when InlineAssociationServer.make made it
+
+
 def _waiting(assoc: Association) -> bool:
     """A spare association, its threads started, waiting for its connection."""
-    gate = assoc.__dict__.get("_spare_gate")
+    gate: Gate | None = assoc.__dict__.get(_GATE)
     return gate is not None and not gate.is_set()
 
 
@@ -51,21 +54,18 @@ class NodeAE(AE):
 
 
 class _SpareRequestHandler(RequestHandler):
-    """pynetdicom's handler of a new connection, given the server's spare association when it
-    has one: only the connection is left to set, and its threads to let go."""
+    """pynetdicom's handler of a new connection, given the server's spare association (or one
+    made now, when there is none): only the connection is left to set, and its threads to let go."""
 
     server: "InlineAssociationServer"
 
     def handle(self) -> None:
-        assoc = self.server.take_spare()
-        if assoc is None:
-            super().handle()
-            return
+        assoc = self.server.take_spare() or self.server.make()
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
         assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
         assoc.requestor.address_info = self.remote
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-        assoc.__dict__["_spare_gate"].open()  # in place of assoc.start()
+        assoc.__dict__[_GATE].open()  # in place of assoc.start()
 
 
 class InlineAssociationServer(ThreadedAssociationServer):
@@ -95,10 +95,19 @@ class InlineAssociationServer(ThreadedAssociationServer):
         return assoc
 
     def refill(self) -> None:
-        """Make the spare association if there is none (pynetdicom's `_create_association`,
-        but for the connection)."""
+        """Make the spare association, if there is none and the server is open."""
         if self._spare is not None or self._closed:
             return
+        assoc = self.make()
+        with self._spare_lock:
+            if self._spare is None and not self._closed:
+                self._spare = assoc
+                return
+        assoc.__dict__[_GATE].open(cancelled=True)  # another refill made one first, or the server has closed
+
+    def make(self) -> Association:
+        """An association as pynetdicom makes one for a connection (`_create_association`),
+        but for the connection, its two threads started and waiting at its gate."""
         assoc = Association(self.ae, MODE_ACCEPTOR)
         assoc._server = self
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
@@ -113,25 +122,21 @@ class InlineAssociationServer(ThreadedAssociationServer):
             elif isinstance(event, evt.NotificationEvent):
                 for handler, args in handlers:
                     assoc.bind(event, handler, args)
-        gate = assoc.__dict__["_spare_gate"] = Gate()
+        gate = assoc.__dict__[_GATE] = Gate()
         for thread in (assoc, assoc.dul):
             thread.run = functools.partial(_when_open, gate, thread.run)  # type: ignore[method-assign]
         assoc.dul.daemon = True  # as the association's own thread: a spare never holds up the process's exit
         assoc._started_dul = True
         assoc.dul.start()
         assoc.start()
-        with self._spare_lock:
-            if self._spare is None and not self._closed:
-                self._spare = assoc
-                return
-        gate.open(cancelled=True)  # another refill made one first, or the server has closed
+        return assoc
 
     def server_close(self) -> None:
         with self._spare_lock:
             self._closed = True
         spare = self.take_spare()
         if spare is not None:
-            spare.__dict__["_spare_gate"].open(cancelled=True)
+            spare.__dict__[_GATE].open(cancelled=True)
         super().server_close()
 
 
