@@ -494,7 +494,9 @@ def test_database_down_refuses_instances_and_nothing_is_lost(tmp_path: Path) -> 
         refused = fresh("MR_small.dcm")
         assert scu_store(proc.dicom_port, [refused]) == [0xA700]
         assert echo(proc.dicom_port)  # still serving
+        waited = time.monotonic()
         assert find_studies(proc.dicom_port, first.StudyInstanceUID) == [0xA700]  # the catalog's reader too
+        assert time.monotonic() - waited < 8  # the URI's 2 s server selection, not the default 10 s
         database.start()
         with httpx.Client(base_url=f"{proc.url}/fhir", timeout=60) as client:
             for _ in range(100):  # the node pings every 2 s, then indexes what was left
